@@ -1,0 +1,192 @@
+"""Transfusion model configuration."""
+
+import math
+from huggingface_hub.dataclasses import strict
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+
+@strict
+class TransfusionConfig(PreTrainedConfig):
+    r"""
+    Configuration of a Transfusion model (Zhou et al., 2024, arXiv 2408.11039): one decoder-only transformer trained
+    with next-token prediction on text and with diffusion on the continuous latents of images.
+
+    Args:
+        text_config (`dict` or `PreTrainedConfig`, *optional*):
+            Config of the decoder backbone (any Hugging Face decoder: Llama by default, Qwen2, SmolLM, ...).
+        vae_config (`dict`, *optional*):
+            Config of a diffusers `AutoencoderKL` held by the model as a frozen submodule. `None` selects the identity
+            autoencoder: the latent is the normalised pixel image itself (then `latent_channels == num_channels`).
+        image_size (`int`, *optional*, defaults to 32):
+            Height and width, in pixels, of the square images the model reads and writes.
+        num_channels (`int`, *optional*, defaults to 3):
+            Channels of those images (1 for grey, 3 for RGB).
+        latent_channels (`int`, *optional*, defaults to 4):
+            Channels of the autoencoder latent.
+        patch_size (`int`, *optional*, defaults to 2):
+            Side of the square of latent pixels folded into one sequence position.
+        patch_encoder (`str`, *optional*, defaults to `"linear"`):
+            `"linear"`: one linear layer each way, plus a timestep embedding (the paper's default); `"unet"`: U-Net
+            down blocks in and up blocks out, conditioned on the timestep (the paper's stronger variant).
+        unet_block_out_channels (`list[int]`, *optional*):
+            Widths of the U-Net levels, one per level; `log2(patch_size) + 1` levels. Defaults to `[64, 128, ...]`.
+        unet_layers_per_block (`int`, *optional*, defaults to 1):
+            Residual blocks per U-Net level.
+        objective (`str`, *optional*, defaults to `"ddpm"`):
+            `"ddpm"`: epsilon prediction with a cosine noise schedule (the paper); `"flow"`: rectified flow with a
+            velocity target.
+        num_train_timesteps (`int`, *optional*, defaults to 1000):
+            Length of the training noise schedule.
+        diffusion_loss_weight (`float`, *optional*, defaults to 5.0):
+            The paper's lambda: `loss = lm_loss + diffusion_loss_weight * diffusion_loss`.
+        max_conditioning_timestep (`int`, *optional*, defaults to 500):
+            Timestep cap for images that condition text after them (the paper's noise limit), so captions are learned
+            from images that are still recognisable.
+        condition_dropout_prob (`float`, *optional*, defaults to 0.1):
+            Probability, in training, that an image's patches may not see what precedes its `<boi>`; this teaches the
+            unconditional branch used by classifier-free guidance.
+        boi_token_id (`int`, *optional*, defaults to 0):
+            Id of `<boi>`, which opens an image.
+        eoi_token_id (`int`, *optional*, defaults to 1):
+            Id of `<eoi>`, which closes an image.
+        image_token_id (`int`, *optional*, defaults to 2):
+            Id of `<image>`, the placeholder of one patch.
+        tie_word_embeddings (`bool`, *optional*, defaults to `False`):
+            Whether the LM head shares the input embedding matrix (copied from `text_config` when it ties).
+
+    Example:
+
+    ```python
+    >>> from modeling_transfusion import TransfusionConfig, TransfusionForConditionalGeneration
+    >>> config = TransfusionConfig(
+    ...     text_config={"model_type": "llama", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64,
+    ...                  "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2},
+    ...     image_size=8, num_channels=1, latent_channels=1, patch_size=2,
+    ...     boi_token_id=61, eoi_token_id=62, image_token_id=63,
+    ... )
+    >>> config.num_image_tokens
+    16
+    >>> model = TransfusionForConditionalGeneration(config)
+    ```"""
+
+    model_type = "transfusion"
+    sub_configs_defaults = {"text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama")}
+
+    text_config: dict | PreTrainedConfig | None = None
+    vae_config: dict | None = None
+    image_size: int = 32
+    num_channels: int = 3
+    latent_channels: int = 4
+    patch_size: int = 2
+    patch_encoder: str = "linear"
+    unet_block_out_channels: list[int] | None = None
+    unet_layers_per_block: int = 1
+    objective: str = "ddpm"
+    num_train_timesteps: int = 1000
+    diffusion_loss_weight: float = 5.0
+    max_conditioning_timestep: int = 500
+    condition_dropout_prob: float = 0.1
+    boi_token_id: int = 0
+    eoi_token_id: int = 1
+    image_token_id: int = 2
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs):
+        if self.objective not in ("ddpm", "flow"):
+            raise ValueError(f"Unknown objective {self.objective!r}: choose 'ddpm' (epsilon, cosine) or 'flow'.")
+        if self.patch_encoder not in ("linear", "unet"):
+            raise ValueError(f"Unknown patch_encoder {self.patch_encoder!r}: choose 'linear' or 'unet'.")
+        super().__post_init__(**kwargs)
+        # The default is False, but a backbone that ties its head (SmolLM2, Qwen2-0.5B, ...) must stay tied.
+        if not self.tie_word_embeddings and getattr(self.text_config, "tie_word_embeddings", False):
+            self.tie_word_embeddings = True
+        if self.patch_encoder == "unet" and self.unet_block_out_channels is None:
+            self.unet_block_out_channels = [64 * 2**level for level in range(self.num_unet_levels)]
+        self._check_geometry()
+        self._check_diffusion()
+        self._check_token_ids()
+
+    def _check_geometry(self):
+        for name in ("image_size", "num_channels", "latent_channels", "patch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}.")
+        if self.vae_config is None and self.latent_channels != self.num_channels:
+            raise ValueError(
+                f"Without a VAE the latent is the pixel image, so latent_channels ({self.latent_channels}) must equal "
+                f"num_channels ({self.num_channels})."
+            )
+        if self.vae_config is not None:
+            vae_latents = self.vae_config.get("latent_channels", 4)
+            vae_inputs = self.vae_config.get("in_channels", 3)
+            if vae_latents != self.latent_channels or vae_inputs != self.num_channels:
+                raise ValueError(
+                    f"vae_config maps {vae_inputs} image channels to {vae_latents} latent channels, but the config "
+                    f"says num_channels={self.num_channels}, latent_channels={self.latent_channels}."
+                )
+        if self.patch_encoder == "unet":
+            if self.patch_size & (self.patch_size - 1):
+                raise ValueError(f"The U-Net patch encoder halves the latent per level: patch_size "
+                                 f"({self.patch_size}) must be a power of two.")
+            if len(self.unet_block_out_channels) != self.num_unet_levels:
+                raise ValueError(
+                    f"unet_block_out_channels needs log2(patch_size) + 1 = {self.num_unet_levels} entries, got "
+                    f"{self.unet_block_out_channels}."
+                )
+        factor = self.vae_downsample_factor * self.patch_size
+        if self.image_size % factor:
+            raise ValueError(
+                f"image_size ({self.image_size}) must be divisible by the VAE downsample factor "
+                f"({self.vae_downsample_factor}) times patch_size ({self.patch_size}) = {factor}."
+            )
+    def _check_diffusion(self):
+        if self.num_train_timesteps < 2:
+            raise ValueError(f"num_train_timesteps must be at least 2, got {self.num_train_timesteps}.")
+        if not 0 <= self.max_conditioning_timestep <= self.num_train_timesteps:
+            raise ValueError(
+                f"max_conditioning_timestep ({self.max_conditioning_timestep}) must lie in [0, num_train_timesteps="
+                f"{self.num_train_timesteps}]."
+            )
+        if not 0.0 <= self.condition_dropout_prob < 1.0:
+            raise ValueError(f"condition_dropout_prob must lie in [0, 1), got {self.condition_dropout_prob}.")
+        if self.diffusion_loss_weight < 0:
+            raise ValueError(f"diffusion_loss_weight must be non-negative, got {self.diffusion_loss_weight}.")
+
+    def _check_token_ids(self):
+        vocab_size = self.text_config.vocab_size
+        ids = {"boi_token_id": self.boi_token_id, "eoi_token_id": self.eoi_token_id,
+               "image_token_id": self.image_token_id}
+        for name, value in ids.items():
+            if not 0 <= value < vocab_size:
+                raise ValueError(f"{name}={value} lies outside the vocabulary of the text model (size {vocab_size}).")
+        if len(set(ids.values())) != 3:
+            raise ValueError(f"<boi>, <eoi> and <image> need three distinct ids, got {ids}.")
+
+    @property
+    def vae_downsample_factor(self) -> int:
+        """Pixels per latent pixel along one side: 2 ** (number of VAE blocks - 1), or 1 without a VAE."""
+        if self.vae_config is None:
+            return 1
+        return 2 ** (len(self.vae_config.get("block_out_channels", (64,))) - 1)
+
+    @property
+    def latent_size(self) -> int:
+        """Height and width of the latent image."""
+        return self.image_size // self.vae_downsample_factor
+
+    @property
+    def num_image_tokens(self) -> int:
+        """Number of `<image>` slots (patches) that one image occupies in the sequence."""
+        return (self.latent_size // self.patch_size) ** 2
+
+    @property
+    def patch_dim(self) -> int:
+        """Number of latent values in one patch: `latent_channels * patch_size ** 2`."""
+        return self.latent_channels * self.patch_size**2
+
+    @property
+    def num_unet_levels(self) -> int:
+        return int(math.log2(self.patch_size)) + 1
+
+
+__all__ = ["TransfusionConfig"]

@@ -1,0 +1,660 @@
+"""PyTorch Transfusion model (Zhou et al., 2024, arXiv 2408.11039).
+
+One decoder-only transformer reads and writes text and images. Text is embedded as tokens and trained with next-token
+prediction. An image is encoded by a frozen VAE into a latent, noised to a per-image timestep, cut into patches and
+embedded by a patch encoder into the `<image>` slots between its `<boi>` and `<eoi>`. Attention is causal over the
+sequence and bidirectional inside each image. A patch decoder turns the transformer's output at the image slots back
+into a latent-shaped prediction of the noise (`ddpm`) or velocity (`flow`), trained with a mean squared error.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+from diffusers import AutoencoderKL
+from diffusers.models.embeddings import TimestepEmbedding, Timesteps
+from diffusers.models.unets.unet_2d_blocks import DownBlock2D, UpBlock2D
+from torch import nn
+from transformers import AutoModel, PreTrainedModel
+from transformers.cache_utils import Cache
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.modeling_outputs import BaseModelOutputWithPast, ModelOutput
+from transformers.utils.generic import can_return_tuple
+
+from .configuration_transfusion import TransfusionConfig
+from .diffusion_transfusion import noise_latents, noise_scheduler_from_config, sample_training_timesteps
+from .generation_transfusion import TransfusionGenerationMixin
+
+
+@dataclass
+class TransfusionModelOutputWithPast(BaseModelOutputWithPast):
+    r"""
+    Outputs of [`TransfusionModel`]: the backbone's hidden states plus the diffusion head's prediction.
+
+    diffusion_prediction (`torch.FloatTensor` of shape `(num_images, latent_channels, latent_size, latent_size)`):
+        The patch decoder's prediction (noise for `ddpm`, velocity for `flow`) for every image in the batch, in the
+        order the images appear (row by row, left to right).
+    diffusion_target (`torch.FloatTensor`, same shape as `diffusion_prediction`):
+        What the prediction is trained towards, for the timesteps and noise used in this forward.
+    image_timesteps (`torch.LongTensor` of shape `(num_images,)`):
+        The timestep each image was noised to (0 means clean).
+    """
+
+    diffusion_prediction: torch.FloatTensor | None = None
+    diffusion_target: torch.FloatTensor | None = None
+    image_timesteps: torch.Tensor | None = None
+
+
+@dataclass
+class TransfusionCausalLMOutputWithPast(ModelOutput):
+    r"""
+    Outputs of [`TransfusionForConditionalGeneration`].
+
+    loss (`torch.FloatTensor` of shape `()`, returned when `labels` is given):
+        `lm_loss + config.diffusion_loss_weight * diffusion_loss`.
+    lm_loss (`torch.FloatTensor` of shape `()`): next-token cross-entropy over the text targets.
+    diffusion_loss (`torch.FloatTensor` of shape `()`): mean squared error per image, averaged over the images.
+    logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`): LM head scores.
+    diffusion_prediction, diffusion_target, image_timesteps: as in [`TransfusionModelOutputWithPast`].
+    """
+
+    loss: torch.FloatTensor | None = None
+    lm_loss: torch.FloatTensor | None = None
+    diffusion_loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    past_key_values: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    diffusion_prediction: torch.FloatTensor | None = None
+    diffusion_target: torch.FloatTensor | None = None
+    image_timesteps: torch.Tensor | None = None
+
+
+def patchify(latents: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """Cuts latents `(num_images, channels, height, width)` into raster-ordered patches
+    `(num_images, (height // patch_size) * (width // patch_size), channels * patch_size**2)`."""
+    n, c, h, w = latents.shape
+    p = patch_size
+    patches = latents.reshape(n, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)
+    return patches.reshape(n, (h // p) * (w // p), c * p * p)
+
+
+def unpatchify(patches: torch.Tensor, patch_size: int, channels: int) -> torch.Tensor:
+    """Inverse of [`patchify`] for square latents."""
+    n, num_patches, _ = patches.shape
+    side = math.isqrt(num_patches)
+    p = patch_size
+    latents = patches.reshape(n, side, side, channels, p, p).permute(0, 3, 1, 4, 2, 5)
+    return latents.reshape(n, channels, side * p, side * p)
+
+
+class TransfusionTimestepEmbedding(nn.Module):
+    """Sinusoidal features of the (possibly fractional) timestep followed by an MLP."""
+
+    def __init__(self, embedding_dim: int, num_frequencies: int = 256):
+        super().__init__()
+        self.time_proj = Timesteps(num_frequencies, flip_sin_to_cos=True, downscale_freq_shift=0)
+        self.time_mlp = TimestepEmbedding(num_frequencies, embedding_dim)
+
+    def forward(self, timesteps: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return self.time_mlp(self.time_proj(timesteps).to(dtype))  # [num_images, embedding_dim]
+
+
+class TransfusionLinearPatchEncoder(nn.Module):
+    """The paper's default: one linear layer per patch, plus a timestep embedding added to every patch."""
+
+    def __init__(self, config: TransfusionConfig):
+        super().__init__()
+        self.patch_size = config.patch_size
+        self.time_embedding = TransfusionTimestepEmbedding(config.text_config.hidden_size)
+        self.proj = nn.Linear(config.patch_dim, config.text_config.hidden_size)
+
+    def forward(self, latents: torch.Tensor, timesteps: torch.Tensor) -> tuple[torch.Tensor, None]:
+        patches = patchify(latents, self.patch_size).to(self.proj.weight.dtype)
+        embeddings = self.proj(patches) + self.time_embedding(timesteps, patches.dtype)[:, None]
+        return embeddings, None  # [num_images, num_patches, hidden_size]
+
+
+class TransfusionLinearPatchDecoder(nn.Module):
+    """Maps the transformer's output at each image slot back to one patch of the prediction."""
+
+    def __init__(self, config: TransfusionConfig):
+        super().__init__()
+        self.patch_size = config.patch_size
+        self.latent_channels = config.latent_channels
+        self.proj = nn.Linear(config.text_config.hidden_size, config.patch_dim)
+
+    def forward(self, hidden_states: torch.Tensor, encoder_state: None = None) -> torch.Tensor:
+        return unpatchify(self.proj(hidden_states), self.patch_size, self.latent_channels)
+
+
+def _unet_groups(config: TransfusionConfig) -> int:
+    return math.gcd(32, *config.unet_block_out_channels)
+
+
+@dataclass
+class TransfusionUNetState:
+    """What the U-Net encoder hands to the U-Net decoder: the timestep embedding and the skip activations."""
+
+    time_embedding: torch.Tensor
+    skips: tuple[torch.Tensor, ...]
+
+
+class TransfusionUNetPatchEncoder(nn.Module):
+    """U-Net down blocks: `log2(patch_size)` halvings of the latent, so that each output pixel is one patch."""
+
+    def __init__(self, config: TransfusionConfig):
+        super().__init__()
+        channels = config.unet_block_out_channels
+        time_dim = 4 * channels[0]
+        groups = _unet_groups(config)
+        self.time_embedding = TransfusionTimestepEmbedding(time_dim, num_frequencies=channels[0])
+        self.conv_in = nn.Conv2d(config.latent_channels, channels[0], kernel_size=3, padding=1)
+        self.down_blocks = nn.ModuleList(
+            DownBlock2D(
+                in_channels=channels[max(level - 1, 0)],
+                out_channels=channels[level],
+                temb_channels=time_dim,
+                num_layers=config.unet_layers_per_block,
+                resnet_groups=groups,
+                add_downsample=level < len(channels) - 1,
+                downsample_padding=1,
+            )
+            for level in range(len(channels))
+        )
+        self.proj = nn.Linear(channels[-1], config.text_config.hidden_size)
+
+    def forward(self, latents: torch.Tensor, timesteps: torch.Tensor) -> tuple[torch.Tensor, TransfusionUNetState]:
+        dtype = self.conv_in.weight.dtype
+        time_embedding = self.time_embedding(timesteps, dtype)
+        hidden = self.conv_in(latents.to(dtype))
+        skips = (hidden,)
+        for block in self.down_blocks:
+            hidden, block_skips = block(hidden, time_embedding)
+            skips += block_skips
+        patches = hidden.flatten(2).transpose(1, 2)  # [num_images, num_patches, channels[-1]]
+        return self.proj(patches), TransfusionUNetState(time_embedding, skips)
+
+
+class TransfusionUNetPatchDecoder(nn.Module):
+    """U-Net up blocks, fed by the transformer's output at the image slots and the encoder's skip activations."""
+
+    def __init__(self, config: TransfusionConfig):
+        super().__init__()
+        channels = list(reversed(config.unet_block_out_channels))
+        time_dim = 4 * channels[-1]
+        groups = _unet_groups(config)
+        self.proj = nn.Linear(config.text_config.hidden_size, channels[0])
+        self.up_blocks = nn.ModuleList(
+            UpBlock2D(
+                in_channels=channels[min(level + 1, len(channels) - 1)],
+                prev_output_channel=channels[max(level - 1, 0)],
+                out_channels=channels[level],
+                temb_channels=time_dim,
+                num_layers=config.unet_layers_per_block + 1,
+                resnet_groups=groups,
+                add_upsample=level < len(channels) - 1,
+            )
+            for level in range(len(channels))
+        )
+        self.norm_out = nn.GroupNorm(groups, channels[-1])
+        self.conv_out = nn.Conv2d(channels[-1], config.latent_channels, kernel_size=3, padding=1)
+
+    def forward(self, hidden_states: torch.Tensor, encoder_state: TransfusionUNetState) -> torch.Tensor:
+        n, num_patches, _ = hidden_states.shape
+        side = math.isqrt(num_patches)
+        hidden = self.proj(hidden_states).transpose(1, 2).reshape(n, -1, side, side)
+        skips = encoder_state.skips
+        for block in self.up_blocks:
+            block_skips, skips = skips[-len(block.resnets) :], skips[: -len(block.resnets)]
+            hidden = block(hidden, block_skips, encoder_state.time_embedding)
+        return self.conv_out(nn.functional.silu(self.norm_out(hidden)))
+
+
+PATCH_ENCODERS = {"linear": TransfusionLinearPatchEncoder, "unet": TransfusionUNetPatchEncoder}
+PATCH_DECODERS = {"linear": TransfusionLinearPatchDecoder, "unet": TransfusionUNetPatchDecoder}
+
+
+class TransfusionPreTrainedModel(PreTrainedModel):
+    config: TransfusionConfig
+    base_model_prefix = "model"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    # Flash-attention kernels cannot express bidirectional attention inside an image: they would silently go causal.
+    _supports_flash_attn = False
+    _can_compile_fullgraph = False
+    _skip_keys_device_placement = ["past_key_values"]
+    _keep_in_fp32_modules_strict = ["vae"]
+    # The diffusion term is a mean over images, so Trainer must average micro-batches itself under accumulation.
+    accepts_loss_kwargs = False
+
+    def _check_and_adjust_attn_implementation(self, attn_implementation, *args, **kwargs):
+        if isinstance(attn_implementation, str) and "flash" in attn_implementation:
+            raise ValueError(
+                f"attn_implementation={attn_implementation!r} cannot express Transfusion's mask (bidirectional inside "
+                "each image, causal elsewhere): use 'sdpa' (default), 'eager' or 'flex_attention'."
+            )
+        return super()._check_and_adjust_attn_implementation(attn_implementation, *args, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """As `PreTrainedModel.from_pretrained`, plus two guarantees: the VAE stays frozen (loading re-creates its
+        parameters as trainable), and CPU weights are copied out of the memory-mapped safetensors file, so that the
+        model no longer depends on the file (which the user may overwrite) and computes bit-identically to the model
+        that saved it."""
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        if getattr(model, "vae", None) is not None:
+            model.vae.requires_grad_(False)
+        with torch.no_grad():
+            for tensor in (*model.parameters(), *model.buffers()):
+                if tensor.device.type == "cpu":
+                    tensor.data = tensor.data.clone()
+        return loaded
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, TransfusionLinearPatchDecoder):
+            # Start the diffusion head at the trivial prediction (zero), as DiT does, for a calm first phase.
+            nn.init.zeros_(module.proj.weight)
+            nn.init.zeros_(module.proj.bias)
+
+
+class TransfusionModel(TransfusionPreTrainedModel):
+    """
+    The Transfusion transformer without the LM head: backbone, patch encoder and decoder, and the frozen VAE. It
+    returns the backbone's hidden states and the diffusion prediction for every image.
+
+    The backbone sits under `model`, exactly where `*ForCausalLM` keeps it, so a pretrained LLM's weights load as they
+    are (see [`TransfusionForConditionalGeneration`]).
+    """
+
+    def __init__(self, config: TransfusionConfig):
+        super().__init__(config)
+        self.model = AutoModel.from_config(config.text_config)
+        self.patch_encoder = PATCH_ENCODERS[config.patch_encoder](config)
+        self.patch_decoder = PATCH_DECODERS[config.patch_encoder](config)
+        self.vae = AutoencoderKL.from_config(config.vae_config).requires_grad_(False) if config.vae_config else None
+        with torch.device("cpu"):  # from_pretrained builds modules on the meta device; the schedule is data
+            self.noise_scheduler = noise_scheduler_from_config(config)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.model.set_input_embeddings(value)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.vae is not None:
+            self.vae.eval()  # frozen: never in training mode
+        return self
+
+    # Images <-> latents
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Encodes images in [-1, 1], `(num_images, num_channels, image_size, image_size)`, into scaled latents
+        `(num_images, latent_channels, latent_size, latent_size)` (the VAE's mode; identity without a VAE)."""
+        expected = (self.config.num_channels, self.config.image_size, self.config.image_size)
+        if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != expected:
+            raise ValueError(
+                f"pixel_values must have shape (num_images, {', '.join(map(str, expected))}), got "
+                f"{tuple(pixel_values.shape)}. Resize images with the processor."
+            )
+        if self.vae is None:
+            return pixel_values
+        vae = self.vae
+        latents = vae.encode(pixel_values.to(vae.dtype)).latent_dist.mode()
+        shift = vae.config.shift_factor or 0.0
+        return (latents - shift) * vae.config.scaling_factor
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Inverse of [`~TransfusionModel.encode_images`]: scaled latents to images in (about) [-1, 1]."""
+        if self.vae is None:
+            return latents
+        vae = self.vae
+        shift = vae.config.shift_factor or 0.0
+        return vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor + shift).sample
+
+    # Where the images are in the sequence
+
+    def locate_images(self, input_ids: torch.LongTensor) -> tuple[torch.LongTensor, torch.LongTensor]:
+        """Finds every image's slots in `input_ids`.
+
+        Returns `(rows, starts)`, each of shape `(num_images,)`: the batch row and the position of the first `<image>`
+        slot of each image, in reading order (row by row, left to right). Raises if the slots do not come in runs of
+        exactly `config.num_image_tokens`.
+        """
+        num_slots = self.config.num_image_tokens
+        rows, positions = (input_ids == self.config.image_token_id).nonzero(as_tuple=True)
+        if rows.numel() % num_slots:
+            raise ValueError(
+                f"input_ids hold {rows.numel()} <image> tokens, not a multiple of the {num_slots} slots of one image."
+            )
+        rows, positions = rows.view(-1, num_slots), positions.view(-1, num_slots)
+        contiguous = (rows == rows[:, :1]).all() and (positions - positions[:, :1] == torch.arange(
+            num_slots, device=positions.device)).all()
+        if not contiguous:
+            raise ValueError(
+                f"Each image must occupy exactly {num_slots} consecutive <image> slots between <boi> and <eoi>; "
+                "found runs of another length. Build inputs with TransfusionProcessor."
+            )
+        return rows[:, 0], positions[:, 0]
+
+    def _image_block_ids(self, input_ids: torch.LongTensor, starts: torch.LongTensor, rows: torch.LongTensor):
+        """`(batch, length)` ids: k on the slots of image k, -1 elsewhere (the format of `block_sequence_ids`)."""
+        block_ids = torch.full_like(input_ids, -1)
+        slots = starts[:, None] + torch.arange(self.config.num_image_tokens, device=starts.device)
+        image_index = torch.arange(starts.numel(), device=starts.device)[:, None].expand_as(slots)
+        block_ids[rows[:, None].expand_as(slots), slots] = image_index
+        return block_ids
+
+    def get_attention_mask(
+        self,
+        inputs_embeds: torch.Tensor,
+        input_ids: torch.LongTensor | None,
+        attention_mask: torch.Tensor | None,
+        past_key_values: Cache | None,
+        position_ids: torch.LongTensor | None,
+        unconditional_images: torch.BoolTensor | None = None,
+    ):
+        """Builds the Transfusion mask with transformers' masking utilities, for the backbone's attention kernel:
+        causal over the sequence, bidirectional inside each image, padding and packed documents respected. The slots of
+        images flagged in `unconditional_images` see only their own patches (classifier-free guidance)."""
+        if attention_mask is not None and attention_mask.dim() == 4:
+            return attention_mask
+        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        mask_kwargs = {
+            "config": self.model.config,
+            "inputs_embeds": inputs_embeds,
+            "attention_mask": attention_mask,
+            "past_key_values": past_key_values,
+            "position_ids": position_ids,
+        }
+        if input_ids is not None and (input_ids == self.config.image_token_id).any():
+            rows, starts = self.locate_images(input_ids)
+            # Block ids are indexed by absolute position, cached prefix included.
+            block_ids = nn.functional.pad(self._image_block_ids(input_ids, starts, rows), (past_length, 0), value=-1)
+            mask_kwargs["block_sequence_ids"] = block_ids
+            if unconditional_images is not None and unconditional_images.any():
+                # Slots of a dropped image see only that image: even its <boi> carries the caption in deeper layers.
+                image_index = block_ids.clamp(min=0)
+                dropped = (block_ids >= 0) & unconditional_images.to(block_ids.device)[image_index]
+                image_start = (starts + past_length)[image_index]
+                first_visible = torch.where(dropped, image_start, torch.zeros_like(block_ids))  # absolute positions
+                mask_kwargs["and_mask_function"] = lambda b, h, q, kv: kv >= first_visible[b, q]
+        mask = create_causal_mask(**mask_kwargs)
+        layer_types = getattr(self.model.config, "layer_types", None) or []
+        if "sliding_attention" not in layer_types:
+            return mask
+        return {"full_attention": mask, "sliding_attention": create_sliding_window_causal_mask(**mask_kwargs)}
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        image_latents: torch.FloatTensor | None = None,
+        image_timesteps: torch.Tensor | None = None,
+        image_noise: torch.FloatTensor | None = None,
+        unconditional_images: torch.BoolTensor | None = None,
+        noisy_image_latents: torch.FloatTensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> TransfusionModelOutputWithPast:
+        r"""
+        pixel_values (`torch.FloatTensor` of shape `(num_images, num_channels, image_size, image_size)`, *optional*):
+            Images in [-1, 1] (see `TransfusionImageProcessor`), one per run of `<image>` slots, in reading order.
+        image_latents (`torch.FloatTensor` of shape `(num_images, latent_channels, latent_size, latent_size)`, *optional*):
+            Precomputed clean latents (`model.encode_images(pixel_values)`), instead of `pixel_values`.
+        image_timesteps (`torch.Tensor` of shape `(num_images,)`, *optional*):
+            Timestep of each image; 0 (clean) when not given.
+        image_noise (`torch.FloatTensor`, same shape as the latents, *optional*):
+            Noise added to the latents; drawn from a standard normal when not given and some timestep is not 0.
+        unconditional_images (`torch.BoolTensor` of shape `(num_images,)`, *optional*):
+            Images whose slots see only their own patches (the unconditional branch of guidance).
+        noisy_image_latents (`torch.FloatTensor`, same shape as the latents, *optional*):
+            Latents already at `image_timesteps` (x_t of a sampling step), instead of `pixel_values` / `image_latents`:
+            they are embedded as they are, with no noise added and no diffusion target.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        if sum(x is not None for x in (pixel_values, image_latents, noisy_image_latents)) > 1:
+            raise ValueError("Pass only one of pixel_values, image_latents and noisy_image_latents.")
+        if noisy_image_latents is not None and image_noise is not None:
+            raise ValueError("noisy_image_latents are already noised: image_noise cannot be added to them.")
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+
+        rows = starts = None
+        if input_ids is not None and (input_ids == self.config.image_token_id).any():
+            rows, starts = self.locate_images(input_ids)
+        num_images = 0 if rows is None else rows.numel()
+        if pixel_values is not None:
+            image_latents = self.encode_images(pixel_values)
+        if noisy_image_latents is not None:
+            image_latents = noisy_image_latents
+        num_given = 0 if image_latents is None else image_latents.shape[0]
+        if num_given != num_images:
+            raise ValueError(
+                f"input_ids hold {num_images} image(s) ({self.config.num_image_tokens} <image> slots each) but "
+                f"{num_given} image(s) were passed in pixel_values / image_latents."
+            )
+
+        diffusion_target = encoder_state = None
+        if num_images:
+            expected = (self.config.latent_channels, self.config.latent_size, self.config.latent_size)
+            if tuple(image_latents.shape[1:]) != expected:
+                raise ValueError(f"image_latents must have shape (num_images, {', '.join(map(str, expected))}), got "
+                                 f"{tuple(image_latents.shape)}.")
+            if image_timesteps is None:
+                image_timesteps = torch.zeros(num_images, dtype=torch.long, device=image_latents.device)
+            image_timesteps = image_timesteps.to(image_latents.device)
+            if image_timesteps.shape != (num_images,):
+                raise ValueError(f"image_timesteps must have shape ({num_images},), got {tuple(image_timesteps.shape)}.")
+            if image_noise is None and noisy_image_latents is None:
+                image_noise = torch.randn_like(image_latents) if (image_timesteps != 0).any() else None
+            if image_noise is not None:
+                noisy_latents, diffusion_target = noise_latents(self.noise_scheduler, image_latents, image_noise,
+                                                                image_timesteps)
+            else:
+                noisy_latents = image_latents
+            image_embeds, encoder_state = self.patch_encoder(noisy_latents, image_timesteps)
+            slots = starts[:, None] + torch.arange(self.config.num_image_tokens, device=starts.device)
+            inputs_embeds = inputs_embeds.clone()
+            inputs_embeds[rows[:, None], slots] = image_embeds.to(inputs_embeds.dtype)
+
+        mask = self.get_attention_mask(
+            inputs_embeds, input_ids, attention_mask, past_key_values, position_ids, unconditional_images
+        )
+        outputs = self.model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            **kwargs,
+        )
+
+        diffusion_prediction = None
+        if num_images:
+            image_hidden = outputs.last_hidden_state[rows[:, None], slots]  # [num_images, num_patches, hidden_size]
+            diffusion_prediction = self.patch_decoder(image_hidden, encoder_state)
+        return TransfusionModelOutputWithPast(
+            last_hidden_state=outputs.last_hidden_state,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            diffusion_prediction=diffusion_prediction,
+            diffusion_target=diffusion_target,
+            image_timesteps=image_timesteps,
+        )
+
+
+class TransfusionForConditionalGeneration(TransfusionModel, TransfusionGenerationMixin):
+    """
+    Transfusion with its LM head: computes the paper's loss `lm_loss + diffusion_loss_weight * diffusion_loss` and
+    generates text and images.
+
+    It extends [`TransfusionModel`] (rather than wrapping it) so that parameter names are those of `*ForCausalLM`
+    (`model.*`, `lm_head.*`): a pretrained LLM loads straight into it with
+    `TransfusionForConditionalGeneration.from_pretrained(llm_dir, config=transfusion_config)`, and LoRA targets keep
+    their usual names.
+    """
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    output_modalities = ("image", "text")
+
+    def __init__(self, config: TransfusionConfig):
+        super().__init__(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head = new_embeddings
+
+    def sample_image_timesteps(
+        self,
+        input_ids: torch.LongTensor,
+        labels: torch.LongTensor,
+        position_ids: torch.LongTensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.LongTensor:
+        """Draws a training timestep per image. Images followed, in the same document, by text that carries a loss
+        (other than end-of-sequence) are capped at `config.max_conditioning_timestep` (the paper's noise limit for
+        captioning)."""
+        rows, starts = self.locate_images(input_ids)
+        if position_ids is None:
+            documents = torch.zeros_like(input_ids)
+        else:
+            # A packed row restarts its positions at each document.
+            restarts = torch.ones_like(input_ids, dtype=torch.bool)
+            restarts[:, 1:] = position_ids.expand_as(input_ids)[:, 1:] != position_ids.expand_as(input_ids)[:, :-1] + 1
+            documents = restarts.long().cumsum(-1)
+        # Only real text counts: an image followed by nothing but <eos> is generated, not captioned.
+        supervised = (labels != -100) & ~torch.isin(labels, self._end_of_text_ids(labels.device))
+        image_document = documents[rows, starts]
+        after_image = torch.arange(input_ids.shape[1], device=input_ids.device)[None] >= (starts + self.config.num_image_tokens)[:, None]
+        same_document = documents[rows] == image_document[:, None]
+        capped = (supervised[rows] & after_image & same_document).any(-1)
+        return sample_training_timesteps(self.noise_scheduler, capped, self.config.max_conditioning_timestep, generator)
+
+    def _end_of_text_ids(self, device) -> torch.Tensor:
+        eos = self.config.text_config.eos_token_id
+        eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        return torch.tensor(eos + [self.config.eoi_token_id, self.config.image_token_id], device=device)
+
+    def text_labels(self, input_ids: torch.LongTensor, labels: torch.LongTensor, attention_mask=None):
+        """The labels the LM loss sees: no loss on image slots (as targets), none from image slots (the `<eoi>`
+        after the last patch), none on padding."""
+        labels = labels.masked_fill(input_ids == self.config.image_token_id, -100)
+        from_slot = torch.zeros_like(labels, dtype=torch.bool)
+        from_slot[:, 1:] = input_ids[:, :-1] == self.config.image_token_id
+        labels = labels.masked_fill(from_slot, -100)
+        if attention_mask is not None and attention_mask.dim() == 2:
+            labels = labels.masked_fill(attention_mask == 0, -100)
+        return labels
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        image_latents: torch.FloatTensor | None = None,
+        image_timesteps: torch.Tensor | None = None,
+        image_noise: torch.FloatTensor | None = None,
+        unconditional_images: torch.BoolTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> TransfusionCausalLMOutputWithPast:
+        r"""
+        labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+            Token ids for the LM loss (usually `input_ids`; -100 to ignore). With labels, each image is noised to a
+            random timestep (unless `image_timesteps` is given) and the loss includes the diffusion term. Image
+            slots, the `<eoi>` after them and padding never carry LM loss.
+
+        The other arguments are those of [`TransfusionModel.forward`]. In training mode, images drop their condition
+        with probability `config.condition_dropout_prob` unless `unconditional_images` is given.
+        """
+        if labels is not None and input_ids is None:
+            raise ValueError("Computing the loss needs input_ids (to tell text from image slots).")
+        has_images = input_ids is not None and (input_ids == self.config.image_token_id).any()
+        if labels is not None and has_images:
+            if image_timesteps is None:
+                image_timesteps = self.sample_image_timesteps(input_ids, labels, position_ids)
+            if unconditional_images is None and self.training and self.config.condition_dropout_prob > 0:
+                num_images = image_timesteps.shape[0]
+                unconditional_images = torch.rand(num_images, device=input_ids.device) < self.config.condition_dropout_prob
+
+        outputs = super().forward(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            pixel_values=pixel_values,
+            image_latents=image_latents,
+            image_timesteps=image_timesteps,
+            image_noise=image_noise,
+            unconditional_images=unconditional_images,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, slice_indices, :])
+
+        loss = lm_loss = diffusion_loss = None
+        if labels is not None:
+            text_labels = self.text_labels(input_ids, labels, attention_mask)
+            if (text_labels[:, 1:] != -100).any():
+                lm_loss = self.loss_function(
+                    logits=logits, labels=text_labels, vocab_size=self.config.text_config.vocab_size
+                )
+            else:
+                lm_loss = logits.sum() * 0.0
+            if outputs.diffusion_target is not None:
+                squared_error = (outputs.diffusion_prediction.float() - outputs.diffusion_target.float()) ** 2
+                diffusion_loss = squared_error.flatten(1).mean(1).mean()  # per image, then over images
+            else:
+                diffusion_loss = lm_loss.new_zeros(())
+            loss = lm_loss + self.config.diffusion_loss_weight * diffusion_loss
+
+        return TransfusionCausalLMOutputWithPast(
+            loss=loss,
+            lm_loss=lm_loss,
+            diffusion_loss=diffusion_loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            diffusion_prediction=outputs.diffusion_prediction,
+            diffusion_target=outputs.diffusion_target,
+            image_timesteps=outputs.image_timesteps,
+        )
+
+
+__all__ = [
+    "TransfusionPreTrainedModel",
+    "TransfusionModel",
+    "TransfusionForConditionalGeneration",
+    "patchify",
+    "unpatchify",
+]

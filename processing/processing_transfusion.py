@@ -1,0 +1,505 @@
+"""Processor for Transfusion: text with `<image>` markers plus images in, model inputs out, and generated output back."""
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import PIL.Image
+import torch
+from transformers import PreTrainedTokenizerBase
+from transformers.feature_extraction_utils import BatchFeature
+from transformers.processing_utils import ProcessingKwargs, ProcessorMixin, Unpack
+from transformers.utils import logging
+
+from .image_processing_transfusion import TransfusionImageProcessor
+
+if TYPE_CHECKING:
+    from ..configuration_transfusion import TransfusionConfig
+
+logger = logging.get_logger(__name__)
+
+# "User: <image> What digit is this?\nAssistant: seven</s>\n". Assistant turns end with EOS so a model learns to stop.
+DEFAULT_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{- message['role'] | capitalize -}}:"
+    "{%- if message['content'] is string -%}{{- ' ' + message['content'] -}}"
+    "{%- else -%}{%- for item in message['content'] -%}"
+    "{%- if item['type'] == 'image' -%}{{- ' ' + image_token -}}"
+    "{%- elif item['type'] == 'text' -%}{{- ' ' + item['text'] -}}"
+    "{%- endif -%}{%- endfor -%}{%- endif -%}"
+    "{%- if message['role'] == 'assistant' -%}{{- eos_token | default('') -}}{%- endif -%}"
+    "{{- '\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- 'Assistant:' -}}{%- endif -%}"
+)
+
+
+def _register_image_tokens(tokenizer: PreTrainedTokenizerBase, tokens: Sequence[str]) -> int:
+    """Adds the missing ones of `tokens` to `tokenizer` as special tokens; returns how many were added."""
+    missing = [token for token in tokens if not _is_single_token(tokenizer, token)]
+    if not missing:
+        return 0
+    num_before = len(tokenizer)
+    tokenizer.add_special_tokens({"extra_special_tokens": missing}, replace_extra_special_tokens=False)
+    return len(tokenizer) - num_before
+
+
+def _is_single_token(tokenizer: PreTrainedTokenizerBase, token: str) -> bool:
+    """Whether the tokenizer keeps `token` whole: one id, never split by the pre-tokenizer."""
+    token_id = tokenizer.convert_tokens_to_ids(token)
+    if token_id is None or (token_id == tokenizer.unk_token_id and token != tokenizer.unk_token):
+        return False
+    return tokenizer.encode(token, add_special_tokens=False) == [token_id]
+
+
+def add_image_tokens(
+    tokenizer: PreTrainedTokenizerBase,
+    model: torch.nn.Module | None = None,
+    boi_token: str = "<boi>",
+    image_token: str = "<image>",
+    eoi_token: str = "<eoi>",
+) -> dict[str, int]:
+    """
+    Makes `<boi>`, `<image>` and `<eoi>` special tokens of `tokenizer` (adding those it lacks), so that the
+    pre-tokenizer never splits them and `skip_special_tokens` drops them.
+
+    With a `model`, also grows its embeddings (and LM head) to `len(tokenizer)` where they are smaller, and writes the
+    three ids into `model.config` (`boi_token_id`, `eoi_token_id`, `image_token_id`).
+
+    Returns:
+        `dict[str, int]`: `{"boi_token_id": ..., "eoi_token_id": ..., "image_token_id": ...}`.
+    """
+    _register_image_tokens(tokenizer, (boi_token, image_token, eoi_token))
+    ids = {
+        "boi_token_id": tokenizer.convert_tokens_to_ids(boi_token),
+        "eoi_token_id": tokenizer.convert_tokens_to_ids(eoi_token),
+        "image_token_id": tokenizer.convert_tokens_to_ids(image_token),
+    }
+    if model is not None:
+        if model.get_input_embeddings().num_embeddings < len(tokenizer):
+            model.resize_token_embeddings(len(tokenizer))
+        for name, value in ids.items():
+            setattr(model.config, name, value)
+    return ids
+
+
+class TransfusionProcessorKwargs(ProcessingKwargs, total=False):
+    """Keyword arguments of [`TransfusionProcessor.__call__`]: those of the tokenizer and of the image processor."""
+
+
+class TransfusionProcessor(ProcessorMixin):
+    r"""
+    Prepares interleaved text and images for a Transfusion model, and turns its output back into text and images.
+
+    Each `<image>` marker in the text stands for one image and expands to `<boi>` + `num_image_tokens` x `<image>` +
+    `<eoi>`; the images become `pixel_values` `(num_images, num_channels, height, width)` in [-1, 1], flattened in
+    reading order (row by row, left to right), as the model wants them.
+
+    Args:
+        image_processor ([`TransfusionImageProcessor`]):
+            Resizes, crops and normalises images to the model's `image_size` and `num_channels`.
+        tokenizer ([`PreTrainedTokenizerBase`]):
+            Any Hugging Face tokenizer. It must have a pad token for batches of unequal length.
+        chat_template (`str`, *optional*):
+            Jinja template for [`~ProcessorMixin.apply_chat_template`]. Defaults to a plain "Role: content" template
+            that renders `{"type": "image"}` content as the image marker.
+        num_image_tokens (`int`):
+            `<image>` slots per image: the model's `config.num_image_tokens`.
+        image_token (`str`, *optional*, defaults to `"<image>"`):
+            The marker users write, and the slot token it expands to.
+        boi_token (`str`, *optional*, defaults to `"<boi>"`):
+            Opens an image.
+        eoi_token (`str`, *optional*, defaults to `"<eoi>"`):
+            Closes an image.
+        context_length (`int`, *optional*):
+            The model's context in tokens (`config.text_config.max_position_embeddings`). A row longer than this once
+            its images are expanded raises a `ValueError`, unless the call passes `truncation=True`.
+        add_image_tokens (`bool`, *optional*, defaults to `True`):
+            Add the three tokens to the tokenizer where it lacks them (see [`add_image_tokens`], which also resizes a
+            model). With `False`, a tokenizer lacking them is an error.
+
+    Example:
+
+    ```python
+    >>> processor = TransfusionProcessor.from_model_config(config, tokenizer)  # doctest: +SKIP
+    >>> batch = processor(text=["a handwritten seven <image>"], images=[image], return_tensors="pt")  # doctest: +SKIP
+    >>> loss = model(**batch, labels=batch["input_ids"]).loss  # doctest: +SKIP
+    ```
+    """
+
+    valid_processor_kwargs = TransfusionProcessorKwargs
+    # Batches go straight into the model, which needs rectangular tensors.
+    text_kwargs = {"padding": True}
+
+    def __init__(
+        self,
+        image_processor: TransfusionImageProcessor | None = None,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        chat_template: str | None = None,
+        num_image_tokens: int | None = None,
+        image_token: str = "<image>",
+        boi_token: str = "<boi>",
+        eoi_token: str = "<eoi>",
+        context_length: int | None = None,
+        add_image_tokens: bool = True,
+    ):
+        if image_processor is None or tokenizer is None:
+            raise ValueError("TransfusionProcessor needs both an image_processor and a tokenizer.")
+        if not isinstance(num_image_tokens, int) or num_image_tokens < 1:
+            raise ValueError(
+                f"num_image_tokens must be a positive integer (the model's config.num_image_tokens), got "
+                f"{num_image_tokens!r}."
+            )
+        if context_length is not None and context_length < num_image_tokens + 2:
+            raise ValueError(
+                f"context_length ({context_length}) cannot hold even one image ({num_image_tokens + 2} tokens)."
+            )
+        tokens = (boi_token, image_token, eoi_token)
+        if len(set(tokens)) != 3:
+            raise ValueError(f"boi_token, image_token and eoi_token must be three different strings, got {tokens}.")
+        if add_image_tokens:
+            num_added = _register_image_tokens(tokenizer, tokens)
+            if num_added:
+                logger.warning(
+                    f"Added {num_added} image token(s) to the tokenizer (now {len(tokenizer)} tokens). A model must "
+                    "cover them: call add_image_tokens(tokenizer, model) to resize it and set its token ids."
+                )
+        missing = [token for token in tokens if not _is_single_token(tokenizer, token)]
+        if missing:
+            raise ValueError(
+                f"The tokenizer lacks the image token(s) {missing} (each must be one special token). Build the "
+                "processor with add_image_tokens=True, or call add_image_tokens(tokenizer, model) first."
+            )
+        self.num_image_tokens = num_image_tokens
+        self.image_token = image_token
+        self.boi_token = boi_token
+        self.eoi_token = eoi_token
+        self.context_length = context_length
+        self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
+        self.boi_token_id = tokenizer.convert_tokens_to_ids(boi_token)
+        self.eoi_token_id = tokenizer.convert_tokens_to_ids(eoi_token)
+        chat_template = DEFAULT_CHAT_TEMPLATE if chat_template is None else chat_template
+        super().__init__(image_processor, tokenizer, chat_template=chat_template)
+
+    @classmethod
+    def from_model_config(
+        cls, config: "TransfusionConfig", tokenizer: PreTrainedTokenizerBase, **kwargs
+    ) -> "TransfusionProcessor":
+        """
+        Builds the processor a model with `config` needs: image size, channels, image slots and context from the
+        config, and checks that the tokenizer's image token ids are the config's.
+
+        Args:
+            config ([`TransfusionConfig`]): the model's config.
+            tokenizer ([`PreTrainedTokenizerBase`]): the tokenizer, with the image tokens (see [`add_image_tokens`]).
+            kwargs: further arguments of [`TransfusionProcessor`] (`chat_template`, ...).
+        """
+        image_processor = TransfusionImageProcessor(size=config.image_size, num_channels=config.num_channels)
+        kwargs.setdefault("context_length", getattr(config.get_text_config(), "max_position_embeddings", None))
+        processor = cls(image_processor, tokenizer, num_image_tokens=config.num_image_tokens, **kwargs)
+        for name in ("boi_token_id", "eoi_token_id", "image_token_id"):
+            if getattr(processor, name) != getattr(config, name):
+                raise ValueError(
+                    f"The tokenizer gives {name}={getattr(processor, name)} but the model config says "
+                    f"{getattr(config, name)}: call add_image_tokens(tokenizer, model) to align them."
+                )
+        vocab_size = config.get_text_config().vocab_size
+        if len(tokenizer) > vocab_size:
+            raise ValueError(
+                f"The tokenizer has {len(tokenizer)} tokens but the model's vocabulary only {vocab_size}: call "
+                "add_image_tokens(tokenizer, model) to resize the model."
+            )
+        return processor
+
+    @property
+    def image_sequence(self) -> str:
+        """What one `<image>` marker expands to: `<boi>` + `num_image_tokens` x `<image>` + `<eoi>`."""
+        return self.boi_token + self.image_token * self.num_image_tokens + self.eoi_token
+
+    @property
+    def model_input_names(self) -> list[str]:
+        return ["input_ids", "attention_mask", "pixel_values"]
+
+    def __call__(
+        self,
+        text: str | list[str] | None = None,
+        images: Any = None,
+        **kwargs: Unpack[TransfusionProcessorKwargs],
+    ) -> BatchFeature:
+        r"""
+        Tokenizes `text` with each `<image>` marker expanded, and preprocesses `images`.
+
+        Args:
+            text (`str` or `list[str]`, *optional*):
+                One prompt or a batch; each `<image>` marker takes the next image of its row.
+            images (*optional*):
+                PIL images, arrays or tensors. Either one list per row (`[[img_a, img_b], [], [img_c]]`), or a flat
+                list matched to the markers in reading order. Without `text`, each image (or each inner list) makes an
+                image-only row: `[bos] <boi> <image>... <eoi>`.
+            padding (`bool` or `str`, *optional*, defaults to `True`):
+                `True`/`"longest"`, `"max_length"` or `False`, as in tokenizers.
+            padding_side (`str`, *optional*):
+                `"left"` or `"right"`; defaults to `tokenizer.padding_side`. Use left padding to generate.
+            max_length (`int`, *optional*):
+                Longest row allowed (and the length `padding="max_length"` pads to); defaults to `context_length`.
+            truncation (`bool`, *optional*, defaults to `False`):
+                Cut over-long rows on `tokenizer.truncation_side` instead of raising. A cut never falls inside an
+                image: an image that does not fit is dropped whole (markers and pixels).
+            return_tensors (`str`, *optional*):
+                `"pt"`, `"np"` or `None` (lists).
+
+        Returns:
+            [`BatchFeature`]: `input_ids`, `attention_mask` and, where the batch holds images, `pixel_values`.
+
+        Raises:
+            `ValueError`: no input or an empty batch; markers and images disagree in number (per row, or in total for
+            a flat list); an unsupported image; a row longer than `max_length`/`context_length` without truncation.
+        """
+        texts, row_images = self._pair_text_and_images(text, images)
+        merged = self._merge_kwargs(TransfusionProcessorKwargs, tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs)
+        text_kwargs, images_kwargs = merged["text_kwargs"], merged["images_kwargs"]
+        return_tensors = text_kwargs.get("return_tensors", images_kwargs.get("return_tensors"))
+
+        flat_images = [image for row in row_images for image in row]
+        pixel_values = []
+        if flat_images:
+            images_kwargs["return_tensors"] = None
+            pixel_values = self.image_processor(flat_images, **images_kwargs)["pixel_values"]
+
+        expanded = [sample.replace(self.image_token, self.image_sequence) for sample in texts]
+        input_ids = self.tokenizer(
+            expanded, add_special_tokens=text_kwargs.get("add_special_tokens", True), padding=False, truncation=False
+        )["input_ids"]
+        self._check_image_slots(input_ids, row_images)
+
+        max_length = text_kwargs.get("max_length") or self.context_length
+        truncation = text_kwargs.get("truncation") not in (None, False, "do_not_truncate")
+        kept_images = list(range(len(flat_images)))
+        if max_length is not None:
+            input_ids, kept_images = self._fit_to_length(input_ids, max_length, truncation)
+
+        padding = text_kwargs.get("padding", False)
+        padding_side = text_kwargs.get("padding_side") or self.tokenizer.padding_side
+        input_ids, attention_mask = self._pad(
+            input_ids, padding, padding_side, max_length, text_kwargs.get("pad_to_multiple_of")
+        )
+        data = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if kept_images:
+            data["pixel_values"] = [pixel_values[index] for index in kept_images]
+        return BatchFeature(data=data, tensor_type=return_tensors)
+
+    # Steps of __call__
+
+    def _pair_text_and_images(self, text, images) -> tuple[list[str], list[list[Any]]]:
+        """Normalises the inputs to one string and one list of images per row, checking that they agree."""
+        if text is None and images is None:
+            raise ValueError("Pass text, images or both.")
+        if images is not None:
+            images, nested = _as_image_list(images)
+        if text is None:
+            if not images:
+                raise ValueError("Got an empty batch: images is an empty list.")
+            rows = images if nested else [[image] for image in images]
+            for index, row in enumerate(rows):
+                if not row:
+                    raise ValueError(f"Row {index} has neither text nor images.")
+            return [self.image_token * len(row) for row in rows], rows
+
+        texts = [text] if isinstance(text, str) else text
+        if not isinstance(texts, (list, tuple)) or not all(isinstance(sample, str) for sample in texts):
+            raise ValueError(f"text must be a string or a list of strings, got {type(text).__name__}.")
+        if not texts:
+            raise ValueError("Got an empty batch: text is an empty list.")
+        texts = list(texts)
+        markers = [sample.count(self.image_token) for sample in texts]
+        if not images:
+            if sum(markers):
+                raise ValueError(
+                    f"The text holds {sum(markers)} {self.image_token} marker(s) but no images were passed."
+                )
+            return texts, [[] for _ in texts]
+        if nested:
+            if len(images) != len(texts):
+                raise ValueError(
+                    f"Got {len(texts)} text row(s) but {len(images)} lists of images: pass one list per row, or one "
+                    "flat list matched to the markers in order."
+                )
+            for index, (count, row) in enumerate(zip(markers, images)):
+                if count != len(row):
+                    raise ValueError(
+                        f"Row {index} has {count} {self.image_token} marker(s) but {len(row)} image(s): each image "
+                        f"needs one marker where it goes in the text."
+                    )
+            return texts, [list(row) for row in images]
+        if sum(markers) != len(images):
+            raise ValueError(
+                f"The text holds {sum(markers)} {self.image_token} marker(s) in total but {len(images)} image(s) were "
+                "passed: each image needs one marker where it goes in the text."
+            )
+        ends = np.cumsum(markers).tolist()
+        return texts, [images[end - count : end] for count, end in zip(markers, ends)]
+
+    def _check_image_slots(self, input_ids: list[list[int]], row_images: list[list[Any]]) -> None:
+        for index, (ids, row) in enumerate(zip(input_ids, row_images)):
+            found, expected = ids.count(self.image_token_id), len(row) * self.num_image_tokens
+            if found != expected:
+                raise ValueError(
+                    f"Row {index} tokenized to {found} {self.image_token} slots, expected {expected} ({len(row)} "
+                    f"image(s) x {self.num_image_tokens}): the text must not contain the image tokens in other forms."
+                )
+
+    def _fit_to_length(
+        self, input_ids: list[list[int]], max_length: int, truncation: bool
+    ) -> tuple[list[list[int]], list[int]]:
+        """Checks, or with `truncation` cuts, rows to `max_length` without cutting inside an image.
+
+        Returns the rows and the flat indices of the images that are left."""
+        fitted, kept_images, first_image = [], [], 0
+        for index, ids in enumerate(input_ids):
+            # Each image is <boi> + slots + <eoi>: [start - 1, start + num_image_tokens + 1).
+            slots = [position for position, token in enumerate(ids) if token == self.image_token_id]
+            spans = [(start - 1, start + self.num_image_tokens + 1) for start in slots[:: self.num_image_tokens]]
+            begin, end = 0, len(ids)
+            if len(ids) > max_length:
+                if not truncation:
+                    raise ValueError(
+                        f"Row {index} is {len(ids)} tokens long with its {len(spans)} image(s) expanded to "
+                        f"{self.num_image_tokens + 2} tokens each, more than max_length/context_length {max_length}: "
+                        "shorten the text, pass fewer images, or pass truncation=True (which drops whole images)."
+                    )
+                if self.tokenizer.truncation_side == "left":
+                    begin = len(ids) - max_length
+                    begin = next((stop for start, stop in spans if start < begin < stop), begin)
+                else:
+                    end = max_length
+                    end = next((start for start, stop in spans if start < end < stop), end)
+            fitted.append(ids[begin:end])
+            kept_images += [first_image + k for k, (start, stop) in enumerate(spans) if begin <= start and stop <= end]
+            first_image += len(spans)
+        return fitted, kept_images
+
+    def _pad(
+        self,
+        input_ids: list[list[int]],
+        padding: bool | str,
+        padding_side: str,
+        max_length: int | None,
+        pad_to_multiple_of: int | None,
+    ) -> tuple[list[list[int]], list[list[int]]]:
+        lengths = [len(ids) for ids in input_ids]
+        padding = str(getattr(padding, "value", padding))
+        if padding in ("False", "do_not_pad"):
+            target = 0
+        elif padding == "max_length":
+            if max_length is None:
+                raise ValueError("padding='max_length' needs max_length (or the processor's context_length).")
+            target = max_length
+        else:
+            target = max(lengths)
+        if pad_to_multiple_of and target % pad_to_multiple_of:
+            target += pad_to_multiple_of - target % pad_to_multiple_of
+        if any(length < target for length in lengths) and self.tokenizer.pad_token_id is None:
+            raise ValueError(
+                "Padding needs a pad token and the tokenizer has none: set tokenizer.pad_token (e.g. to its eos_token)."
+            )
+        padded, masks = [], []
+        for ids in input_ids:
+            pad = [self.tokenizer.pad_token_id] * max(target - len(ids), 0)
+            mask = [1] * len(ids)
+            zeros = [0] * len(pad)
+            padded.append(pad + ids if padding_side == "left" else ids + pad)
+            masks.append(zeros + mask if padding_side == "left" else mask + zeros)
+        return padded, masks
+
+    # Output: ids -> text, model images -> PIL
+
+    def _drop_image_slots(self, token_ids):
+        if isinstance(token_ids, (torch.Tensor, np.ndarray)):
+            token_ids = token_ids.tolist()
+        if isinstance(token_ids, int):
+            return token_ids
+        if token_ids and not isinstance(token_ids[0], int):
+            return [self._drop_image_slots(row) for row in token_ids]
+        return [token for token in token_ids if token != self.image_token_id]
+
+    def batch_decode(self, sequences, skip_special_tokens: bool = False, **kwargs) -> list[str]:
+        """Decodes rows of ids to strings. Image slots are dropped; `<boi>` and `<eoi>` stay as markers of where
+        images were, unless `skip_special_tokens`."""
+        return self.tokenizer.batch_decode(
+            self._drop_image_slots(sequences), skip_special_tokens=skip_special_tokens, **kwargs
+        )
+
+    def decode(self, token_ids, skip_special_tokens: bool = False, **kwargs) -> str:
+        """Decodes one row of ids, as [`~TransfusionProcessor.batch_decode`] does."""
+        return self.tokenizer.decode(
+            self._drop_image_slots(token_ids), skip_special_tokens=skip_special_tokens, **kwargs
+        )
+
+    def post_process_image_text_to_text(self, generated_outputs, skip_special_tokens: bool = True, **kwargs):
+        """Decodes generated ids to text, without image slots (see [`~TransfusionProcessor.batch_decode`])."""
+        return self.decode(generated_outputs, skip_special_tokens=skip_special_tokens, **kwargs)
+
+    def postprocess_images(self, images, output_type: str = "pil") -> list[list["PIL.Image.Image | np.ndarray"]]:
+        """
+        Turns generated images in [-1, 1] into pictures, one list per row.
+
+        Args:
+            images:
+                A list with one entry per row (a list of `(channels, height, width)` tensors, or one
+                `(num_images, channels, height, width)` tensor), or a single `(num_rows, channels, height, width)`
+                tensor with one image per row.
+            output_type (`str`, *optional*, defaults to `"pil"`):
+                `"pil"` for PIL images, `"np"` for uint8 arrays `(height, width, channels)`.
+
+        Returns:
+            `list[list[PIL.Image.Image]]`: the images of each row, in order.
+        """
+        if isinstance(images, (torch.Tensor, np.ndarray)):
+            if images.ndim != 4:
+                raise ValueError(
+                    f"A tensor of images must be (num_rows, channels, height, width), got shape {tuple(images.shape)}."
+                )
+            images = [image[None] for image in images]
+        if not isinstance(images, (list, tuple)):
+            raise ValueError(f"images must be a list per row or a 4-d tensor, got {type(images).__name__}.")
+        return [list(self.image_processor.postprocess(row, output_type=output_type)) for row in images]
+
+    def post_process_multimodal_output(
+        self, generated_outputs, skip_special_tokens: bool = True, generation_mode: str | None = None, **kwargs
+    ):
+        """For `generation_mode="image"`: the generated images as one flat list of PIL images; otherwise the text."""
+        if generation_mode == "image":
+            return [image for row in self.postprocess_images(generated_outputs) for image in row]
+        if generation_mode not in (None, "text"):
+            raise ValueError(f"generation_mode must be 'text' or 'image', got {generation_mode!r}.")
+        return self.post_process_image_text_to_text(generated_outputs, skip_special_tokens=skip_special_tokens, **kwargs)
+
+    def apply_chat_template(self, conversation, chat_template: str | None = None, **kwargs):
+        """As [`~ProcessorMixin.apply_chat_template`]; templates may use `image_token` for the image marker."""
+        kwargs.setdefault("image_token", self.image_token)
+        return super().apply_chat_template(conversation, chat_template=chat_template, **kwargs)
+
+
+def _is_image(item: Any) -> bool:
+    return isinstance(item, (PIL.Image.Image, str)) or (
+        isinstance(item, (np.ndarray, torch.Tensor)) and item.ndim in (2, 3)
+    )
+
+
+def _as_image_list(images: Any) -> tuple[list, bool]:
+    """Returns `(images, nested)`: a flat list of images, or (`nested`) one list of images per row."""
+    if _is_image(images):
+        return [images], False
+    if isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4:
+        return list(images), False
+    if not isinstance(images, (list, tuple)):
+        raise ValueError(
+            f"images must be an image, a list of images or a list of lists of images, got {type(images).__name__}."
+        )
+    is_row = [isinstance(item, (list, tuple)) for item in images]
+    if any(is_row) and not all(is_row):
+        raise ValueError("images mixes lists and single images: pass one list per row, or one flat list.")
+    return list(images), bool(images) and all(is_row)
+
+
+__all__ = ["TransfusionProcessor", "add_image_tokens"]

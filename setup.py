@@ -1,0 +1,33 @@
+from setuptools import setup
+
+setup(
+    name="modeling-transfusion",
+    version="0.1.0",
+    description="Transfusion (one transformer, next-token loss on text, diffusion on image latents) for Hugging Face",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=["modeling_transfusion", "modeling_transfusion.processing", "modeling_transfusion.conversion"],
+    # processing/ and conversion/ live at the top of the repository but install inside the package.
+    package_dir={
+        "modeling_transfusion": "modeling_transfusion",
+        "modeling_transfusion.processing": "processing",
+        "modeling_transfusion.conversion": "conversion",
+    },
+    install_requires=[
+        "torch>=2.4",
+        "transformers>=5.23,<6",
+        "diffusers>=0.42,<0.43",
+        "safetensors>=0.4",
+        "huggingface-hub>=1.0",
+        "peft>=0.21",
+        "accelerate>=1.0",
+        "numpy",
+        "pillow",
+        "tqdm",
+    ],
+    extras_require={
+        "dev": ["pytest>=8", "hypothesis>=6", "scikit-learn>=1.3", "tokenizers>=0.20", "ruff"],
+    },
+)
