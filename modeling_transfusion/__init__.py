@@ -27,7 +27,9 @@ AutoConfig.register(TransfusionConfig.model_type, TransfusionConfig, exist_ok=Tr
 # AutoModel gives the full model (it generates), as users of this package load it with AutoModel.from_pretrained.
 for auto_class in (AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText, AutoModelForMultimodalLM):
     auto_class.register(TransfusionConfig, TransfusionForConditionalGeneration, exist_ok=True)
-AutoImageProcessor.register(TransfusionConfig, image_processor_classes={"pil": TransfusionImageProcessor}, exist_ok=True)
+AutoImageProcessor.register(
+    TransfusionConfig, image_processor_classes={"pil": TransfusionImageProcessor}, exist_ok=True
+)
 AutoProcessor.register(TransfusionConfig, TransfusionProcessor, exist_ok=True)
 
 __all__ = [

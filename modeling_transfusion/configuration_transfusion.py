@@ -1,6 +1,7 @@
 """Transfusion model configuration."""
 
 import math
+
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
@@ -126,8 +127,10 @@ class TransfusionConfig(PreTrainedConfig):
                 )
         if self.patch_encoder == "unet":
             if self.patch_size & (self.patch_size - 1):
-                raise ValueError(f"The U-Net patch encoder halves the latent per level: patch_size "
-                                 f"({self.patch_size}) must be a power of two.")
+                raise ValueError(
+                    f"The U-Net patch encoder halves the latent per level: patch_size "
+                    f"({self.patch_size}) must be a power of two."
+                )
             if len(self.unet_block_out_channels) != self.num_unet_levels:
                 raise ValueError(
                     f"unet_block_out_channels needs log2(patch_size) + 1 = {self.num_unet_levels} entries, got "
@@ -139,6 +142,7 @@ class TransfusionConfig(PreTrainedConfig):
                 f"image_size ({self.image_size}) must be divisible by the VAE downsample factor "
                 f"({self.vae_downsample_factor}) times patch_size ({self.patch_size}) = {factor}."
             )
+
     def _check_diffusion(self):
         if self.num_train_timesteps < 2:
             raise ValueError(f"num_train_timesteps must be at least 2, got {self.num_train_timesteps}.")
@@ -154,8 +158,11 @@ class TransfusionConfig(PreTrainedConfig):
 
     def _check_token_ids(self):
         vocab_size = self.text_config.vocab_size
-        ids = {"boi_token_id": self.boi_token_id, "eoi_token_id": self.eoi_token_id,
-               "image_token_id": self.image_token_id}
+        ids = {
+            "boi_token_id": self.boi_token_id,
+            "eoi_token_id": self.eoi_token_id,
+            "image_token_id": self.image_token_id,
+        }
         for name, value in ids.items():
             if not 0 <= value < vocab_size:
                 raise ValueError(f"{name}={value} lies outside the vocabulary of the text model (size {vocab_size}).")

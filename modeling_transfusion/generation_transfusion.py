@@ -35,15 +35,16 @@ GENERATION_MODES = ("interleaved", "text", "image")
 DEFAULT_NUM_INFERENCE_STEPS = 50
 
 # name -> (objective it samples, scheduler class, settings that differ from the training scheduler's config)
+# Latents are not bounded like pixels, so x_0 is never clipped. Sampling starts at the "leading" timestep (980 of 1000
+# for 50 steps), not at 999: the capped cosine schedule has alphas_cumprod[999] ~ 2e-9 there, where an epsilon
+# prediction determines x_0 only up to a factor 1 / sqrt(2e-9), so any model error would be blown up.
 SAMPLING_SCHEDULERS = {
-    # Latents are not bounded like pixels: clipping x_0 to [-1, 1] would ruin them. "trailing" starts at the last
-    # training timestep, i.e. from (almost) pure noise, as sampling does.
-    "ddpm": ("ddpm", DDPMScheduler, {"clip_sample": False, "timestep_spacing": "trailing"}),
-    "ddim": ("ddpm", DDIMScheduler, {"clip_sample": False, "timestep_spacing": "trailing", "set_alpha_to_one": True}),
+    "ddpm": ("ddpm", DDPMScheduler, {"clip_sample": False, "timestep_spacing": "leading"}),
+    "ddim": ("ddpm", DDIMScheduler, {"clip_sample": False, "timestep_spacing": "leading", "set_alpha_to_one": True}),
     "dpmsolver++": (
         "ddpm",
         DPMSolverMultistepScheduler,
-        {"algorithm_type": "dpmsolver++", "timestep_spacing": "trailing", "final_sigmas_type": "zero"},
+        {"algorithm_type": "dpmsolver++", "timestep_spacing": "leading", "final_sigmas_type": "zero"},
     ),
     "flow_euler": ("flow", FlowMatchEulerDiscreteScheduler, {}),
 }
@@ -191,6 +192,13 @@ def denoise_images(
         step_mask = torch.cat([step_mask, step_mask.new_ones(len(branch_rows), num_slots)], dim=-1)
     slots = torch.full((len(branch_rows), num_slots), config.image_token_id, dtype=torch.long, device=device)
     slot_positions = positions[branch_rows, None] + torch.arange(num_slots, device=device)  # [branch_rows, N]
+    # The cache is cropped back after every step, so every step has the same mask: build it once (with guidance it
+    # costs about half a forward). A mask that is not a tensor (flex attention's BlockMask) is rebuilt per step.
+    full_mask = model.get_attention_mask(
+        model.get_input_embeddings()(slots), slots, step_mask, branch, slot_positions, unconditional
+    )
+    if isinstance(full_mask, torch.Tensor) and full_mask.dim() == 4:
+        step_mask = full_mask  # [branch_rows, 1, N, cache_length + N]
 
     scheduler = type(options.scheduler).from_config(options.scheduler.config)  # fresh state for every image
     scheduler.set_timesteps(options.num_inference_steps, device=device)
@@ -302,6 +310,14 @@ def _sample_next_tokens(
         else:
             next_tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1)
     return torch.where(active, next_tokens, filler)
+
+
+def _forbid(scores: torch.FloatTensor, may_open: torch.BoolTensor, config) -> torch.FloatTensor:
+    """Masks what text sampling may never produce: `<image>` and `<eoi>` (the image loop writes them), and `<boi>`
+    for rows that may not open an image now."""
+    scores[:, [config.image_token_id, config.eoi_token_id]] = -float("inf")
+    scores[~may_open, config.boi_token_id] = -float("inf")
+    return scores
 
 
 def _resolve(value, generation_config, name: str, default):
@@ -446,20 +462,20 @@ def transfusion_decode(
         run_images(opens_in_prompt)
 
     while unfinished.any():
-        scores_in = next_logits.clone()
-        scores_in[:, [image_token, eoi]] = -float("inf")  # slots and <eoi> are written by the image loop, not sampled
-        may_open = unfinished & (new_tokens + num_slots + 2 <= max_new_tokens)
+        may_open = unfinished & (new_tokens + num_slots + 2 <= max_new_tokens)  # room for <boi>, slots, <eoi>
         if max_new_images is not None:
             may_open &= images_opened < max_new_images
         if generation_mode == "text":
             may_open[:] = False
-        scores_in[~may_open, boi] = -float("inf")
         if generation_mode == "image":  # an unfinished row has not opened its image yet
-            next_scores = torch.full_like(scores_in, -float("inf"))
+            next_scores = torch.full_like(next_logits, -float("inf"))
             next_scores[:, boi] = 0.0
             next_tokens = torch.where(unfinished, boi, filler)
         else:
-            next_scores = logits_processor(view(), scores_in)
+            # Constrained before the processors (so top-k / top-p choose among allowed tokens) and after them (so no
+            # processor can bring a forbidden token back).
+            next_scores = _forbid(next_logits.clone(), may_open, config)
+            next_scores = _forbid(logits_processor(view(), next_scores), may_open, config)
             next_tokens = _sample_next_tokens(next_scores, generation_config.do_sample, unfinished, generator, filler)
         if scores is not None:
             scores += (next_scores,)

@@ -1,4 +1,4 @@
-"""Image processor for Transfusion: any image in, a square tensor in [-1, 1] out, and back to pixels after generation."""
+"""Image processor for Transfusion: any image in, a square tensor in [-1, 1] out, and pixels back after generation."""
 
 from collections.abc import Sequence
 
@@ -7,7 +7,7 @@ import PIL.Image
 import torch
 from transformers.image_processing_backends import PilBackend
 from transformers.image_processing_utils import BatchFeature
-from transformers.image_utils import ChannelDimension, PILImageResampling, SizeDict
+from transformers.image_utils import ChannelDimension, PILImageResampling
 from transformers.processing_utils import ImagesKwargs, Unpack
 from transformers.utils import TensorType
 
@@ -41,7 +41,7 @@ class TransfusionImageProcessor(PilBackend):
 
     Args:
         size (`int` or `dict[str, int]`, *optional*, defaults to `{"shortest_edge": 32}`):
-            The shorter side after resizing. An `int` also sets `crop_size` to that square, unless `crop_size` is given:
+            The shorter side after resizing. It also sets `crop_size` to that square, unless `crop_size` is given:
             `TransfusionImageProcessor(size=config.image_size)` is all a model needs.
         crop_size (`int` or `dict[str, int]`, *optional*, defaults to `{"height": 32, "width": 32}`):
             The output size, cut from the centre of the resized image.
@@ -61,6 +61,7 @@ class TransfusionImageProcessor(PilBackend):
     ((1, 1, 16, 16), -1.0)
     >>> image_processor.postprocess(pixel_values)[0].size
     (16, 16)
+
     ```
     """
 
@@ -78,11 +79,13 @@ class TransfusionImageProcessor(PilBackend):
     do_normalize = True
     image_mean = 0.5
     image_std = 0.5
-    do_convert_rgb = False
 
     def __init__(self, **kwargs: Unpack[TransfusionImageProcessorKwargs]):
-        if isinstance(kwargs.get("size"), int) and kwargs.get("crop_size") is None:
-            kwargs["crop_size"] = {"height": kwargs["size"], "width": kwargs["size"]}
+        side = kwargs.get("size")
+        if isinstance(side, dict):
+            side = side.get("shortest_edge")
+        if isinstance(side, int) and kwargs.get("crop_size") is None:
+            kwargs["crop_size"] = {"height": side, "width": side}
         super().__init__(**kwargs)
         if self.num_channels not in (1, 3):
             raise ValueError(f"num_channels must be 1 (grey) or 3 (RGB), got {self.num_channels}.")
@@ -116,16 +119,9 @@ class TransfusionImageProcessor(PilBackend):
         return np.ascontiguousarray(pixels.transpose(2, 0, 1))
 
     def _preprocess(
-        self,
-        images: list[np.ndarray],
-        crop_size: SizeDict,
-        do_center_crop: bool,
-        return_tensors: str | TensorType | None = None,
-        **kwargs,
+        self, images: list[np.ndarray], return_tensors: str | TensorType | None = None, **kwargs
     ) -> BatchFeature:
-        outputs = super()._preprocess(
-            images, crop_size=crop_size, do_center_crop=do_center_crop, return_tensors=None, **kwargs
-        )
+        outputs = super()._preprocess(images, return_tensors=None, **kwargs)
         pixel_values = [image.astype(np.float32) for image in outputs["pixel_values"]]
         shapes = {image.shape[1:] for image in pixel_values}
         if return_tensors is not None and len(shapes) > 1:
@@ -154,9 +150,9 @@ class TransfusionImageProcessor(PilBackend):
         if output_type not in ("pil", "np"):
             raise ValueError(f"output_type must be 'pil' or 'np', got {output_type!r}.")
         batch = _stack_model_images(images)  # [num_images, channels, height, width]
-        mean = np.asarray(self.image_mean, dtype=np.float32).reshape(-1, 1, 1)
-        std = np.asarray(self.image_std, dtype=np.float32).reshape(-1, 1, 1)
-        values = np.nan_to_num(np.clip(batch, -1.0, 1.0)) * std + mean
+        mean = np.asarray(self.image_mean, dtype=np.float64).reshape(-1, 1, 1)
+        std = np.asarray(self.image_std, dtype=np.float64).reshape(-1, 1, 1)
+        values = np.nan_to_num(np.clip(batch.astype(np.float64), -1.0, 1.0)) * std + mean
         pixels = np.clip(np.rint(values / self.rescale_factor), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
         if output_type == "np":
             return pixels
@@ -204,9 +200,11 @@ def _to_numpy(image: "np.ndarray | torch.Tensor") -> np.ndarray:
             )
         return image.astype(np.uint8)
     if np.issubdtype(image.dtype, np.floating):
-        low, high = float(np.nanmin(image)), float(np.nanmax(image))
+        if not np.isfinite(image).all():
+            raise ValueError("Floating point images must hold finite values in [0, 1], got NaN or infinity.")
+        low, high = float(image.min()), float(image.max())
         tolerance = 1e-3  # values a rounding error outside [0, 1] are clipped, not refused
-        if not np.isfinite(image).all() or low < -tolerance or high > 1 + tolerance:
+        if low < -tolerance or high > 1 + tolerance:
             raise ValueError(
                 f"Floating point images must hold finite values in [0, 1], got [{low}, {high}]. Map images in [-1, 1] "
                 "with (x + 1) / 2, and pass images in [0, 255] as uint8."

@@ -1,5 +1,6 @@
-"""Processor for Transfusion: text with `<image>` markers plus images in, model inputs out, and generated output back."""
+"""Processor for Transfusion: text with `<image>` markers and images in, model inputs out, generated output back."""
 
+import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -83,10 +84,6 @@ def add_image_tokens(
     return ids
 
 
-class TransfusionProcessorKwargs(ProcessingKwargs, total=False):
-    """Keyword arguments of [`TransfusionProcessor.__call__`]: those of the tokenizer and of the image processor."""
-
-
 class TransfusionProcessor(ProcessorMixin):
     r"""
     Prepares interleaved text and images for a Transfusion model, and turns its output back into text and images.
@@ -127,7 +124,6 @@ class TransfusionProcessor(ProcessorMixin):
     ```
     """
 
-    valid_processor_kwargs = TransfusionProcessorKwargs
     # Batches go straight into the model, which needs rectangular tensors.
     text_kwargs = {"padding": True}
 
@@ -224,7 +220,7 @@ class TransfusionProcessor(ProcessorMixin):
         self,
         text: str | list[str] | None = None,
         images: Any = None,
-        **kwargs: Unpack[TransfusionProcessorKwargs],
+        **kwargs: Unpack[ProcessingKwargs],
     ) -> BatchFeature:
         r"""
         Tokenizes `text` with each `<image>` marker expanded, and preprocesses `images`.
@@ -256,7 +252,7 @@ class TransfusionProcessor(ProcessorMixin):
             a flat list); an unsupported image; a row longer than `max_length`/`context_length` without truncation.
         """
         texts, row_images = self._pair_text_and_images(text, images)
-        merged = self._merge_kwargs(TransfusionProcessorKwargs, tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs)
+        merged = self._merge_kwargs(tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs)
         text_kwargs, images_kwargs = merged["text_kwargs"], merged["images_kwargs"]
         return_tensors = text_kwargs.get("return_tensors", images_kwargs.get("return_tensors"))
 
@@ -266,7 +262,10 @@ class TransfusionProcessor(ProcessorMixin):
             images_kwargs["return_tensors"] = None
             pixel_values = self.image_processor(flat_images, **images_kwargs)["pixel_values"]
 
-        expanded = [sample.replace(self.image_token, self.image_sequence) for sample in texts]
+        # Spaces before a marker are dropped: "a seven <image>" must end like the prompt "a seven" that opens an image
+        # at generation time, not with a stray space token.
+        marker = re.compile(rf"[ \t]*{re.escape(self.image_token)}")
+        expanded = [marker.sub(lambda _: self.image_sequence, sample) for sample in texts]
         input_ids = self.tokenizer(
             expanded, add_special_tokens=text_kwargs.get("add_special_tokens", True), padding=False, truncation=False
         )["input_ids"]
@@ -345,7 +344,8 @@ class TransfusionProcessor(ProcessorMixin):
             if found != expected:
                 raise ValueError(
                     f"Row {index} tokenized to {found} {self.image_token} slots, expected {expected} ({len(row)} "
-                    f"image(s) x {self.num_image_tokens}): the text must not contain the image tokens in other forms."
+                    f"image(s) x {self.num_image_tokens}): the tokenizer splits {self.image_token} (turn off "
+                    "tokenizer.split_special_tokens)."
                 )
 
     def _fit_to_length(
@@ -472,11 +472,15 @@ class TransfusionProcessor(ProcessorMixin):
             return [image for row in self.postprocess_images(generated_outputs) for image in row]
         if generation_mode not in (None, "text"):
             raise ValueError(f"generation_mode must be 'text' or 'image', got {generation_mode!r}.")
-        return self.post_process_image_text_to_text(generated_outputs, skip_special_tokens=skip_special_tokens, **kwargs)
+        return self.post_process_image_text_to_text(
+            generated_outputs, skip_special_tokens=skip_special_tokens, **kwargs
+        )
 
     def apply_chat_template(self, conversation, chat_template: str | None = None, **kwargs):
         """As [`~ProcessorMixin.apply_chat_template`]; templates may use `image_token` for the image marker."""
-        kwargs.setdefault("image_token", self.image_token)
+        template = self.chat_template if chat_template is None else chat_template
+        if isinstance(template, str) and "image_token" in template:
+            kwargs.setdefault("image_token", self.image_token)
         return super().apply_chat_template(conversation, chat_template=chat_template, **kwargs)
 
 

@@ -59,7 +59,10 @@ def build_tiny_tokenizer(with_image_tokens: bool = True) -> PreTrainedTokenizerF
     """A byte-level BPE tokenizer (about 400 tokens) with `<s>` (added at the start, like Llama), `</s>` and `<pad>`;
     with `with_image_tokens`, also `<boi>`, `<image>`, `<eoi>` as special tokens (ids 400, 401, 402)."""
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer.from_str(_tiny_tokenizer_json()), bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+        tokenizer_object=Tokenizer.from_str(_tiny_tokenizer_json()),
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
     )
     if with_image_tokens:
         add_image_tokens(tokenizer)
@@ -70,7 +73,8 @@ def build_tiny_config(
     tokenizer: PreTrainedTokenizerFast, image_size: int = 8, num_channels: int = 1, patch_size: int = 2, **kwargs
 ) -> TransfusionConfig:
     """A tiny Transfusion config matching `tokenizer`: Llama backbone (2 layers, width 32), identity autoencoder,
-    `(image_size // patch_size) ** 2` image slots (16 by default), context 256."""
+    `(image_size // patch_size) ** 2` image slots (16 by default), context 256, and the tokenizer's image token ids
+    (unless `kwargs` gives them). Further `kwargs` go to `TransfusionConfig`."""
     text_config = {
         "model_type": "llama",
         "vocab_size": len(tokenizer),
@@ -84,6 +88,8 @@ def build_tiny_config(
         "bos_token_id": tokenizer.bos_token_id,
         "eos_token_id": tokenizer.eos_token_id,
     }
+    for name, token in (("boi_token_id", "<boi>"), ("eoi_token_id", "<eoi>"), ("image_token_id", "<image>")):
+        kwargs.setdefault(name, tokenizer.convert_tokens_to_ids(token))
     return TransfusionConfig(
         text_config=text_config,
         vae_config=None,
@@ -91,9 +97,6 @@ def build_tiny_config(
         num_channels=num_channels,
         latent_channels=num_channels,
         patch_size=patch_size,
-        boi_token_id=tokenizer.convert_tokens_to_ids("<boi>"),
-        eoi_token_id=tokenizer.convert_tokens_to_ids("<eoi>"),
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         **kwargs,
     )
 

@@ -123,8 +123,15 @@ def test_config_geometry_and_round_trip(tmp_path):
 
 
 def test_config_accepts_any_decoder_backbone():
-    text = {"model_type": "qwen2", "vocab_size": VOCAB, "hidden_size": 32, "intermediate_size": 64,
-            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}
+    text = {
+        "model_type": "qwen2",
+        "vocab_size": VOCAB,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+    }
     model = mt.TransfusionForConditionalGeneration(tiny_config(text_config=text))
     assert type(model.model).__name__ == "Qwen2Model"
     ids, _ = two_image_row()
@@ -157,11 +164,11 @@ def test_perturbing_a_late_patch_changes_its_image_but_nothing_before_its_boi(at
     change = (hidden - hidden_p).abs().amax(-1)[0]  # per position
 
     boi1 = start1 - 1
-    assert change[:boi1 + 1].max() == 0, "nothing up to the image's <boi> (text, the first image) may change"
+    assert change[: boi1 + 1].max() == 0, "nothing up to the image's <boi> (text, the first image) may change"
     if patch_encoder == "linear":
         # With a per-patch encoder, only attention can carry the change to the image's earlier patches.
-        assert change[start1:start1 + 15].min() > 1e-4, "every earlier patch of the same image must see the change"
-    assert change[start1 + 16:].min() > 1e-4, "text after the image must see it"
+        assert change[start1 : start1 + 15].min() > 1e-4, "every earlier patch of the same image must see the change"
+    assert change[start1 + 16 :].min() > 1e-4, "text after the image must see it"
 
 
 @pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
@@ -296,8 +303,14 @@ def test_lm_loss_ignores_image_slots_eoi_after_them_and_padding():
 
     latents = torch.randn(2, 1, 8, 8)
     timesteps, noise = torch.tensor([100, 700]), torch.randn(2, 1, 8, 8)
-    out = model(input_ids=ids, attention_mask=mask, image_latents=latents, image_timesteps=timesteps,
-                image_noise=noise, labels=ids)
+    out = model(
+        input_ids=ids,
+        attention_mask=mask,
+        image_latents=latents,
+        image_timesteps=timesteps,
+        image_noise=noise,
+        labels=ids,
+    )
     # The same loss by hand: cross-entropy over the supervised targets, mean squared error per image.
     shift_logits, shift_labels = out.logits[0, :-1], labels[0, 1:]
     keep = shift_labels != -100
@@ -308,8 +321,14 @@ def test_lm_loss_ignores_image_slots_eoi_after_them_and_padding():
     torch.testing.assert_close(out.loss, expected_lm + 5.0 * expected_diffusion)
     # Different labels at image slots change nothing.
     garbage = ids.masked_fill(ids == IMAGE, 7)
-    out_garbage = model(input_ids=ids, attention_mask=mask, image_latents=latents, image_timesteps=timesteps,
-                        image_noise=noise, labels=garbage)
+    out_garbage = model(
+        input_ids=ids,
+        attention_mask=mask,
+        image_latents=latents,
+        image_timesteps=timesteps,
+        image_noise=noise,
+        labels=garbage,
+    )
     assert torch.equal(out.loss, out_garbage.loss)
 
 
@@ -426,8 +445,13 @@ def test_training_on_digits_lowers_both_losses(objective, patch_encoder):
     def evaluate():
         model.eval()
         with torch.no_grad():
-            out = model(input_ids=eval_ids, pixel_values=eval_images, image_timesteps=eval_timesteps,
-                        image_noise=eval_noise, labels=eval_ids)
+            out = model(
+                input_ids=eval_ids,
+                pixel_values=eval_images,
+                image_timesteps=eval_timesteps,
+                image_noise=eval_noise,
+                labels=eval_ids,
+            )
         model.train()
         return out.lm_loss.item(), out.diffusion_loss.item()
 
@@ -462,8 +486,13 @@ def test_save_and_reload_through_automodel_is_bit_identical(tmp_path):
         assert torch.equal(a, b), name
     ids, _ = two_image_row()
     pixels = torch.rand(2, 1, 16, 16) * 2 - 1
-    kwargs = dict(input_ids=ids, pixel_values=pixels, image_timesteps=torch.tensor([0, 400]),
-                  image_noise=torch.randn(2, 2, 8, 8), labels=ids)
+    kwargs = dict(
+        input_ids=ids,
+        pixel_values=pixels,
+        image_timesteps=torch.tensor([0, 400]),
+        image_noise=torch.randn(2, 2, 8, 8),
+        labels=ids,
+    )
     with torch.no_grad():
         a, b = model(**kwargs), reloaded(**kwargs)
     assert torch.equal(a.logits, b.logits)
@@ -507,8 +536,14 @@ def test_bf16_forward_and_backward():
 
 def test_gradient_checkpointing_gives_the_same_gradients():
     ids, _ = two_image_row()
-    kwargs = dict(input_ids=ids, image_latents=torch.randn(2, 1, 8, 8), image_timesteps=torch.tensor([10, 900]),
-                  image_noise=torch.randn(2, 1, 8, 8), unconditional_images=torch.tensor([False, False]), labels=ids)
+    kwargs = dict(
+        input_ids=ids,
+        image_latents=torch.randn(2, 1, 8, 8),
+        image_timesteps=torch.tensor([10, 900]),
+        image_noise=torch.randn(2, 1, 8, 8),
+        unconditional_images=torch.tensor([False, False]),
+        labels=ids,
+    )
     grads = []
     for checkpointing in (False, True):
         model = tiny_model().train()
@@ -543,3 +578,29 @@ def test_a_pretrained_llm_loads_into_the_backbone(tmp_path):
     ids = torch.tensor([[BOS, 10, 11, 12, 13]])
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, llm(input_ids=ids).logits, atol=0, rtol=0)
+
+
+def test_sliding_window_backbones_get_a_mask_per_layer_type():
+    text = {
+        "model_type": "qwen2",
+        "vocab_size": VOCAB,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "use_sliding_window": True,
+        "sliding_window": 4,
+        "max_window_layers": 1,
+    }
+    model = mt.TransfusionForConditionalGeneration(tiny_config(text_config=text)).eval()
+    assert model.model.config.layer_types == ["full_attention", "sliding_attention"]
+    ids, (start0, _) = two_image_row()
+    mask = model.get_attention_mask(model.get_input_embeddings()(ids), ids, None, None, None)
+    full, sliding = mask["full_attention"][0, 0], mask["sliding_attention"][0, 0]
+    image0 = slice(start0, start0 + 16)
+    assert full[image0, image0].all() and sliding[image0, image0].all(), "images stay bidirectional in both"
+    last = ids.shape[1] - 1
+    assert full[last, : last + 1].all() and sliding[last].sum() == 4, "text sees its window only in sliding layers"
+    out = model(input_ids=ids, image_latents=torch.randn(2, 1, 8, 8), labels=ids)
+    assert torch.isfinite(out.loss)

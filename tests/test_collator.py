@@ -1,0 +1,180 @@
+"""Tests of TransfusionDataCollator, from records to a model loss (and through Trainer)."""
+
+import PIL.Image
+import pytest
+import torch
+from conftest import DIGIT_NAMES
+from torch.utils.data import Dataset
+from transformers import Trainer, TrainingArguments
+
+from modeling_transfusion import TransfusionDataCollator, TransfusionForConditionalGeneration
+
+N = 16  # image slots of the tiny config
+
+
+def mixed_records(digit_images) -> list[dict]:
+    (seven, _), (two, _), (three, _), (nine, _) = digit_images[7], digit_images[2], digit_images[3], digit_images[9]
+    return [
+        {"text": "a handwritten digit seven"},  # text only
+        {"text": "a handwritten seven <image>", "images": [seven]},  # caption, then image: generation
+        {"text": "<image> a handwritten two", "images": [two]},  # image, then caption: captioning
+        {"text": "a three <image> and a nine <image>", "images": [three, nine]},  # two images
+    ]
+
+
+def test_mixed_batch_to_model_loss(processor, tiny_config, digit_images):
+    records = mixed_records(digit_images)
+    batch = TransfusionDataCollator(processor)(records)
+    assert set(batch) == {"input_ids", "attention_mask", "pixel_values", "labels"}
+    input_ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    assert batch["pixel_values"].shape == (4, 1, 8, 8)
+
+    # -100 exactly on padding and image slots; everything else is a copy of input_ids.
+    is_pad, is_slot = mask == 0, input_ids == processor.image_token_id
+    assert torch.equal(labels == -100, is_pad | is_slot)
+    assert torch.equal(labels[labels != -100], input_ids[labels != -100])
+    assert is_slot.sum(-1).tolist() == [0, N, N, 2 * N]
+    assert int((labels == -100).sum()) == int(is_pad.sum()) + 4 * N
+    assert is_pad.sum(-1).tolist() == [mask.shape[1] - length for length in mask.sum(-1).tolist()]
+    # Each row ends with EOS (right padding: just before the padding).
+    last = mask.sum(-1) - 1
+    assert (input_ids[torch.arange(4), last] == processor.tokenizer.eos_token_id).all()
+
+    torch.manual_seed(0)
+    model = TransfusionForConditionalGeneration(tiny_config)
+    output = model(**batch)
+    assert torch.isfinite(output.loss) and torch.isfinite(output.lm_loss) and torch.isfinite(output.diffusion_loss)
+    assert output.diffusion_loss > 0
+    torch.testing.assert_close(output.loss, output.lm_loss + tiny_config.diffusion_loss_weight * output.diffusion_loss)
+    output.loss.backward()
+    assert model.patch_encoder.proj.weight.grad.abs().sum() > 0
+
+
+def test_records_without_text_or_list(processor, digit_images):
+    image = digit_images[0][0]
+    batch = TransfusionDataCollator(processor)([{"images": image}, {"text": "two", "images": None}])
+    ids = batch["input_ids"][0].tolist()
+    tokenizer = processor.tokenizer
+    assert ids == [tokenizer.bos_token_id, processor.boi_token_id] + [processor.image_token_id] * N + [
+        processor.eoi_token_id,
+        tokenizer.eos_token_id,
+    ]
+    assert batch["pixel_values"].shape == (1, 1, 8, 8)
+
+
+def test_text_only_batch(processor):
+    batch = TransfusionDataCollator(processor, add_eos_token=False)([{"text": "a two"}, {"text": "seven"}])
+    assert "pixel_values" not in batch
+    assert processor.tokenizer.eos_token_id not in batch["input_ids"].tolist()[0]
+
+
+def test_eos_is_not_doubled_when_the_tokenizer_adds_it(processor):
+    from tokenizers import processors
+
+    tokenizer = processor.tokenizer
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", special_tokens=[("<s>", bos), ("</s>", eos)]
+    )
+    ids = TransfusionDataCollator(processor)([{"text": "a two"}])["input_ids"][0].tolist()
+    assert ids[-1] == eos and ids.count(eos) == 1
+
+
+def test_left_padding_and_multiple(processor, digit_images):
+    collator = TransfusionDataCollator(processor, padding_side="left", pad_to_multiple_of=8)
+    batch = collator(mixed_records(digit_images))
+    assert batch["input_ids"].shape[1] % 8 == 0
+    assert (batch["attention_mask"][:, -1] == 1).all()
+    assert torch.equal(
+        batch["labels"] == -100, (batch["attention_mask"] == 0) | (batch["input_ids"] == processor.image_token_id)
+    )
+
+
+def test_max_length_truncates_without_cutting_images(processor, tiny_config, digit_images):
+    records = mixed_records(digit_images)
+    collator = TransfusionDataCollator(processor, max_length=N + 8)
+    batch = collator(records)
+    mask = batch["attention_mask"]
+    assert mask.sum(-1).max() <= N + 8
+    slots = (batch["input_ids"] == processor.image_token_id).sum(-1).tolist()
+    # "a three <image> and a nine <image>": the second image no longer fits and is dropped whole.
+    assert slots == [0, N, N, N]
+    assert batch["pixel_values"].shape[0] == 3
+    assert torch.isfinite(TransfusionForConditionalGeneration(tiny_config)(**batch).loss)
+
+
+def test_over_long_records_raise_without_max_length(processor, digit_images):
+    processor.context_length = 30  # rows 0-2 fit, row 3 (two images) does not
+    with pytest.raises(ValueError, match="Row 3 is .* tokens long"):
+        TransfusionDataCollator(processor)(mixed_records(digit_images))
+
+
+@pytest.mark.parametrize(
+    ("records", "message"),
+    [
+        ([], "Got an empty batch"),
+        ([{"text": ""}], "Record 0 has neither text"),
+        (
+            [{"text": "a two"}, {"text": "<image> <image>", "images": ["image"]}],
+            r"Row 1 has 2 <image> marker\(s\) but 1",
+        ),
+        ([{"text": "a two", "images": ["image"]}], r"Row 0 has 0 <image> marker\(s\) but 1 image"),
+    ],
+)
+def test_bad_records(processor, digit_images, records, message):
+    records = [
+        {**record, "images": [digit_images[0][0] for _ in record["images"]]} if "images" in record else record
+        for record in records
+    ]
+    with pytest.raises(ValueError, match=message):
+        TransfusionDataCollator(processor)(records)
+
+
+def test_collator_arguments_are_checked(processor):
+    with pytest.raises(ValueError, match="max_length must be a positive integer"):
+        TransfusionDataCollator(processor, max_length=0)
+    with pytest.raises(ValueError, match="padding_side must be"):
+        TransfusionDataCollator(processor, padding_side="middle")
+
+
+class DigitCaptions(Dataset):
+    """Real digits with captions, half generation (caption first) and half captioning (image first)."""
+
+    def __init__(self, digit_images: list[tuple[PIL.Image.Image, int]]):
+        self.items = digit_images
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict:
+        image, label = self.items[index]
+        caption = f"a handwritten {DIGIT_NAMES[label]}"
+        text = f"{caption} <image>" if index % 2 else f"<image> {caption}"
+        return {"text": text, "images": [image]}
+
+
+def test_trainer_runs_with_the_collator(processor, tiny_config, digit_images, tmp_path):
+    torch.manual_seed(0)
+    model = TransfusionForConditionalGeneration(tiny_config)
+    before = model.lm_head.weight.detach().clone()
+    arguments = TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        max_steps=2,
+        learning_rate=1e-2,
+        remove_unused_columns=False,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        dataloader_num_workers=0,
+        logging_steps=1,
+    )
+    trainer = Trainer(
+        model=model,
+        args=arguments,
+        train_dataset=DigitCaptions(digit_images),
+        data_collator=TransfusionDataCollator(processor),
+    )
+    result = trainer.train()
+    assert result.global_step == 2 and torch.isfinite(torch.tensor(result.training_loss))
+    assert not torch.equal(model.lm_head.weight, before)

@@ -1,0 +1,521 @@
+"""Tests of `model.generate()`: the cached diffusion loop, schedulers, guidance, batching, modes and HF plumbing.
+
+Everything runs on CPU with the tiny config of the `TransfusionConfig` docstring (8x8 grey images, 2x2 patches, so
+N = 16 image slots); input ids are built by hand.
+"""
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+from transformers.generation.streamers import BaseStreamer
+
+from modeling_transfusion import TransfusionConfig, TransfusionForConditionalGeneration
+from modeling_transfusion.generation_transfusion import TransfusionGenerateOutput, sampling_scheduler
+
+BOI, EOI, IMAGE, PAD = 61, 62, 63, 0
+NUM_SLOTS = 16
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "generation.md"
+
+
+def tiny_config(objective="ddpm", **kwargs):
+    return TransfusionConfig(
+        text_config={
+            "model_type": "llama",
+            "vocab_size": 64,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+        },
+        image_size=8,
+        num_channels=1,
+        latent_channels=1,
+        patch_size=2,
+        objective=objective,
+        boi_token_id=BOI,
+        eoi_token_id=EOI,
+        image_token_id=IMAGE,
+        **kwargs,
+    )
+
+
+def tiny_model(objective="ddpm", seed=0, **kwargs):
+    torch.manual_seed(seed)
+    model = TransfusionForConditionalGeneration(tiny_config(objective, **kwargs)).eval()
+    # The diffusion head starts at zero (DiT init); give it weights so that predictions depend on the inputs.
+    torch.nn.init.normal_(model.patch_decoder.proj.weight, std=0.2)
+    return model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model()
+
+
+@pytest.fixture(scope="module")
+def flow_model():
+    return tiny_model("flow")
+
+
+def generate(model, input_ids, **kwargs):
+    kwargs.setdefault("num_inference_steps", 4)
+    kwargs.setdefault("progress_bar", False)
+    kwargs.setdefault("return_dict_in_generate", True)
+    kwargs.setdefault("pad_token_id", PAD)
+    return model.generate(input_ids, **kwargs)
+
+
+def left_pad(rows):
+    width = max(len(row) for row in rows)
+    input_ids = torch.tensor([[PAD] * (width - len(row)) + row for row in rows])
+    attention_mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows])
+    return input_ids, attention_mask
+
+
+def strip(row: torch.Tensor) -> list[int]:
+    return [token for token in row.tolist() if token != PAD]
+
+
+class OpenImageAt(LogitsProcessor):
+    """Test double: makes a row open an image (`<boi>`) when its own length (pad excluded) is in `lengths`, and
+    never emit pad or the default `<eos>` (2). Depends only on the row's tokens, so a row behaves the same alone or
+    in a batch."""
+
+    def __init__(self, lengths=(), always=False):
+        self.lengths, self.always = set(lengths), always
+
+    def __call__(self, input_ids, scores):
+        scores = scores.clone()
+        scores[:, [PAD, 2]] = -float("inf")
+        lengths = (input_ids != PAD).sum(-1)
+        for row, length in enumerate(lengths.tolist()):
+            if self.always or length in self.lengths:
+                scores[row, BOI] = 1e4
+        return scores
+
+
+def processors(*items):
+    return LogitsProcessorList(items)
+
+
+class Oracle:
+    """Test double for the denoiser: the patch decoder returns the exact noise (`ddpm`) or velocity (`flow`) that
+    turns the current x_t into the fixed `target` latents, whatever the transformer computed."""
+
+    def __init__(self, model, target):
+        self.model, self.target = model, target
+        self.inputs = None
+
+    def __enter__(self):
+        encoder, decoder = self.model.patch_encoder, self.model.patch_decoder
+        self.encoder_forward, self.decoder_forward = encoder.forward, decoder.forward
+
+        def record(latents, timesteps):
+            self.inputs = (latents.float(), timesteps)
+            return self.encoder_forward(latents, timesteps)
+
+        def predict(hidden_states, encoder_state=None):
+            latents, timesteps = self.inputs
+            target = self.target.expand_as(latents)
+            if self.model.config.objective == "flow":
+                sigma = (timesteps.float() / self.model.config.num_train_timesteps).clamp(min=1e-6).view(-1, 1, 1, 1)
+                return (latents - target) / sigma
+            alphas = self.model.noise_scheduler.alphas_cumprod[timesteps.long()].view(-1, 1, 1, 1)
+            return (latents - alphas.sqrt() * target) / (1 - alphas).clamp(min=1e-12).sqrt()
+
+        encoder.forward, decoder.forward = record, predict
+        return self
+
+    def __exit__(self, *exc):
+        self.model.patch_encoder.forward = self.encoder_forward
+        self.model.patch_decoder.forward = self.decoder_forward
+
+
+class RecordDenoiser:
+    """Records, for every forward that embeds images, the latents and timesteps given to the patch encoder and the
+    prediction of the patch decoder."""
+
+    def __init__(self, model):
+        self.model, self.calls = model, []
+
+    def __enter__(self):
+        self.hooks = [
+            self.model.patch_encoder.register_forward_hook(
+                lambda module, args, output: self.calls.append({"latents": args[0].clone(), "t": args[1].clone()})
+            ),
+            self.model.patch_decoder.register_forward_hook(
+                lambda module, args, output: self.calls[-1].update(prediction=output.clone())
+            ),
+        ]
+        return self
+
+    def __exit__(self, *exc):
+        for hook in self.hooks:
+            hook.remove()
+
+
+# Cache correctness
+
+
+def test_logits_after_generated_image_equal_uncached_forward(model):
+    prompt = torch.tensor([[5, 6, 7, 8, 9]])
+    out = generate(
+        model, prompt, max_new_tokens=2 * (NUM_SLOTS + 2) + 10, logits_processor=processors(OpenImageAt({7, 30})),
+        output_logits=True,
+    )
+    sequence = out.sequences[0]
+    assert len(out.images[0]) == 2
+    latents = torch.stack(out.image_latents[0])
+    # Every logit the loop sampled from, text steps right after an <eoi> included, equals an uncached forward.
+    full = model(input_ids=out.sequences, image_latents=latents).logits[0]  # [length, vocab]
+    sampled_positions = [p - 1 for p in range(prompt.shape[1], len(sequence)) if sequence[p] not in (IMAGE, EOI)]
+    assert len(sampled_positions) == len(out.logits)
+    after_image = [i for i, p in enumerate(sampled_positions) if sequence[p] == EOI]
+    assert len(after_image) == 2
+    for step, position in enumerate(sampled_positions):
+        torch.testing.assert_close(out.logits[step][0], full[position], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("guidance", [1.0, 3.0])
+def test_denoising_step_equals_uncached_forward(model, guidance):
+    # Two left-padded rows; only the second opens an image, so the loop denoises a subset of the cached batch.
+    input_ids, attention_mask = left_pad([[5, 6, 7], [8, 9, 10, 11, BOI]])
+    with RecordDenoiser(model) as recorder:
+        out = generate(
+            model, input_ids, attention_mask=attention_mask, max_new_tokens=NUM_SLOTS + 3,
+            image_guidance_scale=guidance, generation_mode="interleaved", max_new_images=1,
+        )
+    assert [len(images) for images in out.images] == [0, 1]
+    steps = recorder.calls[:-1]  # then the commit of the clean image
+    assert len(steps) == 4 and torch.equal(recorder.calls[-1]["t"], torch.zeros(1, dtype=torch.long))
+    prefix = torch.tensor([[8, 9, 10, 11, BOI] + [IMAGE] * NUM_SLOTS])
+    for step in steps:
+        num_branches = 2 if guidance != 1.0 else 1
+        assert step["latents"].shape[0] == num_branches
+        for branch in range(num_branches):
+            full = model(
+                input_ids=prefix,
+                noisy_image_latents=step["latents"][branch : branch + 1],
+                image_timesteps=step["t"][branch : branch + 1],
+                unconditional_images=torch.tensor([branch == 1]),
+            )
+            torch.testing.assert_close(step["prediction"][branch], full.diffusion_prediction[0], atol=1e-5, rtol=1e-5)
+
+
+def test_cache_is_rolled_back_after_denoising(model):
+    prompt = torch.tensor([[5, 6, 7, BOI]])
+    out = generate(model, prompt, generation_mode="image", num_inference_steps=3)
+    assert out.past_key_values.get_seq_length() == prompt.shape[1] + NUM_SLOTS + 1
+    assert out.sequences.shape[1] == prompt.shape[1] + NUM_SLOTS + 1
+
+
+# The diffusion loop recovers an image with an exact denoiser, for every scheduler offered
+
+
+@pytest.mark.parametrize(
+    "objective, scheduler, guidance",
+    [
+        ("ddpm", "ddpm", 1.0),
+        ("ddpm", "ddim", 1.0),
+        ("ddpm", "dpmsolver++", 1.0),
+        ("ddpm", "ddim", 4.0),
+        ("flow", "flow_euler", 1.0),
+        ("flow", "flow_euler", 4.0),
+    ],
+)
+def test_oracle_denoiser_recovers_the_image(model, flow_model, objective, scheduler, guidance):
+    model = model if objective == "ddpm" else flow_model
+    target = torch.linspace(-1.5, 1.5, 64).view(1, 1, 8, 8)
+    with Oracle(model, target):
+        out = generate(
+            model, torch.tensor([[5, 6, 7]]), generation_mode="image", scheduler=scheduler, num_inference_steps=20,
+            image_guidance_scale=guidance, generator=torch.Generator().manual_seed(0),
+        )
+    error = (out.image_latents[0][0] - target[0]).abs().max()
+    assert error < 1e-3, f"{scheduler}: max error {error}"
+    torch.testing.assert_close(out.images[0][0], target[0].clamp(-1, 1), atol=1e-3, rtol=0)
+
+
+def test_scheduler_instance_is_used_and_left_untouched(model):
+    target = torch.linspace(-1, 1, 64).view(1, 1, 8, 8)
+    instance = DDIMScheduler.from_config(model.noise_scheduler.config, clip_sample=False)
+    with Oracle(model, target):
+        out = generate(model, torch.tensor([[5, 6]]), generation_mode="image", scheduler=instance)
+    assert (out.image_latents[0][0] - target[0]).abs().max() < 1e-3
+    assert instance.num_inference_steps is None  # a copy was stepped, not the user's instance
+
+
+# Guidance and reproducibility
+
+
+def test_guidance_scale_one_is_no_guidance_bit_for_bit(model):
+    prompt = torch.tensor([[5, 6, 7]])
+    plain = generate(model, prompt, generation_mode="image", generator=torch.Generator().manual_seed(3))
+    one = generate(
+        model, prompt, generation_mode="image", image_guidance_scale=1.0, generator=torch.Generator().manual_seed(3)
+    )
+    guided = generate(
+        model, prompt, generation_mode="image", image_guidance_scale=3.0, generator=torch.Generator().manual_seed(3)
+    )
+    assert torch.equal(plain.image_latents[0][0], one.image_latents[0][0])
+    assert not torch.allclose(plain.image_latents[0][0], guided.image_latents[0][0], atol=1e-3)
+
+
+def test_generator_makes_generation_reproducible(model):
+    kwargs = {"do_sample": True, "max_new_tokens": NUM_SLOTS + 8, "logits_processor": processors(OpenImageAt({5}))}
+    first = generate(model, torch.tensor([[5, 6, 7]]), generator=torch.Generator().manual_seed(7), **kwargs)
+    second = generate(model, torch.tensor([[5, 6, 7]]), generator=torch.Generator().manual_seed(7), **kwargs)
+    other = generate(model, torch.tensor([[5, 6, 7]]), generator=torch.Generator().manual_seed(8), **kwargs)
+    assert torch.equal(first.sequences, second.sequences)
+    assert torch.equal(first.image_latents[0][0], second.image_latents[0][0])
+    assert not torch.allclose(first.image_latents[0][0], other.image_latents[0][0])
+
+
+@pytest.mark.parametrize("scheduler", ["ddpm", "ddim"])
+def test_batch_equals_rows_run_alone(model, scheduler):
+    # Different prompt lengths (left-padded), images opened at different steps, a second image in one row, sampled
+    # text, stochastic (ddpm) and deterministic (ddim) samplers, guidance: each row must come out as it does alone.
+    rows = [[10, 11, 12, 13, 14], [20, 21, 22], [30, 31, 32, 33]]
+    opens = OpenImageAt({7, 8, 31})
+    kwargs = {
+        "do_sample": True,
+        "max_new_tokens": 2 * (NUM_SLOTS + 2) + 8,
+        "logits_processor": processors(opens),
+        "image_guidance_scale": 2.0,
+        "scheduler": scheduler,
+        "eos_token_id": 1,
+    }
+    seeds = [11, 12, 13]
+    input_ids, attention_mask = left_pad(rows)
+    batch = generate(
+        model, input_ids, attention_mask=attention_mask,
+        generator=[torch.Generator().manual_seed(seed) for seed in seeds], **kwargs,
+    )
+    assert sorted(len(images) for images in batch.images) != [0, 0, 0]
+    for index, (row, seed) in enumerate(zip(rows, seeds)):
+        alone = generate(model, torch.tensor([row]), generator=[torch.Generator().manual_seed(seed)], **kwargs)
+        assert strip(batch.sequences[index]) == strip(alone.sequences[0])
+        assert len(batch.image_latents[index]) == len(alone.image_latents[0])
+        for batched, single in zip(batch.image_latents[index], alone.image_latents[0]):
+            torch.testing.assert_close(batched, single, atol=1e-5, rtol=1e-5)
+        for batched, single in zip(batch.images[index], alone.images[0]):
+            torch.testing.assert_close(batched, single, atol=1e-5, rtol=1e-5)
+
+
+def test_batch_with_rows_opening_at_different_steps_keeps_text_rows_exact(model):
+    # Greedy: the row that never opens an image must produce the tokens it produces alone, despite the fillers.
+    rows = [[10, 11, 12, 13, 14], [20, 21, 22, 23, 24, 25, 26]]
+    kwargs = {"max_new_tokens": NUM_SLOTS + 12, "logits_processor": processors(OpenImageAt({6}))}
+    input_ids, attention_mask = left_pad(rows)
+    batch = generate(model, input_ids, attention_mask=attention_mask, **kwargs)
+    assert [len(images) for images in batch.images] == [1, 0]
+    for index, row in enumerate(rows):
+        alone = generate(model, torch.tensor([row]), **kwargs)
+        assert strip(batch.sequences[index]) == strip(alone.sequences[0])
+    # Row 1 generated only text, so its sequence keeps all max_new_tokens of text.
+    assert len(strip(batch.sequences[1])) == len(rows[1]) + kwargs["max_new_tokens"]
+
+
+# Modes, limits and the length budget
+
+
+def test_text_mode_never_opens_an_image(model):
+    out = generate(
+        model, torch.tensor([[5, 6, 7]]), generation_mode="text", max_new_tokens=3 * NUM_SLOTS,
+        logits_processor=processors(OpenImageAt(always=True)), do_sample=True,
+    )
+    assert not (out.sequences == BOI).any() and not (out.sequences == IMAGE).any()
+    assert out.images == [[]]
+
+
+def test_image_mode_opens_exactly_one_image_right_after_the_prompt(model):
+    input_ids, attention_mask = left_pad([[5, 6, 7, 8], [9, 10]])
+    out = generate(model, input_ids, attention_mask=attention_mask, generation_mode="image")
+    expected_tail = torch.tensor([BOI] + [IMAGE] * NUM_SLOTS + [EOI])
+    assert out.sequences.shape[1] == input_ids.shape[1] + NUM_SLOTS + 2  # max_new_tokens defaults to N + 2
+    for row in range(2):
+        assert torch.equal(out.sequences[row, input_ids.shape[1] :], expected_tail)
+        assert len(out.images[row]) == 1 and out.images[row][0].shape == (1, 8, 8)
+        assert out.images[row][0].abs().max() <= 1
+
+
+def test_image_mode_needs_room_for_the_image(model):
+    with pytest.raises(ValueError, match="max_new_tokens >= 18"):
+        generate(model, torch.tensor([[5, 6]]), generation_mode="image", max_new_tokens=NUM_SLOTS)
+
+
+def test_max_new_images_is_respected(model):
+    out = generate(
+        model, torch.tensor([[5, 6, 7]]), max_new_images=2, max_new_tokens=4 * (NUM_SLOTS + 2),
+        logits_processor=processors(OpenImageAt(always=True)),
+    )
+    assert len(out.images[0]) == 2 and int((out.sequences == BOI).sum()) == 2
+    assert out.sequences.shape[1] == 3 + 4 * (NUM_SLOTS + 2)  # text fills the rest of the budget
+
+
+@pytest.mark.parametrize(
+    "room, expected_images", [(NUM_SLOTS + 1, 0), (NUM_SLOTS + 2, 1), (2 * NUM_SLOTS + 3, 1), (2 * NUM_SLOTS + 4, 2)]
+)
+def test_an_image_opens_only_if_it_fits_the_budget(model, room, expected_images):
+    out = generate(
+        model, torch.tensor([[5, 6, 7]]), max_new_tokens=room, logits_processor=processors(OpenImageAt(always=True))
+    )
+    assert len(out.images[0]) == expected_images
+    assert out.sequences.shape[1] == 3 + room
+    # No <boi> without its slots and <eoi>.
+    assert int((out.sequences == BOI).sum()) == int((out.sequences == EOI).sum()) == expected_images
+
+
+def test_captioning_reads_the_prompt_image(model):
+    image = torch.rand(1, 1, 8, 8) * 2 - 1
+    prompt = torch.tensor([[5, BOI] + [IMAGE] * NUM_SLOTS + [EOI, 6]])
+    out = generate(model, prompt, pixel_values=image, generation_mode="text", max_new_tokens=5, output_logits=True)
+    assert out.sequences.shape[1] == prompt.shape[1] + 5 and out.images == [[]]
+    full = model(input_ids=prompt, pixel_values=image).logits[0, -1]
+    torch.testing.assert_close(out.logits[0][0], full, atol=1e-5, rtol=1e-5)
+    other = generate(model, prompt, pixel_values=-image, generation_mode="text", max_new_tokens=1, output_logits=True)
+    assert not torch.allclose(out.logits[0], other.logits[0])
+
+
+# transformers plumbing: streamers, processors, stopping criteria, outputs, generation config
+
+
+class RecordingStreamer(BaseStreamer):
+    def __init__(self):
+        self.events, self.ended = [], False
+
+    def put(self, value):
+        self.events.append(value.flatten().tolist())
+
+    def end(self):
+        self.ended = True
+
+
+def test_streamer_gets_text_tokens_and_one_event_per_image(model):
+    streamer = RecordingStreamer()
+    prompt = torch.tensor([[5, 6, 7]])
+    out = generate(
+        model, prompt, streamer=streamer, max_new_tokens=NUM_SLOTS + 6, logits_processor=processors(OpenImageAt({5}))
+    )
+    assert streamer.ended
+    assert streamer.events[0] == [5, 6, 7]  # the prompt, as transformers streams it
+    image_events = [event for event in streamer.events if IMAGE in event]
+    assert image_events == [[IMAGE] * NUM_SLOTS + [EOI]]
+    assert sum(streamer.events[1:], []) == out.sequences[0, 3:].tolist()
+    assert all(len(event) == 1 for event in streamer.events[1:] if IMAGE not in event)
+
+
+def test_logits_processors_and_sampling_settings_are_honoured(model):
+    prompt = torch.tensor([[5, 6, 7]])
+    greedy = generate(model, prompt, max_new_tokens=8)
+    top1 = generate(model, prompt, max_new_tokens=8, do_sample=True, top_k=1, temperature=0.7)
+    assert torch.equal(greedy.sequences, top1.sequences)
+    sampled = generate(
+        model, prompt, max_new_tokens=8, do_sample=True, top_k=3, output_scores=True,
+        generator=torch.Generator().manual_seed(0),
+    )
+    for scores in sampled.scores:
+        assert int(torch.isfinite(scores).sum()) == 3
+
+    class Ban(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            scores[:, 10:40] = -float("inf")
+            return scores
+
+    banned = generate(model, prompt, max_new_tokens=8, do_sample=True, logits_processor=processors(Ban()))
+    assert not ((banned.sequences[0, 3:] >= 10) & (banned.sequences[0, 3:] < 40)).any()
+
+
+def test_stopping_criteria_and_eos_are_honoured(model):
+    prompt = torch.tensor([[5, 6, 7]])
+    greedy = generate(model, prompt, max_new_tokens=10).sequences[0, 3:].tolist()
+    stop_at = greedy[3]
+
+    class StopAt(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return input_ids[:, -1] == stop_at
+
+    stopped = generate(model, prompt, max_new_tokens=10, stopping_criteria=StoppingCriteriaList([StopAt()]))
+    assert stopped.sequences[0, 3:].tolist() == greedy[: greedy.index(stop_at) + 1]
+    eos = generate(model, prompt, max_new_tokens=10, eos_token_id=stop_at)
+    assert eos.sequences[0, 3:].tolist() == greedy[: greedy.index(stop_at) + 1]
+
+
+def test_outputs_without_return_dict_are_sequences(model):
+    prompt = torch.tensor([[5, 6, 7]])
+    kwargs = {"max_new_tokens": NUM_SLOTS + 4, "logits_processor": processors(OpenImageAt({4}))}
+    sequences = generate(model, prompt, return_dict_in_generate=False, **kwargs)
+    out = generate(model, prompt, **kwargs)
+    assert isinstance(sequences, torch.Tensor) and torch.equal(sequences, out.sequences)
+    assert isinstance(out, TransfusionGenerateOutput)
+
+
+def test_generation_config_defaults_survive_save_and_load(tmp_path):
+    model = tiny_model()
+    model.generation_config = GenerationConfig(
+        num_inference_steps=3, scheduler="ddpm", generation_mode="image", progress_bar=False, pad_token_id=PAD
+    )
+    model.save_pretrained(tmp_path)
+    loaded = TransfusionForConditionalGeneration.from_pretrained(tmp_path).eval()
+    with RecordDenoiser(loaded) as recorder:
+        out = loaded.generate(torch.tensor([[5, 6]]), return_dict_in_generate=True)
+    assert len(out.images[0]) == 1
+    assert len(recorder.calls) == 3 + 1  # 3 denoising steps, then the commit of the clean image
+
+
+# Clear errors
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"scheduler": "euler"}, "Unknown scheduler 'euler'"),
+        ({"scheduler": "flow_euler"}, "samples the 'flow' objective"),
+        ({"image_guidance_scale": -1.0}, "image_guidance_scale must be >= 0"),
+        ({"generation_mode": "video"}, "Unknown generation_mode 'video'"),
+        ({"num_inference_steps": 0}, "num_inference_steps must be at least 1"),
+        ({"max_new_images": -1}, "max_new_images must be"),
+        ({"generator": [torch.Generator(), torch.Generator()]}, "2 generators for a batch of 1"),
+        ({"scheduler": DDPMScheduler(beta_schedule="squaredcos_cap_v2")}, "clip_sample=True"),
+        ({"scheduler": DDIMScheduler(clip_sample=False)}, "another noise schedule"),
+        ({"num_beams": 2}, "beam search"),
+    ],
+)
+def test_clear_errors(model, kwargs, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        generate(model, torch.tensor([[5, 6, 7]]), max_new_tokens=NUM_SLOTS + 2, **kwargs)
+
+
+def test_clear_errors_for_objective_and_prompt(model, flow_model):
+    with pytest.raises(ValueError, match="samples the 'ddpm' objective"):
+        generate(flow_model, torch.tensor([[5, 6]]), generation_mode="image", scheduler="ddim")
+    with pytest.raises(ValueError, match="cannot sample a model trained with objective='flow'"):
+        sampling_scheduler(flow_model.noise_scheduler, "flow", DDIMScheduler(clip_sample=False))
+    with pytest.raises(ValueError, match="generation_mode='text' never generates an image"):
+        generate(model, torch.tensor([[5, BOI]]), generation_mode="text", max_new_tokens=4)
+    with pytest.raises(ValueError, match="Streamers take one sequence"):
+        generate(model, torch.tensor([[5, 6], [7, 8]]), streamer=RecordingStreamer(), max_new_tokens=2)
+
+
+# The documentation's examples run
+
+
+def _python_blocks(path: Path) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", path.read_text(encoding="utf-8"), flags=re.DOTALL)
+
+
+def test_docs_generation_examples_run():
+    if (Path(__file__).parent / "test_docs.py").exists() and "generation.md" in (
+        Path(__file__).parent / "test_docs.py"
+    ).read_text(encoding="utf-8"):
+        pytest.skip("docs/generation.md is run by tests/test_docs.py")
+    blocks = _python_blocks(DOCS)
+    assert blocks, "docs/generation.md has no python examples"
+    namespace = {}
+    for block in blocks:
+        exec(compile(block, str(DOCS), "exec"), namespace)
