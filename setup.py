@@ -8,12 +8,24 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=["modeling_transfusion", "modeling_transfusion.processing", "modeling_transfusion.conversion"],
-    # processing/ and conversion/ live at the top of the repository but install inside the package.
+    packages=[
+        "modeling_transfusion",
+        "modeling_transfusion.processing",
+        "modeling_transfusion.conversion",
+        "modeling_transfusion.recipes",
+    ],
+    # processing/, conversion/ and recipes/ live at the top of the repository but install inside the package.
     package_dir={
         "modeling_transfusion": "modeling_transfusion",
         "modeling_transfusion.processing": "processing",
         "modeling_transfusion.conversion": "conversion",
+        "modeling_transfusion.recipes": "recipes",
+    },
+    entry_points={
+        "console_scripts": [
+            "transfusion = modeling_transfusion.recipes.cli:main",
+            "transfusion-convert = modeling_transfusion.conversion.cli:main",
+        ]
     },
     install_requires=[
         "torch>=2.4",

@@ -12,6 +12,7 @@ from transformers import (
     AutoModelForMultimodalLM,
     AutoProcessor,
 )
+from transformers.pipelines import PIPELINE_REGISTRY
 
 from .configuration_transfusion import TransfusionConfig
 from .modeling_transfusion import (
@@ -21,7 +22,14 @@ from .modeling_transfusion import (
     patchify,
     unpatchify,
 )
-from .processing import TransfusionDataCollator, TransfusionImageProcessor, TransfusionProcessor, add_image_tokens
+from .pipeline_transfusion import TEXT_TO_IMAGE_TASK, TransfusionTextToImagePipeline
+from .processing import (
+    TransfusionDataCollator,
+    TransfusionImageProcessor,
+    TransfusionProcessor,
+    add_image_tokens,
+    train_caption_tokenizer,
+)
 
 AutoConfig.register(TransfusionConfig.model_type, TransfusionConfig, exist_ok=True)
 # AutoModel gives the full model (it generates), as users of this package load it with AutoModel.from_pretrained.
@@ -31,6 +39,14 @@ AutoImageProcessor.register(
     TransfusionConfig, image_processor_classes={"pil": TransfusionImageProcessor}, exist_ok=True
 )
 AutoProcessor.register(TransfusionConfig, TransfusionProcessor, exist_ok=True)
+# transformers has no text-to-image task: register ours, so that pipeline("text-to-image", model=dir) works.
+if PIPELINE_REGISTRY.supported_tasks.get(TEXT_TO_IMAGE_TASK, {}).get("impl") is not TransfusionTextToImagePipeline:
+    PIPELINE_REGISTRY.register_pipeline(
+        TEXT_TO_IMAGE_TASK,
+        pipeline_class=TransfusionTextToImagePipeline,
+        pt_model=AutoModelForMultimodalLM,
+        type="multimodal",
+    )
 
 __all__ = [
     "TransfusionConfig",
@@ -43,4 +59,6 @@ __all__ = [
     "TransfusionProcessor",
     "TransfusionDataCollator",
     "add_image_tokens",
+    "train_caption_tokenizer",
+    "TransfusionTextToImagePipeline",
 ]

@@ -1,10 +1,25 @@
 """Transfusion model configuration."""
 
+import dataclasses
 import math
 
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
+
+
+# Keys that transformers, peft and the Hub write into config.json besides the config's own fields.
+_BOOKKEEPING_KEYS = {
+    "model_type",
+    "auto_map",
+    "custom_pipelines",
+    "torch_dtype",
+    "_name_or_path",
+    "_commit_hash",
+    "attn_implementation",
+    "output_attentions",
+    "use_cache",
+}
 
 
 @strict
@@ -168,6 +183,20 @@ class TransfusionConfig(PreTrainedConfig):
                 raise ValueError(f"{name}={value} lies outside the vocabulary of the text model (size {vocab_size}).")
         if len(set(ids.values())) != 3:
             raise ValueError(f"<boi>, <eoi> and <image> need three distinct ids, got {ids}.")
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        """As `PreTrainedConfig.from_dict`, but keys this version does not know are an error rather than silently
+        ignored: a config written by a newer version may rely on behaviour this one lacks."""
+        known = {field.name for field in dataclasses.fields(cls)} | _BOOKKEEPING_KEYS
+        unknown = sorted(set(config_dict) - known)
+        if unknown:
+            raise ValueError(
+                f"This Transfusion config has keys this version of modeling_transfusion does not know: {unknown} "
+                f"(written with transformers {config_dict.get('transformers_version', '?')}). Upgrade "
+                "modeling_transfusion, or remove those keys if you know they can be ignored."
+            )
+        return super().from_dict(config_dict, **kwargs)
 
     @property
     def vae_downsample_factor(self) -> int:

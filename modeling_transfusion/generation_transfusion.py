@@ -124,9 +124,13 @@ def _check_scheduler(scheduler: SchedulerMixin, noise_scheduler: SchedulerMixin,
             raise ValueError(f"{name} uses dynamic shifting, which needs a `mu` this model does not define.")
         return
     if scheduler.config.get("prediction_type", "epsilon") != "epsilon":
-        raise ValueError(f"{name} has prediction_type={scheduler.config.prediction_type!r}; the model predicts 'epsilon'.")
+        raise ValueError(
+            f"{name} has prediction_type={scheduler.config.prediction_type!r}; the model predicts 'epsilon'."
+        )
     if scheduler.config.get("clip_sample", False):
-        raise ValueError(f"{name} has clip_sample=True, which clips latents to [-1, 1]: build it with clip_sample=False.")
+        raise ValueError(
+            f"{name} has clip_sample=True, which clips latents to [-1, 1]: build it with clip_sample=False."
+        )
     if not torch.allclose(scheduler.alphas_cumprod, noise_scheduler.alphas_cumprod, atol=1e-6):
         raise ValueError(f"{name} has another noise schedule (alphas_cumprod) than the one the model was trained on.")
 
@@ -278,6 +282,36 @@ def commit_images(
     return outputs, input_ids, attention_mask
 
 
+@dataclass
+class _Batch:
+    """The growing batch of the decoding loop. Filler slots (written to rows that wait while others write an image)
+    and tokens after a row finished are in `input_ids` but not kept: they are left out of what processors, stopping
+    criteria and the caller see."""
+
+    input_ids: torch.LongTensor  # [batch, length]
+    keep: torch.BoolTensor  # [batch, length]
+    attention_mask: torch.Tensor | None  # [batch, length], None while all ones
+    positions: torch.LongTensor  # [batch]: the position id of each row's next token
+
+    def append(self, tokens: torch.LongTensor, keep: torch.BoolTensor, attention_mask: torch.Tensor | None = None):
+        """Appends `tokens` `(batch, n)`, kept in the rows flagged in `keep` `(batch,)`. `attention_mask` is the
+        extended mask when the caller built it; otherwise the new tokens are attended in every row."""
+        self.input_ids = torch.cat([self.input_ids, tokens], dim=-1)
+        self.keep = torch.cat([self.keep, keep[:, None].expand_as(tokens)], dim=-1)
+        if attention_mask is not None:
+            self.attention_mask = attention_mask
+        elif self.attention_mask is not None:
+            self.attention_mask = torch.cat([self.attention_mask, self.attention_mask.new_ones(tokens.shape)], dim=-1)
+
+    def view(self, pad_token_id: int) -> torch.LongTensor:
+        """Each row's own tokens, left-padded: what logits processors and stopping criteria see."""
+        return _pack(self.input_ids, self.keep, pad_token_id, left=True)
+
+    def packed(self, pad_token_id: int | None) -> torch.LongTensor:
+        """Each row's own tokens, right-padded: the sequences `generate` returns."""
+        return _pack(self.input_ids, self.keep, pad_token_id, left=False)
+
+
 def _pack(tokens: torch.LongTensor, keep: torch.BoolTensor, pad_token_id: int | None, left: bool) -> torch.LongTensor:
     """Keeps the `keep` entries of each row, in order, and pads the rows to a common length (on the left or right)."""
     if keep.all():
@@ -376,14 +410,14 @@ def transfusion_decode(
         progress_bar=bool(_resolve(progress_bar, generation_config, "progress_bar", True)),
     )
     if generation_config.num_beams > 1:
-        raise ValueError("Transfusion generation samples or decodes greedily; beam search (num_beams > 1) is not supported.")
+        raise ValueError("Beam search (num_beams > 1) is not supported: Transfusion generation samples or is greedy.")
     if not model_kwargs.get("use_cache", True):
-        raise ValueError("Transfusion generation denoises images against the KV cache: use_cache=False is not supported.")
+        raise ValueError("Images are denoised against the KV cache: use_cache=False is not supported.")
     if streamer is not None and batch_size > 1:
         raise ValueError("Streamers take one sequence: stream with a batch of one prompt.")
 
     num_slots = config.num_image_tokens
-    boi, eoi, image_token = config.boi_token_id, config.eoi_token_id, config.image_token_id
+    boi, eoi = config.boi_token_id, config.eoi_token_id
     device = input_ids.device
     pad_token = generation_config._pad_token_tensor
     pad_token_id = None if pad_token is None else int(pad_token.flatten()[0])
@@ -411,38 +445,30 @@ def transfusion_decode(
         positions = attention_mask.long().sum(-1)
     else:
         positions = torch.full((batch_size,), prompt_length, dtype=torch.long, device=device)
-
-    outputs = model._prefill(input_ids, generation_config, model_kwargs)
-    cache = outputs.past_key_values
-    next_logits = outputs.logits[:, -1].to(copy=True, dtype=torch.float32)  # [batch, vocab], per row, pending
-    last_outputs = outputs
-
-    keep = torch.ones_like(input_ids, dtype=torch.bool)  # False on fillers and after a row has finished
+    batch = _Batch(input_ids, torch.ones_like(input_ids, dtype=torch.bool), attention_mask, positions)
     unfinished = torch.ones(batch_size, dtype=torch.bool, device=device)
-    new_tokens = torch.zeros(batch_size, dtype=torch.long, device=device)
+    new_tokens = torch.zeros(batch_size, dtype=torch.long, device=device)  # per row, fillers excluded
     images_opened = torch.zeros(batch_size, dtype=torch.long, device=device)
     row_latents = [[] for _ in range(batch_size)]
 
-    def view() -> torch.LongTensor:
-        # What logits processors and stopping criteria see: each row's own tokens, left-padded.
-        return _pack(input_ids, keep, filler, left=True)
+    outputs = model._prefill(input_ids, generation_config, model_kwargs)
+    cache = outputs.past_key_values
+    next_logits = outputs.logits[:, -1].to(copy=True, dtype=torch.float32)  # [batch, vocab]: what each row samples
 
-    def run_images(opened: torch.BoolTensor):
-        nonlocal input_ids, keep, attention_mask, cache, last_outputs
+    def open_images(opened: torch.BoolTensor):
+        """Denoises and writes the images of the `opened` rows; returns the forward that wrote them."""
         if not _croppable(cache):
             raise ValueError(
                 "Image generation rolls the KV cache back after each denoising step, which needs a DynamicCache of "
                 f"full-attention layers; got {type(cache).__name__} with {type(cache.layers[0]).__name__} layers."
             )
         rows = opened.nonzero().flatten().tolist()
-        latents = denoise_images(model, cache, attention_mask, positions, rows, options)
+        latents = denoise_images(model, cache, batch.attention_mask, batch.positions, rows, options)
         outputs, written, attention_mask = commit_images(
-            model, cache, attention_mask, positions, rows, latents, filler
+            model, cache, batch.attention_mask, batch.positions, rows, latents, filler
         )
-        cache, last_outputs = outputs.past_key_values, outputs
-        input_ids = torch.cat([input_ids, written], dim=-1)
-        keep = torch.cat([keep, opened[:, None].expand(batch_size, num_slots + 1)], dim=-1)
-        positions[rows] += num_slots + 1
+        batch.append(written, keep=opened, attention_mask=attention_mask)
+        batch.positions[rows] += num_slots + 1  # filler rows do not advance
         new_tokens[rows] += num_slots + 1
         images_opened[rows] += 1
         next_logits[rows] = outputs.logits[rows, -1].float()
@@ -450,16 +476,15 @@ def transfusion_decode(
             row_latents[row].append(image_latents)
         if streamer is not None:
             streamer.put(written[0].cpu())  # the whole image is one event: N slots and <eoi>
-        done = criteria(view(), scores) | (new_tokens >= max_new_tokens)
-        if generation_mode == "image":
-            done[:] = True
+        done = criteria(batch.view(filler), scores) | (new_tokens >= max_new_tokens) | (generation_mode == "image")
         unfinished[opened] &= ~done[opened]
+        return outputs
 
     opens_in_prompt = input_ids[:, -1] == boi
     if opens_in_prompt.any():
         if generation_mode == "text":
             raise ValueError("A prompt ends with <boi> but generation_mode='text' never generates an image.")
-        run_images(opens_in_prompt)
+        outputs = open_images(opens_in_prompt)
 
     while unfinished.any():
         may_open = unfinished & (new_tokens + num_slots + 2 <= max_new_tokens)  # room for <boi>, slots, <eoi>
@@ -475,57 +500,52 @@ def transfusion_decode(
             # Constrained before the processors (so top-k / top-p choose among allowed tokens) and after them (so no
             # processor can bring a forbidden token back).
             next_scores = _forbid(next_logits.clone(), may_open, config)
-            next_scores = _forbid(logits_processor(view(), next_scores), may_open, config)
+            next_scores = _forbid(logits_processor(batch.view(filler), next_scores), may_open, config)
             next_tokens = _sample_next_tokens(next_scores, generation_config.do_sample, unfinished, generator, filler)
         if scores is not None:
             scores += (next_scores,)
         if raw_logits is not None:
             raw_logits += (next_logits.clone(),)
-        if attentions is not None and getattr(last_outputs, "attentions", None) is not None:
-            attentions += (last_outputs.attentions,)
-        if hidden_states is not None and getattr(last_outputs, "hidden_states", None) is not None:
-            hidden_states += (last_outputs.hidden_states,)
+        if attentions is not None and getattr(outputs, "attentions", None) is not None:
+            attentions += (outputs.attentions,)
+        if hidden_states is not None and getattr(outputs, "hidden_states", None) is not None:
+            hidden_states += (outputs.hidden_states,)
 
-        input_ids = torch.cat([input_ids, next_tokens[:, None]], dim=-1)
-        keep = torch.cat([keep, unfinished[:, None]], dim=-1)
+        batch.append(next_tokens[:, None], keep=unfinished)
         new_tokens += unfinished.long()
         if streamer is not None:
             streamer.put(next_tokens.cpu())
         opened = unfinished & (next_tokens == boi)
         # A row that opened an image is not stopped before its image is written.
-        done = (criteria(view(), scores) | (new_tokens >= max_new_tokens)) & ~opened
+        done = (criteria(batch.view(filler), scores) | (new_tokens >= max_new_tokens)) & ~opened
         unfinished &= ~done
         if not unfinished.any():
             break
 
-        if attention_mask is not None:
-            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(batch_size, 1)], dim=-1)
         outputs = model(
             input_ids=next_tokens[:, None],
-            attention_mask=attention_mask,
-            position_ids=positions[:, None],
+            attention_mask=batch.attention_mask,
+            position_ids=batch.positions[:, None],
             past_key_values=cache,
             use_cache=True,
             logits_to_keep=1,
             **output_flags,
         )
-        positions += 1
-        cache, last_outputs = outputs.past_key_values, outputs
+        batch.positions += 1
         next_logits = outputs.logits[:, -1].to(copy=True, dtype=torch.float32)
         if opened.any():
-            run_images(opened)
+            outputs = open_images(opened)
 
     if streamer is not None:
         streamer.end()
-    sequences = _pack(input_ids, keep, pad_token_id, left=False)
+    sequences = batch.packed(pad_token_id)
     if not return_dict:
         return sequences
     images = [[] for _ in range(batch_size)]
     all_latents = [latents for row in row_latents for latents in row]
     if all_latents:
-        decoded = model.decode_latents(torch.stack(all_latents)).float().clamp(-1, 1)
-        decoded_rows = iter(decoded)
-        images = [[next(decoded_rows) for _ in row] for row in row_latents]
+        decoded = iter(model.decode_latents(torch.stack(all_latents)).float().clamp(-1, 1))
+        images = [[next(decoded) for _ in row] for row in row_latents]
     return TransfusionGenerateOutput(
         sequences=sequences,
         scores=scores,

@@ -14,6 +14,7 @@ import torch
 from diffusers import AutoencoderKL
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.unets.unet_2d_blocks import DownBlock2D, UpBlock2D
+from safetensors import SafetensorError
 from torch import nn
 from transformers import AutoModel, PreTrainedModel
 from transformers.cache_utils import Cache
@@ -244,7 +245,13 @@ class TransfusionPreTrainedModel(PreTrainedModel):
         parameters as trainable), and CPU weights are copied out of the memory-mapped safetensors file, so that the
         model no longer depends on the file (which the user may overwrite) and computes bit-identically to the model
         that saved it."""
-        loaded = super().from_pretrained(*args, **kwargs)
+        try:
+            loaded = super().from_pretrained(*args, **kwargs)
+        except SafetensorError as error:
+            raise ValueError(
+                f"The safetensors weights of {args[0] if args else kwargs.get('pretrained_model_name_or_path')} are "
+                f"truncated or corrupt ({error}); save or copy the checkpoint again."
+            ) from error
         model = loaded[0] if isinstance(loaded, tuple) else loaded
         if getattr(model, "vae", None) is not None:
             model.vae.requires_grad_(False)
@@ -635,6 +642,13 @@ class TransfusionForConditionalGeneration(TransfusionModel, TransfusionGeneratio
                 diffusion_loss = squared_error.flatten(1).mean(1).mean()  # per image, then over images
             else:
                 diffusion_loss = lm_loss.new_zeros(())
+            for name, term in (("lm_loss", lm_loss), ("diffusion_loss", diffusion_loss)):
+                if not torch.isfinite(term):
+                    raise FloatingPointError(
+                        f"{name} is not finite ({term.item()}): check the learning rate, the inputs (pixel_values in "
+                        "[-1, 1]) and, in half precision, overflow; `loss = lm_loss + diffusion_loss_weight * "
+                        "diffusion_loss`."
+                    )
             loss = lm_loss + self.config.diffusion_loss_weight * diffusion_loss
 
         return TransfusionCausalLMOutputWithPast(

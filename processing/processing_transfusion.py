@@ -2,20 +2,17 @@
 
 import re
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import PIL.Image
 import torch
-from transformers import PreTrainedTokenizerBase
+from transformers import PreTrainedConfig, PreTrainedTokenizerBase
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessingKwargs, ProcessorMixin, Unpack
 from transformers.utils import logging
 
 from .image_processing_transfusion import TransfusionImageProcessor
-
-if TYPE_CHECKING:
-    from ..configuration_transfusion import TransfusionConfig
 
 logger = logging.get_logger(__name__)
 
@@ -179,7 +176,7 @@ class TransfusionProcessor(ProcessorMixin):
 
     @classmethod
     def from_model_config(
-        cls, config: "TransfusionConfig", tokenizer: PreTrainedTokenizerBase, **kwargs
+        cls, config: PreTrainedConfig, tokenizer: PreTrainedTokenizerBase, **kwargs
     ) -> "TransfusionProcessor":
         """
         Builds the processor a model with `config` needs: image size, channels, image slots and context from the

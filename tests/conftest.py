@@ -9,13 +9,12 @@ import functools
 import numpy as np
 import PIL.Image
 import pytest
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerFast
 
-from modeling_transfusion import TransfusionConfig, TransfusionProcessor, add_image_tokens
+from modeling_transfusion import TransfusionConfig, TransfusionProcessor, add_image_tokens, train_caption_tokenizer
 
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-TOKENIZER_SPECIAL_TOKENS = ("<pad>", "<s>", "</s>")
 
 
 def caption_corpus() -> list[str]:
@@ -38,26 +37,12 @@ def caption_corpus() -> list[str]:
 @functools.lru_cache(maxsize=1)
 def _tiny_tokenizer_json() -> str:
     # Trained once per session (about a second); each build deserialises a fresh copy.
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400,
-        special_tokens=list(TOKENIZER_SPECIAL_TOKENS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(caption_corpus(), trainer)
-    bos_id = tokenizer.token_to_id("<s>")
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bos_id)]
-    )
-    return tokenizer.to_str()
+    return train_caption_tokenizer(caption_corpus(), with_image_tokens=False).backend_tokenizer.to_str()
 
 
 def build_tiny_tokenizer(with_image_tokens: bool = True) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer (about 400 tokens) with `<s>` (added at the start, like Llama), `</s>` and `<pad>`;
-    with `with_image_tokens`, also `<boi>`, `<image>`, `<eoi>` as special tokens (ids 400, 401, 402)."""
+    """A byte-level BPE tokenizer (375 tokens) with `<s>` (added at the start, like Llama), `</s>` and `<pad>`;
+    with `with_image_tokens`, also `<boi>`, `<image>`, `<eoi>` as special tokens (ids 375, 376, 377)."""
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=Tokenizer.from_str(_tiny_tokenizer_json()),
         bos_token="<s>",

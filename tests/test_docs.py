@@ -11,7 +11,16 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-DOC_FILES = ["README.md", "docs/model.md", "docs/processing.md"]
+DOC_FILES = [
+    "README.md",
+    "docs/model.md",
+    "docs/processing.md",
+    "docs/generation.md",
+    "docs/pipelines.md",
+    "docs/finetuning.md",
+    "docs/conversion.md",
+    "docs/distributed.md",
+]
 PYTHON_BLOCK = re.compile(r"^```python\n(.*?)^```", re.MULTILINE | re.DOTALL)
 
 

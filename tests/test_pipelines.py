@@ -1,0 +1,137 @@
+"""pipeline() on a Transfusion checkpoint folder: the registered `text-to-image` task, and transformers' built-in
+`image-text-to-text` (captioning) and `text-generation` tasks, loaded the way a user writes them."""
+
+import numpy as np
+import pytest
+import torch
+from transformers import pipeline
+
+import modeling_transfusion as mt
+
+from conftest import build_tiny_config, build_tiny_tokenizer, load_digit_images
+
+PROMPTS = ["a handwritten seven", "the number 3 written by hand"]
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A tiny random Transfusion model saved with its processor: 8x8 grey images, 16 slots each."""
+    tokenizer = build_tiny_tokenizer()
+    config = build_tiny_config(tokenizer)
+    torch.manual_seed(0)
+    model = mt.TransfusionForConditionalGeneration(config).eval()
+    # A random diffusion head starts at zero (predicts no noise); perturb it so that guidance and noise matter.
+    with torch.no_grad():
+        model.patch_decoder.proj.weight.normal_(std=0.2)
+    directory = tmp_path_factory.mktemp("checkpoint")
+    model.save_pretrained(directory)
+    mt.TransfusionProcessor.from_model_config(config, tokenizer).save_pretrained(directory)
+    return str(directory)
+
+
+def direct_images(directory, prompts, guidance_scale, seed):
+    """What the pipeline should return, computed with generate() and the processor, one prompt at a time."""
+    model = mt.TransfusionForConditionalGeneration.from_pretrained(directory).eval()
+    processor = mt.TransfusionProcessor.from_pretrained(directory)
+    images = []
+    for prompt in prompts:
+        out = model.generate(
+            **processor(text=[prompt], return_tensors="pt"),
+            generation_mode="image",
+            image_guidance_scale=guidance_scale,
+            num_inference_steps=STEPS,
+            generator=torch.Generator().manual_seed(seed),
+            return_dict_in_generate=True,
+            progress_bar=False,
+        )
+        images.append(np.asarray(processor.postprocess_images(out.images)[0][0]))
+    return images
+
+
+def test_text_to_image_pipeline_matches_generate(checkpoint):
+    generator = pipeline("text-to-image", model=checkpoint)
+    assert isinstance(generator, mt.TransfusionTextToImagePipeline)
+
+    result = generator(PROMPTS[0], guidance_scale=3.0, num_inference_steps=STEPS, seed=0, progress_bar=False)
+    assert set(result) == {"image"}
+    assert result["image"].size == (8, 8) and result["image"].mode == "L"
+    expected = direct_images(checkpoint, PROMPTS[:1], guidance_scale=3.0, seed=0)[0]
+    np.testing.assert_array_equal(np.asarray(result["image"]), expected)  # guidance_scale is image guidance
+
+    unguided = generator(PROMPTS[0], guidance_scale=1.0, num_inference_steps=STEPS, seed=0, progress_bar=False)
+    assert not np.array_equal(np.asarray(unguided["image"]), expected)
+    with_generator = generator(
+        PROMPTS[0],
+        guidance_scale=3.0,
+        num_inference_steps=STEPS,
+        generator=torch.Generator().manual_seed(0),
+        progress_bar=False,
+    )
+    np.testing.assert_array_equal(np.asarray(with_generator["image"]), expected)
+
+
+def test_text_to_image_pipeline_batches(checkpoint):
+    generator = pipeline("text-to-image", model=checkpoint, num_inference_steps=STEPS, progress_bar=False)
+    results = generator(PROMPTS, seed=0, guidance_scale=2.0)
+    assert isinstance(results, list) and len(results) == 2
+    expected = direct_images(checkpoint, PROMPTS, guidance_scale=2.0, seed=0)
+    for result, image in zip(results, expected):
+        np.testing.assert_array_equal(np.asarray(result["image"]), image)
+
+    # Prompts of different lengths in one forward (padded), each with its own seeded generator: the same images, up
+    # to the rounding of batched matrix products.
+    batched = generator(PROMPTS, seed=0, guidance_scale=2.0, batch_size=2, output_type="np")
+    for result, image in zip(batched, expected):
+        assert result["image"].shape == (8, 8, 1)
+        assert np.abs(result["image"][..., 0].astype(int) - image.astype(int)).max() <= 1
+
+
+def test_text_to_image_pipeline_saves_and_reloads(checkpoint, tmp_path):
+    generator = pipeline("text-to-image", model=checkpoint)
+    generator.save_pretrained(tmp_path / "saved")
+    reloaded = pipeline("text-to-image", model=str(tmp_path / "saved"))
+    kwargs = {"num_inference_steps": STEPS, "seed": 1, "guidance_scale": 2.0, "progress_bar": False}
+    np.testing.assert_array_equal(
+        np.asarray(reloaded(PROMPTS[1], **kwargs)["image"]), np.asarray(generator(PROMPTS[1], **kwargs)["image"])
+    )
+
+
+def test_text_to_image_pipeline_errors(checkpoint):
+    generator = pipeline("text-to-image", model=checkpoint)
+    with pytest.raises(ValueError, match="either seed or generator"):
+        generator(PROMPTS[0], seed=0, generator=torch.Generator())
+    with pytest.raises(ValueError, match="output_type"):
+        generator(PROMPTS[0], output_type="latent")
+    model = mt.TransfusionForConditionalGeneration.from_pretrained(checkpoint)
+    with pytest.raises(Exception, match="processor"):  # a model object alone does not say where its processor is
+        pipeline("text-to-image", model=model)
+
+
+def test_image_text_to_text_pipeline_captions(checkpoint):
+    captioner = pipeline("image-text-to-text", model=checkpoint)
+    image = load_digit_images(1)[0][0]
+    result = captioner(
+        images=image,
+        text="<image> a handwritten",
+        max_new_tokens=6,
+        return_full_text=False,
+        generate_kwargs={"generation_mode": "text", "do_sample": False},
+    )
+    model = mt.TransfusionForConditionalGeneration.from_pretrained(checkpoint).eval()
+    processor = mt.TransfusionProcessor.from_pretrained(checkpoint)
+    inputs = processor(text=["<image> a handwritten"], images=[image], return_tensors="pt")
+    ids = model.generate(**inputs, generation_mode="text", max_new_tokens=6, do_sample=False)
+    expected = processor.decode(ids[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert result[0]["generated_text"] == expected
+
+
+def test_text_generation_pipeline(checkpoint):
+    writer = pipeline("text-generation", model=checkpoint)
+    result = writer("a handwritten", max_new_tokens=6, do_sample=False, generation_mode="text", return_full_text=False)
+    model = mt.TransfusionForConditionalGeneration.from_pretrained(checkpoint).eval()
+    processor = mt.TransfusionProcessor.from_pretrained(checkpoint)
+    inputs = processor(text=["a handwritten"], return_tensors="pt")
+    ids = model.generate(**inputs, generation_mode="text", max_new_tokens=6, do_sample=False)
+    expected = processor.decode(ids[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert result[0]["generated_text"] == expected

@@ -1,0 +1,202 @@
+"""Tests of the recipes: data loaders and captions, the latent collator, the judge and its Frechet distance, the
+evaluation metrics on small data, and the figures."""
+
+import random
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from modeling_transfusion import TransfusionProcessor
+from modeling_transfusion.recipes import data
+from modeling_transfusion.recipes.classifier import JudgeCNN, frechet_distance, predict, train_classifier
+from modeling_transfusion.recipes.evaluation import caption_images, generate_images, text_perplexity
+from modeling_transfusion.recipes.figures import image_grid, plot_training_curves
+from modeling_transfusion.recipes.training import (
+    LatentCaptionDataset,
+    LatentDataCollator,
+    ModelSize,
+    build_model,
+    build_tokenizer,
+)
+from modeling_transfusion.recipes.vae import build_vae, encode_latents, reconstruction_mse
+
+
+def _installed(loader, *args):
+    try:
+        return loader(*args)
+    except data.DataNotInstalledError as error:
+        pytest.skip(str(error))
+
+
+# Data
+
+
+def test_mnist_loader_gives_the_real_splits():
+    images, labels = _installed(data.load_mnist, "test")
+    assert images.shape == (10000, 28, 28) and images.dtype == np.uint8
+    assert labels.shape == (10000,) and set(labels.tolist()) == set(range(10))
+    assert images.max() >= 250 and images[:, 0, :].max() == 0  # white digits on a black border
+    padded = data.pad_images(images[:3], 32)
+    assert padded.shape == (3, 32, 32) and (padded[:, 2:30, 2:30] == images[:3]).all()
+
+
+def test_fashion_mnist_loader_reads_the_debian_idx_files():
+    images, labels = _installed(data.load_fashion_mnist, "test")
+    assert images.shape == (10000, 28, 28) and labels.shape == (10000,)
+    assert np.bincount(labels).tolist() == [1000] * 10
+
+
+def test_missing_data_names_the_install_command(tmp_path):
+    with pytest.raises(data.DataNotInstalledError, match="apt-get install -y dataset-fashion-mnist"):
+        data.load_fashion_mnist("train", root=tmp_path)
+    with pytest.raises(data.DataNotInstalledError, match="npm pack emoji-datasource-google@16.0.0"):
+        data.load_emoji(cache_dir=tmp_path)
+    with pytest.raises(ValueError, match="Unknown MNIST split"):
+        data.load_mnist("dev")
+
+
+def test_emoji_loader_gives_named_pictures():
+    images, names = _installed(data.load_emoji, 16)
+    assert images.shape == (len(names), 16, 16, 3) and len(names) > 1800
+    assert "red apple" in names and all(name == name.lower() for name in names)
+
+
+def test_pad_images_resizes_larger_images():
+    rgb = np.zeros((2, 64, 64, 3), dtype=np.uint8)
+    assert data.pad_images(rgb, 32).shape == (2, 32, 32, 3)
+    tensor = data.to_model_range(rgb)
+    assert tensor.shape == (2, 3, 64, 64) and tensor.min() == -1.0
+
+
+def test_captions_go_both_ways_and_parse_back():
+    rng = random.Random(0)
+    texts = [data.make_record_text("mnist", 7, rng) for _ in range(300)]
+    generation = [t for t in texts if t.endswith(" <image>")]
+    captioning = [t for t in texts if t.startswith("<image>")]
+    text_only = [t for t in texts if "<image>" not in t]
+    assert generation and captioning and text_only
+    assert len({t for t in generation}) >= 4  # several phrasings per class
+    for text in texts:
+        assert data.parse_class(text.replace("<image>", ""), "mnist") == 7
+    assert data.parse_class("a photo of a pair of trousers", "fashion_mnist") == 1
+    assert data.parse_class("a t-shirt", "fashion_mnist") == 0
+    assert data.parse_class("nothing to see", "mnist") is None
+    assert data.generation_prompt("mnist", 3) == "a handwritten digit three"
+    with pytest.raises(ValueError, match="sum to 1"):
+        data.CaptionMix(0.5, 0.5, 0.5)
+
+
+# Collator
+
+
+@pytest.fixture(scope="module")
+def tiny_recipe():
+    tokenizer = build_tokenizer("mnist", vocab_size=300)
+    size = ModelSize(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        patch_encoder="linear",
+        max_position_embeddings=64,
+    )
+    model = build_model(tokenizer, vae=None, image_size=8, num_channels=1, size=size, seed=0).eval()
+    return model, TransfusionProcessor.from_model_config(model.config, tokenizer)
+
+
+def test_latent_collator_matches_the_processor(tiny_recipe):
+    model, processor = tiny_recipe
+    latents = torch.rand(4, 1, 8, 8) * 2 - 1
+    dataset = LatentCaptionDataset(latents, [0, 1, 2, 3], "mnist", data.CaptionMix(0.5, 0.5, 0.0), seed=1)
+    records = [dataset[i] for i in range(4)]
+    batch = LatentDataCollator(processor)(records)
+    assert batch["image_latents"].shape == (4, 1, 8, 8)
+    reference = processor(text=[r["text"] + "</s>" for r in records], images=[[np.zeros((8, 8), dtype=np.uint8)]] * 4)
+    for row, ids in zip(batch["input_ids"].tolist(), reference["input_ids"]):
+        assert row[: len(ids)] == ids
+    assert (batch["labels"][batch["input_ids"] == processor.image_token_id] == -100).all()
+    out = model(**batch)
+    assert out.lm_loss is not None and out.diffusion_loss > 0
+
+
+# Judge and Frechet distance
+
+
+def test_frechet_distance_is_zero_for_equal_sets_and_grows_with_shift():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(500, 8))
+    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+    near = frechet_distance(a, rng.normal(size=(500, 8)))
+    far = frechet_distance(a, rng.normal(size=(500, 8)) + 2.0)
+    assert near < 1.0 and far == pytest.approx(32.0, rel=0.15)
+    with pytest.raises(ValueError, match="same d"):
+        frechet_distance(a, a[:, :4])
+
+
+def test_judge_learns_real_digits_and_round_trips(tmp_path):
+    from sklearn.datasets import load_digits
+
+    torch.manual_seed(0)
+    digits = load_digits()
+    images = data.to_model_range(data.pad_images((digits.images * 15.9).astype(np.uint8), 8))
+    labels = torch.tensor(digits.target)
+    judge = train_classifier(images[:1400], labels[:1400], epochs=3, batch_size=64, learning_rate=5e-3)
+    classes, features = predict(judge, images[1400:])
+    assert float((classes == labels[1400:]).float().mean()) > 0.8
+    assert features.shape == (len(images) - 1400, judge.config.feature_dim)
+    judge.save(tmp_path)
+    again = JudgeCNN.load(tmp_path)
+    assert torch.equal(again(images[:5]), judge(images[:5]))
+    with pytest.raises(FileNotFoundError, match="transfusion classifier"):
+        JudgeCNN.load(tmp_path / "missing")
+
+
+# VAE
+
+
+def test_vae_geometry_and_metrics():
+    vae = build_vae(1, 4, (8, 16, 16))
+    pixels = torch.rand(3, 1, 32, 32) * 2 - 1
+    assert encode_latents(vae, pixels).shape == (3, 4, 8, 8)
+    assert reconstruction_mse(vae, pixels) > 0
+
+
+# Evaluation pieces on a tiny random model
+
+
+def test_evaluation_metrics_run_on_small_data(tiny_recipe):
+    model, processor = tiny_recipe
+    images = generate_images(
+        model,
+        processor,
+        ["a handwritten digit one"] * 2,
+        seeds=[0, 1],
+        num_inference_steps=2,
+        image_guidance_scale=2.0,
+        scheduler="dpmsolver++",
+    )
+    assert images.shape == (2, 1, 8, 8) and images.abs().max() <= 1
+    again = generate_images(
+        model,
+        processor,
+        ["a handwritten digit one"],
+        seeds=[1],
+        num_inference_steps=2,
+        image_guidance_scale=2.0,
+        scheduler="dpmsolver++",
+    )
+    assert torch.allclose(again[0], images[1], atol=1e-5)  # one seed per row: batch-independent
+    captions = caption_images(model, processor, images, max_new_tokens=4)
+    assert len(captions) == 2 and all(isinstance(c, str) for c in captions)
+    perplexity = text_perplexity(model, processor, ["the digit one", "the digit two"])
+    assert 1.0 < perplexity < 2 * len(processor.tokenizer)  # a random model: about the vocabulary size
+
+
+def test_figures():
+    pictures = [PIL.Image.new("L", (8, 8), 255) for _ in range(5)]
+    sheet = image_grid(pictures, columns=3, scale=2, gap=1)
+    assert sheet.size == (3 * 17 + 1, 2 * 17 + 1)
+    history = [{"step": s, "lm_loss": 5 / s, "diffusion_loss": 1 / s} for s in range(1, 10)]
+    assert plot_training_curves(history).size == (640, 360)

@@ -1,0 +1,85 @@
+"""Tests of the `transfusion` command: generate and caption with the bundled checkpoint, and a tiny training run that
+saves a loadable checkpoint and resumes from its Trainer checkpoint."""
+
+import json
+from pathlib import Path
+
+import PIL.Image
+import pytest
+import torch
+
+from modeling_transfusion.recipes import cli
+
+BUNDLED = cli.DEFAULT_MODEL
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    torch.set_num_threads(2)
+
+
+def test_generate_with_the_bundled_checkpoint_writes_a_grid_and_a_caption(tmp_path, capsys):
+    out = tmp_path / "samples.png"
+    cli.main(["generate", "--out", str(out), "--steps", "10"])
+    grid = PIL.Image.open(out)
+    assert grid.size[0] > 10 * 32 and grid.size[1] > 32
+    printed = capsys.readouterr().out
+    assert "caption of the real test image" in printed
+
+
+def test_generate_a_prompt_and_caption_files(tmp_path, capsys):
+    out = tmp_path / "sevens.png"
+    cli.main(["generate", "a handwritten digit seven", "--num-images", "3", "--out", str(out), "--no-caption"])
+    assert PIL.Image.open(out).size[0] > 3 * 32
+    examples = sorted((BUNDLED / cli.EXAMPLES_DIR).glob("*.png"))
+    assert examples, "the bundled checkpoint ships real test images"
+    capsys.readouterr()
+    cli.main(["caption", *map(str, examples[:2])])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 and all(": " in line for line in lines)
+
+
+def test_caption_rejects_a_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="No image file"):
+        cli.main(["caption", str(tmp_path / "nope.png")])
+    with pytest.raises(FileNotFoundError, match="No Transfusion checkpoint"):
+        cli.main(["generate", "--model", str(tmp_path)])
+
+
+def test_tiny_train_run_saves_a_checkpoint_and_resumes(tmp_path):
+    pytest.importorskip("mnist")
+    out = tmp_path / "run"
+    common = [
+        "train",
+        "--out",
+        str(out),
+        "--limit",
+        "128",
+        "--batch-size",
+        "8",
+        "--hidden-size",
+        "32",
+        "--intermediate-size",
+        "64",
+        "--layers",
+        "1",
+        "--patch-encoder",
+        "linear",
+        "--patch-size",
+        "8",
+        "--save-steps",
+        "2",
+        "--logging-steps",
+        "1",
+    ]
+    cli.main([*common, "--max-steps", "2"])
+    state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
+    assert any("lm_loss" in entry and "diffusion_loss" in entry for entry in state["log_history"])
+    cli.main([*common, "--max-steps", "4", "--resume"])
+    resumed = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())
+    assert resumed["global_step"] == 4
+    steps = [entry["step"] for entry in resumed["log_history"] if "lm_loss" in entry]
+    assert steps == [1, 2, 3, 4]  # steps 1-2 come from the first run, 3-4 from the resumed one
+    model, processor = cli.load_checkpoint(out / "final")
+    assert model.config.image_size == 32 and processor.num_image_tokens == 16
+    assert Path(out / "final" / "generation_config.json").is_file()

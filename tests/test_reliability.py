@@ -1,0 +1,242 @@
+"""Reliability: resumption, determinism, numerics and broken files (issue: reliability and security)."""
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+from transformers import AutoModel, Trainer, TrainerCallback, TrainingArguments
+
+import modeling_transfusion as mt
+
+from conftest import DIGIT_NAMES, load_digit_images
+
+
+class DigitRecords(torch.utils.data.Dataset):
+    """Caption-then-image and image-then-caption records of real 8x8 digits."""
+
+    def __init__(self, digit_images):
+        self.items = digit_images
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, index):
+        image, label = self.items[index]
+        caption = f"a handwritten {DIGIT_NAMES[label]}"
+        return {"text": f"{caption} <image>" if index % 2 else f"<image> {caption}", "images": [image]}
+
+
+class LossRecorder(TrainerCallback):
+    def __init__(self):
+        self.losses = {}
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self.losses[state.global_step] = logs["loss"]
+
+
+def _train(tiny_config, processor, digit_images, output_dir, max_steps, resume=None, stop_after=None):
+    torch.manual_seed(0)
+    model = mt.TransfusionForConditionalGeneration(tiny_config)
+    arguments = TrainingArguments(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=4,
+        max_steps=max_steps,
+        learning_rate=3e-3,
+        lr_scheduler_type="cosine",
+        warmup_steps=2,
+        adam_beta2=0.95,
+        remove_unused_columns=False,
+        report_to=[],
+        save_strategy="steps",
+        save_steps=4,
+        use_cpu=True,
+        dataloader_num_workers=0,
+        logging_steps=1,
+        seed=7,
+        data_seed=7,
+    )
+    recorder = LossRecorder()
+    callbacks = [recorder]
+    if stop_after is not None:
+
+        class Interrupt(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                if state.global_step == stop_after:
+                    control.should_training_stop = True
+
+        callbacks.append(Interrupt())
+    trainer = Trainer(
+        model=model,
+        args=arguments,
+        train_dataset=DigitRecords(digit_images),
+        data_collator=mt.TransfusionDataCollator(processor),
+        callbacks=callbacks,
+    )
+    trainer.train(resume_from_checkpoint=resume)
+    return recorder.losses, model
+
+
+def test_interrupted_and_resumed_training_reproduces_the_loss_curve(tiny_config, processor, tmp_path):
+    digits = load_digit_images(40)
+    full, full_model = _train(tiny_config, processor, digits, tmp_path / "full", max_steps=10)
+    first, _ = _train(tiny_config, processor, digits, tmp_path / "resumed", max_steps=10, stop_after=4)
+    assert sorted(first) == [1, 2, 3, 4]
+    second, resumed_model = _train(
+        tiny_config,
+        processor,
+        digits,
+        tmp_path / "resumed",
+        max_steps=10,
+        resume=str(tmp_path / "resumed/checkpoint-4"),
+    )
+    assert sorted(second) == [5, 6, 7, 8, 9, 10]
+    resumed_curve = {**first, **second}
+    assert resumed_curve == full, (full, resumed_curve)
+    for (name, a), (_, b) in zip(full_model.state_dict().items(), resumed_model.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+# Numerics
+
+
+def test_bf16_training_stays_finite(tiny_config, processor, digit_images):
+    torch.manual_seed(0)
+    model = mt.TransfusionForConditionalGeneration(tiny_config).to(torch.bfloat16).train()
+    collator = mt.TransfusionDataCollator(processor)
+    records = DigitRecords(digit_images)
+    batch = collator([records[i] for i in range(len(records))])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95))
+    losses = []
+    for _ in range(200):
+        out = model(**batch)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(out.loss.item())
+    assert all(math.isfinite(loss) for loss in losses)
+    assert all(torch.isfinite(p.float()).all() for p in model.parameters())
+    assert sum(losses[-20:]) < sum(losses[:20]), "and it learns"
+
+
+@pytest.mark.parametrize("objective", ["ddpm", "flow"])
+def test_extreme_timesteps_give_finite_outputs(tiny_config, processor, digit_images, objective):
+    config = mt.TransfusionConfig(**{**tiny_config.to_dict(), "objective": objective})
+    model = mt.TransfusionForConditionalGeneration(config).eval()
+    batch = processor(
+        text=["a seven <image>", "<image> a two"], images=[img for img, _ in digit_images[:2]], return_tensors="pt"
+    )
+    last = model.noise_scheduler.timesteps.max()
+    for timesteps in (torch.tensor([0, 0]), torch.stack([last, last]), torch.tensor([0, 1])):
+        with torch.no_grad():
+            out = model(**batch, labels=batch["input_ids"], image_timesteps=timesteps)
+        assert torch.isfinite(out.logits).all() and torch.isfinite(out.diffusion_prediction).all()
+        assert torch.isfinite(out.loss)
+
+
+@pytest.mark.parametrize("scale", [0.0, 1.0, 20.0])
+def test_extreme_guidance_scales_give_finite_images(tiny_config, processor, scale):
+    model = mt.TransfusionForConditionalGeneration(tiny_config).eval()
+    batch = processor(text=["a handwritten seven"], return_tensors="pt")
+    out = model.generate(
+        **batch,
+        generation_mode="image",
+        num_inference_steps=4,
+        image_guidance_scale=scale,
+        generator=torch.Generator().manual_seed(0),
+        return_dict_in_generate=True,
+        progress_bar=False,
+    )
+    assert len(out.images[0]) == 1 and torch.isfinite(out.images[0][0]).all()
+
+
+def test_a_non_finite_loss_names_its_term(tiny_config, processor, digit_images):
+    model = mt.TransfusionForConditionalGeneration(tiny_config)
+    batch = processor(text=["a seven <image>"], images=[digit_images[0][0]], return_tensors="pt")
+    with torch.no_grad():
+        model.patch_decoder.proj.bias.fill_(float("inf"))
+    with pytest.raises(FloatingPointError, match="diffusion_loss is not finite"):
+        model(**batch, labels=batch["input_ids"])
+    model = mt.TransfusionForConditionalGeneration(tiny_config)
+    with torch.no_grad():
+        model.lm_head.weight[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="lm_loss is not finite"):
+        model(**batch, labels=batch["input_ids"])
+
+
+# Determinism
+
+
+def test_same_seed_same_images_and_text_batch_or_single(tiny_config, processor):
+    torch.manual_seed(0)
+    model = mt.TransfusionForConditionalGeneration(tiny_config).eval()
+    prompts = ["a handwritten seven", "the number 2 written by hand"]
+
+    def run(texts, seeds):
+        batch = processor(text=texts, padding_side="left", return_tensors="pt")
+        return model.generate(
+            **batch,
+            generation_mode="interleaved",
+            do_sample=True,
+            max_new_tokens=24,
+            num_inference_steps=3,
+            generator=[torch.Generator().manual_seed(s) for s in seeds],
+            return_dict_in_generate=True,
+            progress_bar=False,
+        )
+
+    a, b = run(prompts, [1, 2]), run(prompts, [1, 2])
+    assert torch.equal(a.sequences, b.sequences)
+    assert all(torch.equal(x, y) for row_a, row_b in zip(a.images, b.images) for x, y in zip(row_a, row_b))
+    single = run(prompts[1:], [2])
+    generated_batch = [t for t in a.sequences[1].tolist() if t != processor.tokenizer.pad_token_id]
+    generated_single = [t for t in single.sequences[0].tolist() if t != processor.tokenizer.pad_token_id]
+    assert generated_batch == generated_single
+    assert len(a.images[1]) == len(single.images[0])
+    assert all(torch.equal(x, y) for x, y in zip(a.images[1], single.images[0]))
+
+
+# Broken files: clear errors before any compute
+
+
+@pytest.fixture
+def saved(tmp_path, tiny_config):
+    model = mt.TransfusionForConditionalGeneration(tiny_config)
+    model.save_pretrained(tmp_path / "ok")
+    return tmp_path / "ok"
+
+
+def test_missing_weights_are_reported(saved, tmp_path):
+    broken = shutil.copytree(saved, tmp_path / "missing")
+    (broken / "model.safetensors").unlink()
+    with pytest.raises(OSError, match="no file named model.safetensors"):
+        AutoModel.from_pretrained(broken)
+
+
+def test_truncated_weights_are_reported(saved, tmp_path):
+    broken = shutil.copytree(saved, tmp_path / "truncated")
+    weights = (broken / "model.safetensors").read_bytes()
+    (broken / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        AutoModel.from_pretrained(broken)
+
+
+def test_config_from_a_newer_version_is_refused(saved, tmp_path):
+    newer = shutil.copytree(saved, tmp_path / "newer")
+    config = json.loads((newer / "config.json").read_text())
+    config["image_positions"] = "2d-rope"
+    (newer / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"does not know: \['image_positions'\]"):
+        AutoModel.from_pretrained(newer)
+
+
+def test_weights_that_do_not_match_the_config_are_refused(saved, tmp_path):
+    wrong = shutil.copytree(saved, tmp_path / "wrong")
+    config = json.loads((wrong / "config.json").read_text())
+    config["text_config"]["hidden_size"] = 64
+    (wrong / "config.json").write_text(json.dumps(config))
+    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+        AutoModel.from_pretrained(wrong)
