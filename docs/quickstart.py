@@ -85,8 +85,10 @@ def main():
         )
     pictures = [row[0] for row in processor.postprocess_images(out.images)]
     grid([p.resize((56, 56), PIL.Image.NEAREST) for p in pictures], columns=5).save(args.out)
-    print(f"wrote {args.out}: {len(pictures)} images for {len(prompts)} prompts ({args.steps} steps, guidance "
-          f"{args.guidance}), from a freshly initialised model (the trained checkpoint is not bundled yet)")
+    print(
+        f"wrote {args.out}: {len(pictures)} images for {len(prompts)} prompts ({args.steps} steps, guidance "
+        f"{args.guidance}), from a freshly initialised model (the trained checkpoint is not bundled yet)"
+    )
 
 
 if __name__ == "__main__":

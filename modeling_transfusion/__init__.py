@@ -15,6 +15,7 @@ from transformers import (
 from transformers.pipelines import PIPELINE_REGISTRY
 
 from .configuration_transfusion import TransfusionConfig
+from .generation_transfusion import TransfusionGenerateOutput
 from .modeling_transfusion import (
     TransfusionForConditionalGeneration,
     TransfusionModel,
@@ -53,6 +54,7 @@ __all__ = [
     "TransfusionPreTrainedModel",
     "TransfusionModel",
     "TransfusionForConditionalGeneration",
+    "TransfusionGenerateOutput",
     "patchify",
     "unpatchify",
     "TransfusionImageProcessor",

@@ -7,7 +7,6 @@ from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
-
 # Keys that transformers, peft and the Hub write into config.json besides the config's own fields.
 _BOOKKEEPING_KEYS = {
     "model_type",

@@ -7,8 +7,10 @@ sequence and bidirectional inside each image. A patch decoder turns the transfor
 into a latent-shaped prediction of the noise (`ddpm`) or velocity (`flow`), trained with a mean squared error.
 """
 
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL
@@ -20,11 +22,14 @@ from transformers import AutoModel, PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast, ModelOutput
+from transformers.utils import logging
 from transformers.utils.generic import can_return_tuple
 
 from .configuration_transfusion import TransfusionConfig
 from .diffusion_transfusion import noise_latents, noise_scheduler_from_config, sample_training_timesteps
 from .generation_transfusion import TransfusionGenerationMixin
+
+logger = logging.get_logger(__name__)
 
 
 @dataclass
@@ -239,6 +244,23 @@ class TransfusionPreTrainedModel(PreTrainedModel):
             )
         return super()._check_and_adjust_attn_implementation(attn_implementation, *args, **kwargs)
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """As `PreTrainedModel.save_pretrained`, but never over another model: a directory whose `config.json` is not
+        a Transfusion config is refused. Re-saving over a Transfusion checkpoint replaces it, with a warning."""
+        config_file = Path(save_directory) / "config.json"
+        if config_file.is_file():
+            try:
+                model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                model_type = "unreadable"
+            if model_type != self.config.model_type:
+                raise FileExistsError(
+                    f"{save_directory} already holds another model (config.json with model_type={model_type!r}); "
+                    "save to another directory, or remove it first."
+                )
+            logger.warning(f"Replacing the Transfusion checkpoint in {save_directory}.")
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
         """As `PreTrainedModel.from_pretrained`, plus two guarantees: the VAE stays frozen (loading re-creates its
@@ -343,8 +365,9 @@ class TransfusionModel(TransfusionPreTrainedModel):
                 f"input_ids hold {rows.numel()} <image> tokens, not a multiple of the {num_slots} slots of one image."
             )
         rows, positions = rows.view(-1, num_slots), positions.view(-1, num_slots)
-        contiguous = (rows == rows[:, :1]).all() and (positions - positions[:, :1] == torch.arange(
-            num_slots, device=positions.device)).all()
+        contiguous = (rows == rows[:, :1]).all() and (
+            positions - positions[:, :1] == torch.arange(num_slots, device=positions.device)
+        ).all()
         if not contiguous:
             raise ValueError(
                 f"Each image must occupy exactly {num_slots} consecutive <image> slots between <boi> and <eoi>; "
@@ -400,6 +423,30 @@ class TransfusionModel(TransfusionPreTrainedModel):
             return mask
         return {"full_attention": mask, "sliding_attention": create_sliding_window_causal_mask(**mask_kwargs)}
 
+    def _check_text_inputs(self, input_ids, attention_mask, past_key_values):
+        """Turns the mistakes that would otherwise fail deep inside torch into errors that say what is wrong."""
+        if input_ids is None:
+            return
+        if input_ids.dim() != 2 or input_ids.dtype not in (torch.int32, torch.int64):
+            raise ValueError(
+                f"input_ids must be integer ids of shape (batch_size, sequence_length), got a {input_ids.dtype} "
+                f"tensor of shape {tuple(input_ids.shape)}."
+            )
+        vocab_size = self.get_input_embeddings().num_embeddings
+        if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= vocab_size):
+            raise ValueError(
+                f"input_ids hold ids outside the vocabulary [0, {vocab_size}): min {int(input_ids.min())}, max "
+                f"{int(input_ids.max())}. Was the tokenizer extended without `model.resize_token_embeddings`?"
+            )
+        if attention_mask is not None and attention_mask.dim() == 2:
+            past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+            expected = (input_ids.shape[0], past_length + input_ids.shape[1])
+            if tuple(attention_mask.shape) != expected:
+                raise ValueError(
+                    f"attention_mask has shape {tuple(attention_mask.shape)}, expected {expected} (batch size, cached "
+                    "plus new tokens)."
+                )
+
     @can_return_tuple
     def forward(
         self,
@@ -420,8 +467,8 @@ class TransfusionModel(TransfusionPreTrainedModel):
         r"""
         pixel_values (`torch.FloatTensor` of shape `(num_images, num_channels, image_size, image_size)`, *optional*):
             Images in [-1, 1] (see `TransfusionImageProcessor`), one per run of `<image>` slots, in reading order.
-        image_latents (`torch.FloatTensor` of shape `(num_images, latent_channels, latent_size, latent_size)`, *optional*):
-            Precomputed clean latents (`model.encode_images(pixel_values)`), instead of `pixel_values`.
+        image_latents (`torch.FloatTensor` of shape `(num_images, latent_channels, latent_size, latent_size)`):
+            Optional. Precomputed clean latents (`model.encode_images(pixel_values)`), instead of `pixel_values`.
         image_timesteps (`torch.Tensor` of shape `(num_images,)`, *optional*):
             Timestep of each image; 0 (clean) when not given.
         image_noise (`torch.FloatTensor`, same shape as the latents, *optional*):
@@ -438,6 +485,7 @@ class TransfusionModel(TransfusionPreTrainedModel):
             raise ValueError("Pass only one of pixel_values, image_latents and noisy_image_latents.")
         if noisy_image_latents is not None and image_noise is not None:
             raise ValueError("noisy_image_latents are already noised: image_noise cannot be added to them.")
+        self._check_text_inputs(input_ids, attention_mask, past_key_values)
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
 
@@ -460,18 +508,23 @@ class TransfusionModel(TransfusionPreTrainedModel):
         if num_images:
             expected = (self.config.latent_channels, self.config.latent_size, self.config.latent_size)
             if tuple(image_latents.shape[1:]) != expected:
-                raise ValueError(f"image_latents must have shape (num_images, {', '.join(map(str, expected))}), got "
-                                 f"{tuple(image_latents.shape)}.")
+                raise ValueError(
+                    f"image_latents must have shape (num_images, {', '.join(map(str, expected))}), got "
+                    f"{tuple(image_latents.shape)}."
+                )
             if image_timesteps is None:
                 image_timesteps = torch.zeros(num_images, dtype=torch.long, device=image_latents.device)
             image_timesteps = image_timesteps.to(image_latents.device)
             if image_timesteps.shape != (num_images,):
-                raise ValueError(f"image_timesteps must have shape ({num_images},), got {tuple(image_timesteps.shape)}.")
+                raise ValueError(
+                    f"image_timesteps must have shape ({num_images},), got {tuple(image_timesteps.shape)}."
+                )
             if image_noise is None and noisy_image_latents is None:
                 image_noise = torch.randn_like(image_latents) if (image_timesteps != 0).any() else None
             if image_noise is not None:
-                noisy_latents, diffusion_target = noise_latents(self.noise_scheduler, image_latents, image_noise,
-                                                                image_timesteps)
+                noisy_latents, diffusion_target = noise_latents(
+                    self.noise_scheduler, image_latents, image_noise, image_timesteps
+                )
             else:
                 noisy_latents = image_latents
             image_embeds, encoder_state = self.patch_encoder(noisy_latents, image_timesteps)
@@ -552,7 +605,10 @@ class TransfusionForConditionalGeneration(TransfusionModel, TransfusionGeneratio
         # Only real text counts: an image followed by nothing but <eos> is generated, not captioned.
         supervised = (labels != -100) & ~torch.isin(labels, self._end_of_text_ids(labels.device))
         image_document = documents[rows, starts]
-        after_image = torch.arange(input_ids.shape[1], device=input_ids.device)[None] >= (starts + self.config.num_image_tokens)[:, None]
+        after_image = (
+            torch.arange(input_ids.shape[1], device=input_ids.device)[None]
+            >= (starts + self.config.num_image_tokens)[:, None]
+        )
         same_document = documents[rows] == image_document[:, None]
         capped = (supervised[rows] & after_image & same_document).any(-1)
         return sample_training_timesteps(self.noise_scheduler, capped, self.config.max_conditioning_timestep, generator)
@@ -602,13 +658,17 @@ class TransfusionForConditionalGeneration(TransfusionModel, TransfusionGeneratio
         """
         if labels is not None and input_ids is None:
             raise ValueError("Computing the loss needs input_ids (to tell text from image slots).")
+        if labels is not None and labels.shape != input_ids.shape:
+            raise ValueError(f"labels have shape {tuple(labels.shape)}, but input_ids {tuple(input_ids.shape)}.")
         has_images = input_ids is not None and (input_ids == self.config.image_token_id).any()
         if labels is not None and has_images:
             if image_timesteps is None:
                 image_timesteps = self.sample_image_timesteps(input_ids, labels, position_ids)
             if unconditional_images is None and self.training and self.config.condition_dropout_prob > 0:
                 num_images = image_timesteps.shape[0]
-                unconditional_images = torch.rand(num_images, device=input_ids.device) < self.config.condition_dropout_prob
+                unconditional_images = (
+                    torch.rand(num_images, device=input_ids.device) < self.config.condition_dropout_prob
+                )
 
         outputs = super().forward(
             input_ids=input_ids,

@@ -3,11 +3,12 @@
 import PIL.Image
 import pytest
 import torch
-from conftest import DIGIT_NAMES
 from torch.utils.data import Dataset
 from transformers import Trainer, TrainingArguments
 
 from modeling_transfusion import TransfusionDataCollator, TransfusionForConditionalGeneration
+
+from conftest import DIGIT_NAMES
 
 N = 16  # image slots of the tiny config
 

@@ -5,7 +5,6 @@ N = 16 image slots); input ids are built by hand.
 """
 
 import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,7 +17,6 @@ from modeling_transfusion.generation_transfusion import TransfusionGenerateOutpu
 
 BOI, EOI, IMAGE, PAD = 61, 62, 63, 0
 NUM_SLOTS = 16
-DOCS = Path(__file__).resolve().parents[1] / "docs" / "generation.md"
 
 
 def tiny_config(objective="ddpm", **kwargs):
@@ -584,22 +582,3 @@ def test_clear_errors_for_objective_and_prompt(model, flow_model):
         generate(model, torch.tensor([[5, BOI]]), generation_mode="text", max_new_tokens=4)
     with pytest.raises(ValueError, match="Streamers take one sequence"):
         generate(model, torch.tensor([[5, 6], [7, 8]]), streamer=RecordingStreamer(), max_new_tokens=2)
-
-
-# The documentation's examples run
-
-
-def _python_blocks(path: Path) -> list[str]:
-    return re.findall(r"```python\n(.*?)```", path.read_text(encoding="utf-8"), flags=re.DOTALL)
-
-
-def test_docs_generation_examples_run():
-    if (Path(__file__).parent / "test_docs.py").exists() and "generation.md" in (
-        Path(__file__).parent / "test_docs.py"
-    ).read_text(encoding="utf-8"):
-        pytest.skip("docs/generation.md is run by tests/test_docs.py")
-    blocks = _python_blocks(DOCS)
-    assert blocks, "docs/generation.md has no python examples"
-    namespace = {}
-    for block in blocks:
-        exec(compile(block, str(DOCS), "exec"), namespace)

@@ -7,7 +7,6 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from conftest import build_tiny_config, build_tiny_tokenizer
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from transformers import AutoImageProcessor, AutoProcessor
@@ -20,6 +19,8 @@ from modeling_transfusion import (
     patchify,
     unpatchify,
 )
+
+from conftest import build_tiny_config, build_tiny_tokenizer
 
 N = 16  # image slots of the tiny config: (8 // 2) ** 2
 

@@ -41,7 +41,8 @@ def test_tiny_recipe_learns_to_caption_real_digits(tmp_path):
         patch_encoder="linear",
         max_position_embeddings=64,
     )
-    model = build_model(tokenizer, vae=None, image_size=8, num_channels=1, size=size, seed=0)
+    # One 8x8 patch per image: the whole digit is one sequence position, which keeps the test to a minute of CPU.
+    model = build_model(tokenizer, vae=None, image_size=8, num_channels=1, size=size, patch_size=8, seed=0)
     processor = TransfusionProcessor.from_model_config(model.config, tokenizer)
     dataset = LatentCaptionDataset(
         pixels[train], digits.target[train].tolist(), "mnist", CaptionMix(0.2, 0.7, 0.1), seed=0

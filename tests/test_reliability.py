@@ -1,16 +1,19 @@
 """Reliability: resumption, determinism, numerics and broken files (issue: reliability and security)."""
 
+import functools
 import json
 import math
 import shutil
 
 import pytest
 import torch
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
 from transformers import AutoModel, Trainer, TrainerCallback, TrainingArguments
 
 import modeling_transfusion as mt
 
-from conftest import DIGIT_NAMES, load_digit_images
+from conftest import DIGIT_NAMES, build_tiny_config, build_tiny_tokenizer, load_digit_images
 
 
 class DigitRecords(torch.utils.data.Dataset):
@@ -240,3 +243,133 @@ def test_weights_that_do_not_match_the_config_are_refused(saved, tmp_path):
     (wrong / "config.json").write_text(json.dumps(config))
     with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
         AutoModel.from_pretrained(wrong)
+
+
+# Fuzzing the forward: random shapes, marker counts and dtypes give consistent outputs or a documented error
+
+FORWARD_ERRORS = (
+    "image(s) were passed in pixel_values / image_latents",
+    "not a multiple of the",
+    "consecutive <image> slots",
+    "must have shape (num_images",
+    "ids outside the vocabulary",
+    "attention_mask has shape",
+    "labels have shape",
+    "input_ids must be integer ids",
+)
+
+
+@st.composite
+def forward_calls(draw):
+    num_rows = draw(st.integers(1, 3))
+    rows = []
+    for _ in range(num_rows):
+        pieces = draw(st.lists(st.sampled_from(["text", "image", "text", "image", "short", "long"]), max_size=4))
+        row = [1]
+        for piece in pieces:
+            if piece == "text":
+                row += draw(st.lists(st.integers(3, 370), min_size=1, max_size=5))
+            else:
+                slots = {"image": 16, "short": draw(st.integers(1, 15)), "long": draw(st.integers(17, 40))}[piece]
+                row += [375] + [376] * slots + [377]
+        rows.append(row)
+    length = max(map(len, rows))
+    ids = torch.tensor([row + [0] * (length - len(row)) for row in rows])
+    mask = torch.tensor([[1] * len(row) + [0] * (length - len(row)) for row in rows])
+
+    def rarely():  # one draw in five injects a mistake (and shrinking prefers no mistake)
+        return draw(st.sampled_from([False, False, False, False, True]))
+
+    if rarely():
+        ids[0, 0] = draw(st.sampled_from([-1, 378, 10_000]))
+    num_images = draw(st.integers(0, 4)) if rarely() else int((ids == 376).sum()) // 16
+    side = 6 if rarely() else 8
+    dtype = draw(st.sampled_from([torch.float32, torch.float64, torch.bfloat16, torch.float16]))
+    latents = torch.randn(num_images, 1, side, side).to(dtype)
+    labels = ids if draw(st.booleans()) else None
+    if labels is not None and rarely():
+        labels = labels[:, :-1]
+    if rarely():
+        mask = mask[:, 1:]
+    return ids, mask, latents, labels
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(call=forward_calls())
+def test_forward_is_consistent_or_raises_a_documented_error(call):
+    ids, mask, latents, labels = call
+    model = _fuzz_model()
+    try:
+        with torch.no_grad():
+            out = model(input_ids=ids, attention_mask=mask, image_latents=latents, labels=labels)
+    except ValueError as error:
+        assert any(message in str(error) for message in FORWARD_ERRORS), str(error)
+        event("documented error")
+        return
+    event("forward ran")
+    assert out.logits.shape == (*ids.shape, model.config.text_config.vocab_size)
+    assert torch.isfinite(out.logits).all()
+    num_images = int((ids == 376).sum()) // 16
+    assert num_images == latents.shape[0]
+    if num_images:
+        assert out.diffusion_prediction.shape == (num_images, 1, 8, 8)
+    if labels is not None:
+        assert torch.isfinite(out.loss)
+
+
+@functools.lru_cache(maxsize=1)
+def _fuzz_model():
+    torch.manual_seed(0)
+    return mt.TransfusionForConditionalGeneration(build_tiny_config(build_tiny_tokenizer())).eval()
+
+
+def test_a_vae_config_that_does_not_match_the_weights_is_refused(tmp_path, tokenizer):
+    vae = {
+        "in_channels": 1,
+        "out_channels": 1,
+        "latent_channels": 2,
+        "block_out_channels": [8, 8],
+        "down_block_types": ["DownEncoderBlock2D"] * 2,
+        "up_block_types": ["UpDecoderBlock2D"] * 2,
+        "layers_per_block": 1,
+        "norm_num_groups": 4,
+    }
+    config = build_tiny_config(tokenizer, image_size=16)
+    config = mt.TransfusionConfig(**{**config.to_dict(), "vae_config": vae, "latent_channels": 2})
+    mt.TransfusionForConditionalGeneration(config).save_pretrained(tmp_path / "ok")
+    wrong = shutil.copytree(tmp_path / "ok", tmp_path / "wrong")
+    saved = json.loads((wrong / "config.json").read_text())
+    saved["vae_config"]["block_out_channels"] = [16, 16]
+    (wrong / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):
+        AutoModel.from_pretrained(wrong)
+
+
+def test_a_processor_for_another_image_size_is_refused_before_compute(tokenizer, digit_images):
+    model = mt.TransfusionForConditionalGeneration(build_tiny_config(tokenizer, image_size=8))
+    other = mt.TransfusionProcessor.from_model_config(build_tiny_config(tokenizer, image_size=16), tokenizer)
+    batch = other(text=["a seven <image>"], images=[digit_images[0][0]], return_tensors="pt")
+    calls = []
+    model.model.register_forward_pre_hook(lambda *args: calls.append(1))
+    with pytest.raises(ValueError, match=r"pixel_values must have shape \(num_images, 1, 8, 8\), got \(1, 1, 16, 16\)"):
+        model(**batch)
+    assert not calls, "the backbone never ran"
+
+
+def test_saving_never_overwrites_another_model(tmp_path, tiny_config):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    other = tmp_path / "llm"
+    LlamaForCausalLM(
+        LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    ).save_pretrained(other)
+    before = {path.name: path.read_bytes() for path in other.iterdir()}
+    model = mt.TransfusionForConditionalGeneration(tiny_config)
+    with pytest.raises(FileExistsError, match="already holds another model \\(config.json with model_type='llama'\\)"):
+        model.save_pretrained(other)
+    assert {path.name: path.read_bytes() for path in other.iterdir()} == before, "nothing was touched"
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "mine.txt").write_text("keep me")
+    model.save_pretrained(tmp_path / "notes")
+    model.save_pretrained(tmp_path / "notes")  # re-saving over our own checkpoint is allowed
+    assert (tmp_path / "notes" / "mine.txt").read_text() == "keep me"
