@@ -359,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--intermediate-size", type=int, default=688)
-    p.add_argument("--patch-encoder", default="unet", choices=["linear", "unet"])
+    p.add_argument("--patch-encoder", default="linear", choices=["linear", "unet"])
     p.add_argument("--unet-channels", type=int, nargs="+", default=[32, 64])
     p.add_argument("--patch-size", type=int, default=2)
     p.add_argument("--objective", default="ddpm", choices=["ddpm", "flow"])

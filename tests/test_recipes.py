@@ -200,3 +200,15 @@ def test_figures():
     assert sheet.size == (3 * 17 + 1, 2 * 17 + 1)
     history = [{"step": s, "lm_loss": 5 / s, "diffusion_loss": 1 / s} for s in range(1, 10)]
     assert plot_training_curves(history).size == (640, 360)
+
+
+def test_the_mnist_file_is_read_without_running_arbitrary_pickled_code(tmp_path):
+    import io
+    import pickle
+
+    malicious = pickle.dumps(print)  # any callable a pickle names would run on load
+    with pytest.raises(pickle.UnpicklingError, match="builtins.print is not allowed"):
+        data._ArraysOnlyUnpickler(io.BytesIO(malicious)).load()
+    arrays = pickle.dumps(((np.zeros((2, 784), np.float32), np.arange(2)),))
+    ((pixels, labels),) = data._ArraysOnlyUnpickler(io.BytesIO(arrays)).load()
+    assert pixels.shape == (2, 784) and labels.tolist() == [0, 1]
