@@ -123,15 +123,7 @@ def test_config_geometry_and_round_trip(tmp_path):
 
 
 def test_config_accepts_any_decoder_backbone():
-    text = {
-        "model_type": "qwen2",
-        "vocab_size": VOCAB,
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-    }
+    text = {**TINY_TEXT, "model_type": "qwen2"}
     model = mt.TransfusionForConditionalGeneration(tiny_config(text_config=text))
     assert type(model.model).__name__ == "Qwen2Model"
     ids, _ = two_image_row()
@@ -581,18 +573,7 @@ def test_a_pretrained_llm_loads_into_the_backbone(tmp_path):
 
 
 def test_sliding_window_backbones_get_a_mask_per_layer_type():
-    text = {
-        "model_type": "qwen2",
-        "vocab_size": VOCAB,
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "use_sliding_window": True,
-        "sliding_window": 4,
-        "max_window_layers": 1,
-    }
+    text = {**TINY_TEXT, "model_type": "qwen2", "use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1}
     model = mt.TransfusionForConditionalGeneration(tiny_config(text_config=text)).eval()
     assert model.model.config.layer_types == ["full_attention", "sliding_attention"]
     ids, (start0, _) = two_image_row()

@@ -14,6 +14,7 @@ from transformers import AutoModel, Trainer, TrainerCallback, TrainingArguments
 import modeling_transfusion as mt
 
 from conftest import DIGIT_NAMES, build_tiny_config, build_tiny_tokenizer, load_digit_images
+from test_modeling import TINY_VAE
 
 
 class DigitRecords(torch.utils.data.Dataset):
@@ -324,18 +325,8 @@ def _fuzz_model():
 
 
 def test_a_vae_config_that_does_not_match_the_weights_is_refused(tmp_path, tokenizer):
-    vae = {
-        "in_channels": 1,
-        "out_channels": 1,
-        "latent_channels": 2,
-        "block_out_channels": [8, 8],
-        "down_block_types": ["DownEncoderBlock2D"] * 2,
-        "up_block_types": ["UpDecoderBlock2D"] * 2,
-        "layers_per_block": 1,
-        "norm_num_groups": 4,
-    }
     config = build_tiny_config(tokenizer, image_size=16)
-    config = mt.TransfusionConfig(**{**config.to_dict(), "vae_config": vae, "latent_channels": 2})
+    config = mt.TransfusionConfig(**{**config.to_dict(), "vae_config": TINY_VAE, "latent_channels": 2})
     mt.TransfusionForConditionalGeneration(config).save_pretrained(tmp_path / "ok")
     wrong = shutil.copytree(tmp_path / "ok", tmp_path / "wrong")
     saved = json.loads((wrong / "config.json").read_text())
