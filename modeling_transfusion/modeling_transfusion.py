@@ -375,13 +375,9 @@ class TransfusionModel(TransfusionPreTrainedModel):
             )
         return rows[:, 0], positions[:, 0]
 
-    def _image_block_ids(self, input_ids: torch.LongTensor, starts: torch.LongTensor, rows: torch.LongTensor):
-        """`(batch, length)` ids: k on the slots of image k, -1 elsewhere (the format of `block_sequence_ids`)."""
-        block_ids = torch.full_like(input_ids, -1)
-        slots = starts[:, None] + torch.arange(self.config.num_image_tokens, device=starts.device)
-        image_index = torch.arange(starts.numel(), device=starts.device)[:, None].expand_as(slots)
-        block_ids[rows[:, None].expand_as(slots), slots] = image_index
-        return block_ids
+    def _slot_positions(self, starts: torch.LongTensor) -> torch.LongTensor:
+        """`(num_images, num_image_tokens)` positions of the slots of images starting at `starts`."""
+        return starts[:, None] + torch.arange(self.config.num_image_tokens, device=starts.device)
 
     def get_attention_mask(
         self,
@@ -395,6 +391,17 @@ class TransfusionModel(TransfusionPreTrainedModel):
         """Builds the Transfusion mask with transformers' masking utilities, for the backbone's attention kernel:
         causal over the sequence, bidirectional inside each image, padding and packed documents respected. The slots of
         images flagged in `unconditional_images` see only their own patches (classifier-free guidance)."""
+        image_locations = None
+        if input_ids is not None and (input_ids == self.config.image_token_id).any():
+            image_locations = self.locate_images(input_ids)
+        return self._hybrid_mask(
+            inputs_embeds, image_locations, attention_mask, past_key_values, position_ids, unconditional_images
+        )
+
+    def _hybrid_mask(
+        self, inputs_embeds, image_locations, attention_mask, past_key_values, position_ids, unconditional_images
+    ):
+        """[`~TransfusionModel.get_attention_mask`] for images already located (`(rows, starts)` or `None`)."""
         if attention_mask is not None and attention_mask.dim() == 4:
             return attention_mask
         past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
@@ -405,10 +412,13 @@ class TransfusionModel(TransfusionPreTrainedModel):
             "past_key_values": past_key_values,
             "position_ids": position_ids,
         }
-        if input_ids is not None and (input_ids == self.config.image_token_id).any():
-            rows, starts = self.locate_images(input_ids)
-            # Block ids are indexed by absolute position, cached prefix included.
-            block_ids = nn.functional.pad(self._image_block_ids(input_ids, starts, rows), (past_length, 0), value=-1)
+        if image_locations is not None:
+            rows, starts = image_locations
+            slots = self._slot_positions(starts)
+            # `block_sequence_ids`: k on the slots of image k, -1 elsewhere, by absolute position (cached prefix too).
+            block_ids = torch.full(inputs_embeds.shape[:2], -1, dtype=torch.long, device=starts.device)
+            block_ids[rows[:, None].expand_as(slots), slots] = torch.arange(len(starts), device=starts.device)[:, None]
+            block_ids = nn.functional.pad(block_ids, (past_length, 0), value=-1)
             mask_kwargs["block_sequence_ids"] = block_ids
             if unconditional_images is not None and unconditional_images.any():
                 # Slots of a dropped image see only that image: even its <boi> carries the caption in deeper layers.
@@ -528,12 +538,13 @@ class TransfusionModel(TransfusionPreTrainedModel):
             else:
                 noisy_latents = image_latents
             image_embeds, encoder_state = self.patch_encoder(noisy_latents, image_timesteps)
-            slots = starts[:, None] + torch.arange(self.config.num_image_tokens, device=starts.device)
+            slots = self._slot_positions(starts)
             inputs_embeds = inputs_embeds.clone()
             inputs_embeds[rows[:, None], slots] = image_embeds.to(inputs_embeds.dtype)
 
-        mask = self.get_attention_mask(
-            inputs_embeds, input_ids, attention_mask, past_key_values, position_ids, unconditional_images
+        image_locations = None if rows is None else (rows, starts)
+        mask = self._hybrid_mask(
+            inputs_embeds, image_locations, attention_mask, past_key_values, position_ids, unconditional_images
         )
         outputs = self.model(
             inputs_embeds=inputs_embeds,

@@ -361,13 +361,13 @@ def test_condition_dropout_rate_in_training():
     ids, _ = two_image_row()
     latents = torch.randn(2, 1, 8, 8)
     calls = []
-    original = model.get_attention_mask
+    original = model._hybrid_mask
 
     def spy(*args):
         calls.append(args[-1])
         return original(*args)
 
-    model.get_attention_mask = spy
+    model._hybrid_mask = spy
     torch.manual_seed(0)
     for _ in range(200):
         model(input_ids=ids, image_latents=latents, labels=ids)
