@@ -134,6 +134,32 @@ class EvaluationReport:
         return "\n".join(lines)
 
 
+def balanced_prompts(dataset: str, num_images: int) -> tuple[list[int], list[str]]:
+    """Target classes and prompts of `num_images` generated images, balanced over the classes, with the prompt
+    template varied per image: image `i` shows class `i % num_classes` with template `i // num_classes`."""
+    num_classes = len(class_names(dataset))
+    targets = [i % num_classes for i in range(num_images)]
+    return targets, [generation_prompt(dataset, k, variant=i // num_classes) for i, k in enumerate(targets)]
+
+
+def generated_image_metrics(
+    judge: JudgeCNN, generated: torch.Tensor, targets: list[int], test_images: torch.Tensor, test_labels: list[int]
+) -> dict[str, float]:
+    """Prompt accuracy and Frechet distance of `generated` images `(n, c, h, w)` in [-1, 1] (made for the classes
+    `targets`) against the first `n` real test images, and the real-vs-real floor (the next `n` against those)."""
+    num_generated = len(generated)
+    generated_classes, generated_features = predict(judge, generated)
+    real_a, real_b = test_images[:num_generated], test_images[num_generated : 2 * num_generated]
+    real_classes, real_a_features = predict(judge, real_a)
+    _, real_b_features = predict(judge, real_b)
+    return {
+        "prompt_accuracy": float((generated_classes == torch.tensor(targets)).float().mean()),
+        "frechet_distance": frechet_distance(generated_features, real_a_features),
+        "frechet_floor": frechet_distance(real_b_features, real_a_features),
+        "judge_accuracy_on_real": float((real_classes == torch.tensor(test_labels[:num_generated])).float().mean()),
+    }
+
+
 def evaluate(
     model: TransfusionForConditionalGeneration,
     processor: TransfusionProcessor,
@@ -157,6 +183,11 @@ def evaluate(
 
     Returns the report and the generated images.
     """
+    if num_generated < 1 or num_captioned < 1:
+        raise ValueError(
+            f"num_generated and num_captioned must be at least 1 (got {num_generated} and {num_captioned}): the "
+            "metrics are means over the generated and the captioned images."
+        )
     if len(test_images) < 2 * num_generated + num_captioned:
         raise ValueError(
             f"Need at least {2 * num_generated + num_captioned} test images, got {len(test_images)}: lower "
@@ -164,9 +195,7 @@ def evaluate(
         )
     start = time.perf_counter()
     model.eval()
-    num_classes = len(class_names(dataset))
-    targets = [i % num_classes for i in range(num_generated)]
-    prompts = [generation_prompt(dataset, k, variant=i // num_classes) for i, k in enumerate(targets)]
+    targets, prompts = balanced_prompts(dataset, num_generated)
     generated = generate_images(
         model,
         processor,
@@ -177,11 +206,7 @@ def evaluate(
         num_inference_steps=num_inference_steps,
         image_guidance_scale=image_guidance_scale,
     )
-    generated_classes, generated_features = predict(judge, generated)
-    real_a, real_b = test_images[:num_generated], test_images[num_generated : 2 * num_generated]
-    real_classes, real_a_features = predict(judge, real_a)
-    _, real_b_features = predict(judge, real_b)
-    judge_accuracy = float((real_classes == torch.tensor(test_labels[:num_generated])).float().mean())
+    image_metrics = generated_image_metrics(judge, generated, targets, test_images, test_labels)
 
     held_out = slice(2 * num_generated, 2 * num_generated + num_captioned)
     captions = caption_images(model, processor, test_images[held_out], batch_size=2 * batch_size)
@@ -200,15 +225,20 @@ def evaluate(
         scheduler=scheduler,
         num_inference_steps=num_inference_steps,
         image_guidance_scale=image_guidance_scale,
-        prompt_accuracy=float((generated_classes == torch.tensor(targets)).float().mean()),
-        frechet_distance=frechet_distance(generated_features, real_a_features),
-        frechet_floor=frechet_distance(real_b_features, real_a_features),
+        **image_metrics,
         captioning_accuracy=sum(caption_hits) / len(caption_hits),
         text_perplexity=text_perplexity(model, processor, texts),
-        judge_accuracy_on_real=judge_accuracy,
         seconds=time.perf_counter() - start,
     )
     return report, generated
 
 
-__all__ = ["generate_images", "caption_images", "text_perplexity", "EvaluationReport", "evaluate"]
+__all__ = [
+    "generate_images",
+    "caption_images",
+    "text_perplexity",
+    "balanced_prompts",
+    "generated_image_metrics",
+    "EvaluationReport",
+    "evaluate",
+]

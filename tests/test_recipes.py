@@ -11,7 +11,15 @@ import torch
 from modeling_transfusion import TransfusionProcessor
 from modeling_transfusion.recipes import data
 from modeling_transfusion.recipes.classifier import JudgeCNN, frechet_distance, predict, train_classifier
-from modeling_transfusion.recipes.evaluation import caption_images, generate_images, text_perplexity
+from modeling_transfusion.recipes.cli import DEFAULT_JUDGE
+from modeling_transfusion.recipes.evaluation import (
+    balanced_prompts,
+    caption_images,
+    evaluate,
+    generate_images,
+    generated_image_metrics,
+    text_perplexity,
+)
 from modeling_transfusion.recipes.figures import image_grid, plot_training_curves
 from modeling_transfusion.recipes.training import (
     LatentCaptionDataset,
@@ -193,6 +201,33 @@ def test_evaluation_metrics_run_on_small_data(tiny_recipe):
     assert len(captions) == 2 and all(isinstance(c, str) for c in captions)
     perplexity = text_perplexity(model, processor, ["the digit one", "the digit two"])
     assert 1.0 < perplexity < 2 * len(processor.tokenizer)  # a random model: about the vocabulary size
+
+
+def test_evaluate_refuses_an_empty_metric(tiny_recipe):
+    model, processor = tiny_recipe
+    images = torch.zeros(20, 1, 8, 8)
+    with pytest.raises(ValueError, match="num_captioned must be at least 1"):
+        evaluate(model, processor, judge=None, test_images=images, test_labels=[0] * 20, num_captioned=0)
+
+
+def test_balanced_prompts():
+    targets, prompts = balanced_prompts("mnist", 25)
+    assert np.bincount(targets).tolist() == [3] * 5 + [2] * 5
+    assert prompts[0] == data.generation_prompt("mnist", 0, 0) and prompts[17] == data.generation_prompt("mnist", 7, 1)
+
+
+def test_generated_image_metrics_on_real_images():
+    """Real test images passed off as generated: they sit exactly on the floor, and the prompt accuracy is the
+    judge's accuracy, or near zero when the targets are wrong."""
+    judge = JudgeCNN.load(DEFAULT_JUDGE)
+    images, labels = _installed(data.load_dataset_images, "mnist", "test", 32)
+    test_images, test_labels = data.to_model_range(images[:300]), [int(k) for k in labels[:300]]
+    generated, targets = test_images[100:200], test_labels[100:200]
+    metrics = generated_image_metrics(judge, generated, targets, test_images, test_labels)
+    assert metrics["frechet_distance"] == pytest.approx(metrics["frechet_floor"])
+    assert metrics["prompt_accuracy"] >= 0.95 and metrics["judge_accuracy_on_real"] >= 0.95
+    wrong = [(k + 1) % 10 for k in targets]
+    assert generated_image_metrics(judge, generated, wrong, test_images, test_labels)["prompt_accuracy"] < 0.05
 
 
 def test_figures():
