@@ -1,71 +1,48 @@
-"""Benchmark of image sampling: the prefix KV cache against full recomputation, and the cost of one denoising step.
+"""Benchmark of image sampling at the peer configuration: seconds per image against the sampling floor and the peer.
 
-For each prompt length it measures, on a random model of the peer's shape (hidden 256, 4 layers, 64 patches of 16
-latent values):
+For each prompt length, on a random model of the peer's shape (hidden 256, 4 layers, 64 patches of 16 latent values),
+with the same number of denoising steps (32) everywhere:
 
-- seconds per image with `model.generate(generation_mode="image")`, which denoises against the cached prefix;
-- seconds per image when every step recomputes the whole sequence (prompt, `<boi>`, N slots) without a cache;
-- one denoising step (`denoise_images`: slots forward against the cache, cache crop, scheduler step) against a bare
-  backbone forward of N embedded slots against the same cache (the floor no implementation can go under).
+- `cached`, `cached_cfg3`: `model.generate(generation_mode="image")`, which denoises against the cached prefix,
+  without guidance and with guidance 3 (both branches in one batched forward, sharing the prefix);
+- `uncached`: the same sampler recomputing the whole sequence (prompt, `<boi>`, N slots) at every step;
+- `denoising_steps`: the 32 steps of the loop alone (`denoise_images`: slots forward against the cache, cache crop,
+  scheduler step), against `backbone_floor`: 32 bare backbone forwards of N embedded slots against the same cache,
+  with the mask built once (the floor no implementation of this design can go under);
+- `peer`, `peer_cfg3`: transfusion-pytorch 0.20.0's `sample_many` (prefix KV-cached, 32 Euler steps) from a
+  16-token prompt, in its own process (`bench/setup_peer.sh`).
 
-Repetitions of the variants are interleaved. Each run records wall-clock and process CPU time; the table shows
-medians of the wall-clock times (as asked for) and, because a shared machine makes them noisy, also the minimum (the
-least disturbed run) and the medians of CPU time. Run from the repository root:
+Repetitions are interleaved; medians and minima of wall-clock and process CPU time are written, and each sampler's
+peak resident memory (a fresh process each). Run from the repository root:
 
-    python bench/bench_sampling.py [--steps 32] [--repeats 5] [--prompt-lengths 32 512] [--out PATH]
+    python bench/bench_sampling.py [--steps 32] [--repeats 7] [--prompt-lengths 16 512] [--out PATH]
 
 (`--out` defaults to bench/results/sampling.json.)
 """
 
 import argparse
 import functools
-import json
-import os
-import platform
-import statistics
-import time
 from pathlib import Path
 
 import torch
-import transformers
 
-from modeling_transfusion import TransfusionConfig, TransfusionForConditionalGeneration
 from modeling_transfusion.generation_transfusion import ImageSamplingOptions, denoise_images, sampling_scheduler
 
-BOI, EOI, IMAGE = 253, 254, 255
-
-
-def build_model(guidance_scale: float = 1.0) -> TransfusionForConditionalGeneration:
-    config = TransfusionConfig(
-        text_config={
-            "model_type": "llama",
-            "vocab_size": 256,
-            "hidden_size": 256,
-            "intermediate_size": 682,
-            "num_hidden_layers": 4,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 4,
-            "max_position_embeddings": 4096,
-        },
-        image_size=16,
-        num_channels=4,
-        latent_channels=4,
-        patch_size=2,
-        boi_token_id=BOI,
-        eoi_token_id=EOI,
-        image_token_id=IMAGE,
-    )
-    torch.manual_seed(0)
-    model = TransfusionForConditionalGeneration(config).eval()
-    torch.nn.init.normal_(model.patch_decoder.proj.weight, std=0.02)
-    return model
-
-
-def timed(function) -> tuple[float, float]:
-    """Runs `function` once; returns `(wall_seconds, cpu_seconds)`, the latter the CPU time of this process."""
-    wall, cpu = time.perf_counter(), time.process_time()
-    function()
-    return time.perf_counter() - wall, time.process_time() - cpu
+from common import (
+    BOI,
+    EOI,
+    IMAGE,
+    PEER_SHAPE,
+    build_model,
+    interleave,
+    matmul_gflops,
+    memory_cell,
+    optional_peer,
+    phase_memory,
+    report_phase_memory,
+    summarise,
+    write_report,
+)
 
 
 @torch.no_grad()
@@ -116,6 +93,7 @@ def denoising_steps(model, prompt, steps):
     options = ImageSamplingOptions(scheduler, steps, 1.0, torch.Generator().manual_seed(0), progress_bar=False)
     positions = torch.tensor([length])
 
+    @torch.no_grad()  # the decorator of the outer function does not reach a call made later
     def run():
         denoise_images(model, cache, None, positions, [0], options)
 
@@ -132,6 +110,7 @@ def backbone_steps(model, prompt, steps):
     positions = torch.arange(length, length + num_slots)[None]
     mask = model.get_attention_mask(embeds, slots, None, cache, positions)  # built once: the cheapest possible
 
+    @torch.no_grad()
     def run():
         for _ in range(steps):
             model.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, past_key_values=cache)
@@ -140,86 +119,105 @@ def backbone_steps(model, prompt, steps):
     return run
 
 
+def our_variants(model, prompt, steps) -> dict:
+    return {
+        "cached": functools.partial(sample_cached, model, prompt, steps),
+        "cached_cfg3": functools.partial(sample_cached, model, prompt, steps, guidance_scale=3.0),
+        "uncached": functools.partial(sample_uncached, model, prompt, steps),
+        "denoising_steps": denoising_steps(model, prompt, steps),
+        "backbone_floor": backbone_steps(model, prompt, steps),
+    }
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--prompt-lengths", type=int, nargs="+", default=[32, 512])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--prompt-lengths", type=int, nargs="+", default=[16, 512])
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-peer", action="store_true", help="skip transfusion-pytorch")
+    parser.add_argument("--phase", choices=["cached", "cached_cfg3"], help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=Path("bench/results/sampling.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-
     model = build_model()
+
+    def prompt_of(length):
+        return torch.randint(3, BOI, (1, length), generator=torch.Generator().manual_seed(length))
+
+    if args.phase is not None:  # a fresh process measuring one phase's peak memory
+        variant = our_variants(model, prompt_of(args.prompt_lengths[0]), args.steps)[args.phase]
+        report_phase_memory(variant)
+        return
+
+    peer = optional_peer(args.no_peer, args.threads, args.steps)
+    gflops_start = matmul_gflops()
     results = []
     for length in args.prompt_lengths:
-        prompt = torch.randint(3, BOI, (1, length), generator=torch.Generator().manual_seed(length))
+        prompt = prompt_of(length)
         cached, uncached = sample_cached(model, prompt, args.steps), sample_uncached(model, prompt, args.steps)
-        max_difference = float((cached - uncached).abs().max())  # the two samplers must agree
-        variants = {
-            "cached_s_per_image": functools.partial(sample_cached, model, prompt, args.steps),
-            "uncached_s_per_image": functools.partial(sample_uncached, model, prompt, args.steps),
-            "cached_cfg3_s_per_image": functools.partial(sample_cached, model, prompt, args.steps, guidance_scale=3.0),
-            "denoising_step_ms": denoising_steps(model, prompt, args.steps),
-            "backbone_step_ms": backbone_steps(model, prompt, args.steps),
+        variants = our_variants(model, prompt, args.steps)
+        if peer is not None:  # the peer's prompt is 16 tokens long, whatever the row
+            variants["peer"] = peer.timed_call("sample", cfg=1.0)
+            variants["peer_cfg3"] = peer.timed_call("sample", cfg=3.0)
+        runs = interleave(variants, args.repeats)
+        row = {
+            "prompt_length": length,
+            "max_abs_difference_cached_vs_uncached": float((cached - uncached).abs().max()),  # must agree
+            **summarise(runs),
+            "raw_seconds_wall_cpu": runs,
         }
-        for function in variants.values():  # warm-up
-            function()
-        runs = {name: [] for name in variants}
-        for _ in range(args.repeats):
-            for name, function in variants.items():
-                runs[name].append(timed(function))
-        row = {"prompt_length": length, "max_abs_difference_cached_vs_uncached": max_difference}
-        for statistic, pick in (("median", statistics.median), ("min", min)):
-            for clock, index in (("wall", 0), ("cpu", 1)):
-                values = {name: pick(run[index] for run in timings) for name, timings in runs.items()}
-                for name in ("denoising_step_ms", "backbone_step_ms"):
-                    values[name] = values[name] / args.steps * 1000
-                values["speedup_cache"] = values["uncached_s_per_image"] / values["cached_s_per_image"]
-                values["step_over_backbone"] = values["denoising_step_ms"] / values["backbone_step_ms"]
-                row[f"{statistic}_{clock}"] = values
-        row["raw_seconds_wall_cpu"] = runs
+        median = row["median_wall"]
+        row["ratios_of_median_wall"] = {
+            "cached_over_floor": median["cached"] / median["backbone_floor"],
+            "step_over_backbone_step": median["denoising_steps"] / median["backbone_floor"],
+            "uncached_over_cached": median["uncached"] / median["cached"],
+        }
+        if peer is not None:
+            row["ratios_of_median_wall"]["peer_over_cached"] = median["peer"] / median["cached"]
+            row["ratios_of_median_wall"]["peer_cfg3_over_cached_cfg3"] = median["peer_cfg3"] / median["cached_cfg3"]
         results.append(row)
+    gflops_end = matmul_gflops()
+    memory = {name: phase_memory("bench_sampling.py", name) for name in ("cached", "cached_cfg3")}
+    if peer is not None:
+        memory["peer"] = peer.phase_memory("sample", cfg=1.0)
+        memory["peer_cfg3"] = peer.phase_memory("sample", cfg=3.0)
+        peer.close()
 
     agreement = max(row["max_abs_difference_cached_vs_uncached"] for row in results)
     print(
-        f"{args.steps} steps, {args.repeats} interleaved repeats, {args.threads} threads, torch {torch.__version__}; "
-        f"cached and uncached images agree to {agreement:.1e}"
+        f"one image, {args.steps} denoising steps, {PEER_SHAPE}; {args.repeats} interleaved repeats, {args.threads} "
+        f"threads, torch {torch.__version__}; matmul probe {gflops_start:.0f} -> {gflops_end:.0f} GFLOP/s; cached "
+        f"and uncached images agree to {agreement:.1e}"
     )
-    for key, title in (
-        ("median_wall", "median wall-clock"),
-        ("min_wall", "minimum wall-clock"),
-        ("median_cpu", "median process CPU time"),
-    ):
-        print(f"\n{title}")
-        header = (
-            f"{'prompt':>6} | {'cached s/img':>12} | {'uncached s/img':>14} | {'speedup':>7} | {'CFG x3 s/img':>12} | "
-            f"{'step ms':>7} | {'backbone ms':>11} | {'step/backbone':>13}"
+    names = list(results[0]["median_wall"])
+    header = f"{'prompt':>6} | " + " | ".join(f"{name:>15}" for name in names)
+    print(f"\nmedian wall-clock seconds per image ({args.steps} steps)")
+    print(header)
+    print("-" * len(header))
+    for row in results:
+        print(f"{row['prompt_length']:>6} | " + " | ".join(f"{row['median_wall'][n]:>15.3f}" for n in names))
+    print("\nratios of the medians")
+    for row in results:
+        ratios = ", ".join(f"{name} {value:.2f}x" for name, value in row["ratios_of_median_wall"].items())
+        print(f"{row['prompt_length']:>6} | {ratios}")
+    print(
+        "\npeak RSS MB (+ added by sampling), fresh process, prompt length {}: {}".format(
+            args.prompt_lengths[0], ", ".join(f"{name} {memory_cell(value)}" for name, value in memory.items())
         )
-        print(header)
-        print("-" * len(header))
-        for row in results:
-            v = row[key]
-            print(
-                f"{row['prompt_length']:>6} | {v['cached_s_per_image']:>12.3f} | {v['uncached_s_per_image']:>14.3f} | "
-                f"{v['speedup_cache']:>6.2f}x | {v['cached_cfg3_s_per_image']:>12.3f} | "
-                f"{v['denoising_step_ms']:>7.2f} | {v['backbone_step_ms']:>11.2f} | {v['step_over_backbone']:>12.2f}x"
-            )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    report = {
-        "benchmark": "bench/bench_sampling.py",
-        "model": "llama hidden 256, 4 layers, 4 heads, intermediate 682, vocab 256; 64 patches of 16 latent values",
-        "steps": args.steps,
-        "repeats": args.repeats,
-        "threads": args.threads,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "machine": platform.processor() or platform.machine(),
-        "load_average_at_end": os.getloadavg(),
-        "results": results,
-    }
-    args.out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {args.out}")
+    )
+    write_report(
+        args.out,
+        "bench/bench_sampling.py",
+        model=PEER_SHAPE,
+        steps=args.steps,
+        repeats=args.repeats,
+        threads=args.threads,
+        matmul_gflops_start_end=[gflops_start, gflops_end],
+        peer_torch=peer.torch_version if peer is not None else None,
+        memory_mb=memory,
+        results=results,
+    )
 
 
 if __name__ == "__main__":
