@@ -198,11 +198,18 @@ def denoise_images(
     slot_positions = positions[branch_rows, None] + torch.arange(num_slots, device=device)  # [branch_rows, N]
     # The cache is cropped back after every step, so every step has the same mask: build it once (with guidance it
     # costs about half a forward). A mask that is not a tensor (flex attention's BlockMask) is rebuilt per step.
+    embedding_dtype = model.get_input_embeddings().weight.dtype
     full_mask = model.get_attention_mask(
         model.get_input_embeddings()(slots), slots, step_mask, branch, slot_positions, unconditional
     )
-    if isinstance(full_mask, torch.Tensor) and full_mask.dim() == 4:
-        step_mask = full_mask  # [branch_rows, 1, N, cache_length + N]
+    mask_is_fixed = isinstance(full_mask, torch.Tensor) and full_mask.dim() == 4  # [branch_rows, 1, N, cache + N]
+    if not mask_is_fixed and device.type == "cpu":
+        # torch's CPU flex-attention kernel fails to compile for N slots against a cache (an inductor C++ error).
+        raise NotImplementedError(
+            "Image generation with attn_implementation='flex_attention' does not run on CPU (torch's CPU flex "
+            "kernel cannot compile the image step). Load the model with attn_implementation='sdpa' to generate "
+            "images on CPU; flex attention works here for training forwards and text generation."
+        )
 
     scheduler = type(options.scheduler).from_config(options.scheduler.config)  # fresh state for every image
     scheduler.set_timesteps(options.num_inference_steps, device=device)
@@ -220,19 +227,23 @@ def denoise_images(
             model_input = scheduler.scale_model_input(latents, timestep)
         if guided:
             model_input = torch.cat([model_input, model_input])
-        outputs = model(
-            input_ids=slots,
-            attention_mask=step_mask,
+        # The step's tokens are all image slots: their embeddings are the patch encoder's output, so the step goes
+        # straight through patch encoder, backbone and patch decoder (what `model.forward` would do for these inputs,
+        # without locating images, scattering embeddings or the LM head).
+        embeds, encoder_state = model.patch_encoder(model_input, timestep.expand(len(branch_rows)).to(device))
+        embeds = embeds.to(embedding_dtype)
+        mask = full_mask
+        if not mask_is_fixed:
+            mask = model.get_attention_mask(embeds, slots, step_mask, branch, slot_positions, unconditional)
+        hidden = model.model(
+            inputs_embeds=embeds,
+            attention_mask=mask,
             position_ids=slot_positions,
             past_key_values=branch,
-            noisy_image_latents=model_input,
-            image_timesteps=timestep.expand(len(branch_rows)),
-            unconditional_images=unconditional,
             use_cache=True,
-            logits_to_keep=1,
-        )
+        ).last_hidden_state
         branch.crop(-num_slots)
-        prediction = outputs.diffusion_prediction.float()  # [branch_rows, C, h, w]
+        prediction = model.patch_decoder(hidden, encoder_state).float()  # [branch_rows, C, h, w]
         if guided:
             conditional, unconditional_prediction = prediction.chunk(2)
             prediction = unconditional_prediction + options.guidance_scale * (conditional - unconditional_prediction)

@@ -280,6 +280,15 @@ def test_guidance_scale_one_is_no_guidance_bit_for_bit(model):
     assert not torch.allclose(plain.image_latents[0][0], guided.image_latents[0][0], atol=1e-3)
 
 
+def test_flex_attention_on_cpu_generates_text_and_refuses_images_clearly():
+    flex, sdpa = tiny_model(attn_implementation="flex_attention"), tiny_model()
+    prompt = torch.tensor([[5, 6, 7]])
+    kwargs = {"generation_mode": "text", "max_new_tokens": 4, "do_sample": False}
+    assert torch.equal(generate(flex, prompt, **kwargs).sequences, generate(sdpa, prompt, **kwargs).sequences)
+    with pytest.raises(NotImplementedError, match="attn_implementation='sdpa'"):
+        generate(flex, prompt, generation_mode="image")
+
+
 def test_generator_makes_generation_reproducible(model):
     kwargs = {"do_sample": True, "max_new_tokens": NUM_SLOTS + 8, "logits_processor": processors(OpenImageAt({5}))}
     first = generate(model, torch.tensor([[5, 6, 7]]), generator=torch.Generator().manual_seed(7), **kwargs)
