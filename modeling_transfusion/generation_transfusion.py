@@ -198,10 +198,8 @@ def denoise_images(
     slot_positions = positions[branch_rows, None] + torch.arange(num_slots, device=device)  # [branch_rows, N]
     # The cache is cropped back after every step, so every step has the same mask: build it once (with guidance it
     # costs about half a forward). A mask that is not a tensor (flex attention's BlockMask) is rebuilt per step.
-    embedding_dtype = model.get_input_embeddings().weight.dtype
-    full_mask = model.get_attention_mask(
-        model.get_input_embeddings()(slots), slots, step_mask, branch, slot_positions, unconditional
-    )
+    slot_embeds = model.get_input_embeddings()(slots)
+    full_mask = model.get_attention_mask(slot_embeds, slots, step_mask, branch, slot_positions, unconditional)
     mask_is_fixed = isinstance(full_mask, torch.Tensor) and full_mask.dim() == 4  # [branch_rows, 1, N, cache + N]
     if not mask_is_fixed and device.type == "cpu":
         # torch's CPU flex-attention kernel fails to compile for N slots against a cache (an inductor C++ error).
@@ -231,7 +229,7 @@ def denoise_images(
         # straight through patch encoder, backbone and patch decoder (what `model.forward` would do for these inputs,
         # without locating images, scattering embeddings or the LM head).
         embeds, encoder_state = model.patch_encoder(model_input, timestep.expand(len(branch_rows)).to(device))
-        embeds = embeds.to(embedding_dtype)
+        embeds = embeds.to(slot_embeds.dtype)
         mask = full_mask
         if not mask_is_fixed:
             mask = model.get_attention_mask(embeds, slots, step_mask, branch, slot_positions, unconditional)
