@@ -27,19 +27,22 @@ setup(
             "transfusion-convert = modeling_transfusion.conversion.cli:main",
         ]
     },
+    # The range each dependency is tested on: the lower bound is the oldest release CI installs (`.ci/run`, stage 3),
+    # the upper bound the next minor release, not yet tested. Widen a bound only together with a CI run on it.
     install_requires=[
         "torch>=2.4",
-        "transformers>=5.23,<6",
+        "transformers>=5.24,<5.25",
         "diffusers>=0.42,<0.43",
-        "safetensors>=0.4",
-        "huggingface-hub>=1.0",
-        "peft>=0.21",
-        "accelerate>=1.0",
+        "peft>=0.21,<0.22",
+        "accelerate>=1.14,<1.16",
+        "safetensors>=0.8",
+        "huggingface-hub>=1.32",
+        "tokenizers>=0.23",
         "numpy",
         "pillow",
         "tqdm",
     ],
     extras_require={
-        "dev": ["pytest>=8", "hypothesis>=6", "scikit-learn>=1.3", "tokenizers>=0.20", "ruff"],
+        "dev": ["pytest>=8", "hypothesis>=6", "scikit-learn>=1.3", "ruff"],
     },
 )

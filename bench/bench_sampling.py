@@ -82,7 +82,7 @@ def sample_uncached(model, prompt, steps):
 @torch.no_grad()
 def prefill(model, prompt):
     sequence = torch.cat([prompt, torch.tensor([[BOI]])], dim=-1)
-    return model(input_ids=sequence, use_cache=True, logits_to_keep=1).past_key_values, sequence.shape[1]
+    return model(input_ids=sequence, use_cache=True, logits_to_keep=1).cache, sequence.shape[1]
 
 
 @torch.no_grad()
@@ -113,7 +113,7 @@ def backbone_steps(model, prompt, steps):
     @torch.no_grad()
     def run():
         for _ in range(steps):
-            model.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, past_key_values=cache)
+            model.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, cache=cache)
             cache.crop(-num_slots)
 
     return run

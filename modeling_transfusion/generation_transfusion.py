@@ -237,7 +237,7 @@ def denoise_images(
             inputs_embeds=embeds,
             attention_mask=mask,
             position_ids=slot_positions,
-            past_key_values=branch,
+            cache=branch,
             use_cache=True,
         ).last_hidden_state
         branch.crop(-num_slots)
@@ -283,7 +283,7 @@ def commit_images(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=slot_positions,
-        past_key_values=cache,
+        cache=cache,
         image_latents=latents,
         use_cache=True,
         logits_to_keep=1,
@@ -428,8 +428,9 @@ def transfusion_decode(
     num_slots = config.num_image_tokens
     boi, eoi = config.boi_token_id, config.eoi_token_id
     device = input_ids.device
-    pad_token = generation_config._pad_token_tensor
-    pad_token_id = None if pad_token is None else int(pad_token.flatten()[0])
+    pad_token_id = generation_config.pad_token_id
+    if isinstance(pad_token_id, list | tuple):
+        pad_token_id = pad_token_id[0] if pad_token_id else None
     filler = eoi if pad_token_id is None else pad_token_id
     max_new_tokens = generation_config.max_length - prompt_length
     if generation_mode == "image" and max_new_tokens < num_slots + 2:
@@ -460,8 +461,9 @@ def transfusion_decode(
     images_opened = torch.zeros(batch_size, dtype=torch.long, device=device)
     row_latents = [[] for _ in range(batch_size)]
 
-    outputs = model._prefill(input_ids, generation_config, model_kwargs)
-    cache = outputs.past_key_values
+    prefill_inputs = model.prepare_inputs_for_generation(input_ids, is_first_iteration=True, **model_kwargs)
+    outputs = model(**prefill_inputs, return_dict=True)
+    cache = outputs.cache
     next_logits = outputs.logits[:, -1].to(copy=True, dtype=torch.float32)  # [batch, vocab]: what each row samples
 
     def open_images(opened: torch.BoolTensor):
@@ -535,7 +537,7 @@ def transfusion_decode(
             input_ids=next_tokens[:, None],
             attention_mask=batch.attention_mask,
             position_ids=batch.positions[:, None],
-            past_key_values=cache,
+            cache=cache,
             use_cache=True,
             logits_to_keep=1,
             **output_flags,
@@ -561,7 +563,7 @@ def transfusion_decode(
         logits=raw_logits,
         attentions=attentions,
         hidden_states=hidden_states,
-        past_key_values=cache,
+        cache=cache,
         images=images,
         image_latents=row_latents,
     )

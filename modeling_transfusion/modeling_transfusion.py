@@ -21,7 +21,7 @@ from torch import nn
 from transformers import AutoModel, PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
-from transformers.modeling_outputs import BaseModelOutputWithPast, ModelOutput
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.utils import logging
 from transformers.utils.generic import can_return_tuple
 
@@ -52,25 +52,20 @@ class TransfusionModelOutputWithPast(BaseModelOutputWithPast):
 
 
 @dataclass
-class TransfusionCausalLMOutputWithPast(ModelOutput):
+class TransfusionCausalLMOutputWithPast(CausalLMOutputWithPast):
     r"""
-    Outputs of [`TransfusionForConditionalGeneration`].
+    Outputs of [`TransfusionForConditionalGeneration`]: those of a causal LM (`loss`, `logits`, the cache, hidden
+    states, attentions) plus the two loss terms and the diffusion head's outputs.
 
     loss (`torch.FloatTensor` of shape `()`, returned when `labels` is given):
         `lm_loss + config.diffusion_loss_weight * diffusion_loss`.
     lm_loss (`torch.FloatTensor` of shape `()`): next-token cross-entropy over the text targets.
     diffusion_loss (`torch.FloatTensor` of shape `()`): mean squared error per image, averaged over the images.
-    logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`): LM head scores.
     diffusion_prediction, diffusion_target, image_timesteps: as in [`TransfusionModelOutputWithPast`].
     """
 
-    loss: torch.FloatTensor | None = None
     lm_loss: torch.FloatTensor | None = None
     diffusion_loss: torch.FloatTensor | None = None
-    logits: torch.FloatTensor | None = None
-    past_key_values: Cache | None = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    attentions: tuple[torch.FloatTensor, ...] | None = None
     diffusion_prediction: torch.FloatTensor | None = None
     diffusion_target: torch.FloatTensor | None = None
     image_timesteps: torch.Tensor | None = None
@@ -231,7 +226,6 @@ class TransfusionPreTrainedModel(PreTrainedModel):
     # Flash-attention kernels cannot express bidirectional attention inside an image: they would silently go causal.
     _supports_flash_attn = False
     _can_compile_fullgraph = False
-    _skip_keys_device_placement = ["past_key_values"]
     _keep_in_fp32_modules_strict = ["vae"]
     # The diffusion term is a mean over images, so Trainer must average micro-batches itself under accumulation.
     accepts_loss_kwargs = False
@@ -384,7 +378,7 @@ class TransfusionModel(TransfusionPreTrainedModel):
         inputs_embeds: torch.Tensor,
         input_ids: torch.LongTensor | None,
         attention_mask: torch.Tensor | None,
-        past_key_values: Cache | None,
+        cache: Cache | None,
         position_ids: torch.LongTensor | None,
         unconditional_images: torch.BoolTensor | None = None,
     ):
@@ -395,21 +389,21 @@ class TransfusionModel(TransfusionPreTrainedModel):
         if input_ids is not None and (input_ids == self.config.image_token_id).any():
             image_locations = self.locate_images(input_ids)
         return self._hybrid_mask(
-            inputs_embeds, image_locations, attention_mask, past_key_values, position_ids, unconditional_images
+            inputs_embeds, image_locations, attention_mask, cache, position_ids, unconditional_images
         )
 
     def _hybrid_mask(
-        self, inputs_embeds, image_locations, attention_mask, past_key_values, position_ids, unconditional_images
+        self, inputs_embeds, image_locations, attention_mask, cache, position_ids, unconditional_images
     ):
         """[`~TransfusionModel.get_attention_mask`] for images already located (`(rows, starts)` or `None`)."""
         if attention_mask is not None and attention_mask.dim() == 4:
             return attention_mask
-        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        past_length = cache.get_seq_length() if cache is not None else 0
         mask_kwargs = {
             "config": self.model.config,
             "inputs_embeds": inputs_embeds,
             "attention_mask": attention_mask,
-            "past_key_values": past_key_values,
+            "cache": cache,
             "position_ids": position_ids,
         }
         if image_locations is not None:
@@ -433,7 +427,7 @@ class TransfusionModel(TransfusionPreTrainedModel):
             return mask
         return {"full_attention": mask, "sliding_attention": create_sliding_window_causal_mask(**mask_kwargs)}
 
-    def _check_text_inputs(self, input_ids, attention_mask, past_key_values):
+    def _check_text_inputs(self, input_ids, attention_mask, cache):
         """Turns the mistakes that would otherwise fail deep inside torch into errors that say what is wrong."""
         if input_ids is None:
             return
@@ -449,7 +443,7 @@ class TransfusionModel(TransfusionPreTrainedModel):
                 f"{int(input_ids.max())}. Was the tokenizer extended without `model.resize_token_embeddings`?"
             )
         if attention_mask is not None and attention_mask.dim() == 2:
-            past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+            past_length = cache.get_seq_length() if cache is not None else 0
             expected = (input_ids.shape[0], past_length + input_ids.shape[1])
             if tuple(attention_mask.shape) != expected:
                 raise ValueError(
@@ -463,7 +457,7 @@ class TransfusionModel(TransfusionPreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         pixel_values: torch.FloatTensor | None = None,
         image_latents: torch.FloatTensor | None = None,
@@ -495,7 +489,7 @@ class TransfusionModel(TransfusionPreTrainedModel):
             raise ValueError("Pass only one of pixel_values, image_latents and noisy_image_latents.")
         if noisy_image_latents is not None and image_noise is not None:
             raise ValueError("noisy_image_latents are already noised: image_noise cannot be added to them.")
-        self._check_text_inputs(input_ids, attention_mask, past_key_values)
+        self._check_text_inputs(input_ids, attention_mask, cache)
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
 
@@ -544,13 +538,13 @@ class TransfusionModel(TransfusionPreTrainedModel):
 
         image_locations = None if rows is None else (rows, starts)
         mask = self._hybrid_mask(
-            inputs_embeds, image_locations, attention_mask, past_key_values, position_ids, unconditional_images
+            inputs_embeds, image_locations, attention_mask, cache, position_ids, unconditional_images
         )
         outputs = self.model(
             inputs_embeds=inputs_embeds,
             attention_mask=mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             use_cache=use_cache,
             **kwargs,
         )
@@ -561,7 +555,7 @@ class TransfusionModel(TransfusionPreTrainedModel):
             diffusion_prediction = self.patch_decoder(image_hidden, encoder_state)
         return TransfusionModelOutputWithPast(
             last_hidden_state=outputs.last_hidden_state,
-            past_key_values=outputs.past_key_values,
+            cache=outputs.cache,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             diffusion_prediction=diffusion_prediction,
@@ -646,7 +640,7 @@ class TransfusionForConditionalGeneration(TransfusionModel, TransfusionGeneratio
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         pixel_values: torch.FloatTensor | None = None,
         image_latents: torch.FloatTensor | None = None,
@@ -685,7 +679,7 @@ class TransfusionForConditionalGeneration(TransfusionModel, TransfusionGeneratio
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             inputs_embeds=inputs_embeds,
             pixel_values=pixel_values,
             image_latents=image_latents,
@@ -727,7 +721,7 @@ class TransfusionForConditionalGeneration(TransfusionModel, TransfusionGeneratio
             lm_loss=lm_loss,
             diffusion_loss=diffusion_loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
+            cache=outputs.cache,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             diffusion_prediction=outputs.diffusion_prediction,

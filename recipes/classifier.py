@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
-from scipy import linalg
 from torch import nn
 
 CLASSIFIER_WEIGHTS = "classifier.safetensors"
@@ -138,12 +137,11 @@ def frechet_distance(features_a: np.ndarray | torch.Tensor, features_b: np.ndarr
         raise ValueError("Each feature set needs at least two samples.")
     mean_a, mean_b = a.mean(0), b.mean(0)
     cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    root, _ = linalg.sqrtm(cov_a @ cov_b, disp=False)
-    if not np.isfinite(root).all():
-        offset = np.eye(len(cov_a)) * 1e-6
-        root = linalg.sqrtm((cov_a + offset) @ (cov_b + offset))
-    root = root.real
-    return float(((mean_a - mean_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * root))
-
+    # tr((S_a S_b)^(1/2)) = sum of the square roots of the eigenvalues of the symmetric S_a^(1/2) S_b S_a^(1/2), so two
+    # symmetric eigendecompositions give it exactly, without a general matrix square root.
+    values, vectors = np.linalg.eigh(cov_a)
+    root_a = (vectors * np.sqrt(values.clip(min=0))) @ vectors.T
+    trace_root = np.sqrt(np.linalg.eigvalsh(root_a @ cov_b @ root_a).clip(min=0)).sum()
+    return float(((mean_a - mean_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * trace_root)
 
 __all__ = ["ClassifierConfig", "JudgeCNN", "train_classifier", "predict", "frechet_distance"]

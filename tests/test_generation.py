@@ -219,7 +219,7 @@ def test_denoising_step_equals_uncached_forward(model, guidance):
 def test_cache_is_rolled_back_after_denoising(model):
     prompt = torch.tensor([[5, 6, 7, BOI]])
     out = generate(model, prompt, generation_mode="image", num_inference_steps=3)
-    assert out.past_key_values.get_seq_length() == prompt.shape[1] + NUM_SLOTS + 1
+    assert out.cache.get_seq_length() == prompt.shape[1] + NUM_SLOTS + 1
     assert out.sequences.shape[1] == prompt.shape[1] + NUM_SLOTS + 1
 
 
