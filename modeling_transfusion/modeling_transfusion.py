@@ -392,9 +392,7 @@ class TransfusionModel(TransfusionPreTrainedModel):
             inputs_embeds, image_locations, attention_mask, cache, position_ids, unconditional_images
         )
 
-    def _hybrid_mask(
-        self, inputs_embeds, image_locations, attention_mask, cache, position_ids, unconditional_images
-    ):
+    def _hybrid_mask(self, inputs_embeds, image_locations, attention_mask, cache, position_ids, unconditional_images):
         """[`~TransfusionModel.get_attention_mask`] for images already located (`(rows, starts)` or `None`)."""
         if attention_mask is not None and attention_mask.dim() == 4:
             return attention_mask

@@ -144,4 +144,5 @@ def frechet_distance(features_a: np.ndarray | torch.Tensor, features_b: np.ndarr
     trace_root = np.sqrt(np.linalg.eigvalsh(root_a @ cov_b @ root_a).clip(min=0)).sum()
     return float(((mean_a - mean_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * trace_root)
 
+
 __all__ = ["ClassifierConfig", "JudgeCNN", "train_classifier", "predict", "frechet_distance"]
