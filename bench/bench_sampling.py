@@ -69,12 +69,12 @@ def sample_uncached(model, prompt, steps):
     latents = torch.randn(shape, generator=torch.Generator().manual_seed(0))
     slots = torch.full((1, config.num_image_tokens), IMAGE)
     sequence = torch.cat([prompt, torch.tensor([[BOI]]), slots], dim=-1)
+    positions = prompt.shape[1] + 1 + torch.arange(config.num_image_tokens)[None]
     for timestep in scheduler.timesteps:
         model_input = scheduler.scale_model_input(latents, timestep)
-        out = model(
-            input_ids=sequence, noisy_image_latents=model_input, image_timesteps=timestep[None], use_cache=False
-        )
-        latents = scheduler.step(out.diffusion_prediction, timestep, latents).prev_sample
+        cache, _ = prefill(model, prompt)  # prompt and <boi> recomputed at every step
+        prediction = model.model.denoise_step(model_input, timestep[None], cache, positions)
+        latents = scheduler.step(prediction, timestep, latents).prev_sample
     model(input_ids=torch.cat([sequence, torch.tensor([[EOI]])], dim=-1), image_latents=latents, use_cache=False)
     return latents
 
@@ -108,12 +108,12 @@ def backbone_steps(model, prompt, steps):
     slots = torch.full((1, num_slots), IMAGE)
     embeds = model.get_input_embeddings()(slots)
     positions = torch.arange(length, length + num_slots)[None]
-    mask = model.get_attention_mask(embeds, slots, None, cache, positions)  # built once: the cheapest possible
+    mask = model.model.get_attention_mask(embeds, slots == IMAGE, None, cache, positions)  # built once: cheapest
 
     @torch.no_grad()
     def run():
         for _ in range(steps):
-            model.model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, cache=cache)
+            model.model.language_model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, cache=cache)
             cache.crop(-num_slots)
 
     return run

@@ -49,7 +49,7 @@ def build_model() -> TransfusionForConditionalGeneration:
     )
     torch.manual_seed(0)
     model = TransfusionForConditionalGeneration(config).eval()
-    torch.nn.init.normal_(model.patch_decoder.proj.weight, std=0.02)
+    torch.nn.init.normal_(model.model.patch_decoder.proj.weight, std=0.02)
     return model
 
 

@@ -20,7 +20,7 @@ from .checkpoint import prepare_output_dir, quiet_loading, save_checkpoint, vae_
 from .report import ConversionReport
 
 # Prefixes of the parameters that Transfusion adds to a causal LM.
-IMAGE_LAYER_PREFIXES = ("patch_encoder.", "patch_decoder.", "vae.")
+IMAGE_LAYER_PREFIXES = ("model.patch_encoder.", "model.patch_decoder.", "model.vae.")
 PROBE_TEXT = "The quick brown fox jumps over the lazy dog. Transfusion reads and writes text and images."
 # Largest logit difference (relative to the logits' scale) the text check accepts: the backbone computes the same
 # thing, but through a prebuilt attention mask, which may change the order of floating point operations.
@@ -139,9 +139,9 @@ def convert_from_llm(
         )
     if vae is not None:
         model.vae.load_state_dict(vae.state_dict())
-        report.replaced = sorted(f"vae.{name}" for name in vae.state_dict())
+        report.replaced = sorted(f"model.vae.{name}" for name in vae.state_dict())
     report.kept = sorted(set(model.state_dict()) - set(missing))
-    report.initialised = [f"{name} (new image layer)" for name in missing if not name.startswith("vae.")]
+    report.initialised = [f"{name} (new image layer)" for name in missing if not name.startswith("model.vae.")]
     report.dropped = sorted(info["unexpected_keys"])
 
     old_vocab = model.get_input_embeddings().num_embeddings

@@ -14,8 +14,10 @@ from diffusers import AutoencoderKL
 from ..configuration_transfusion import TransfusionConfig
 from ..modeling_transfusion import TransfusionForConditionalGeneration
 from ..processing import TransfusionProcessor
-from .checkpoint import load_checkpoint, prepare_output_dir, quiet_loading, save_checkpoint, vae_config_dict
+from .checkpoint import load_checkpoint, prepare_output_dir, save_checkpoint, vae_config_dict
 from .report import ConversionReport
+
+VAE_PREFIX = "model.vae."
 
 
 def convert_from_vae(
@@ -80,7 +82,7 @@ def convert_from_vae(
     expected = _expected_shapes(config)
     keep = {}
     for name, shape in expected.items():
-        if name.startswith("vae."):
+        if name.startswith(VAE_PREFIX):
             continue
         old = old_state.get(name)
         if old is not None and tuple(old.shape) == shape:
@@ -90,15 +92,13 @@ def convert_from_vae(
             report.initialised.append(f"{name} {shape} (new)")
         else:
             report.initialised.append(f"{name} {tuple(old.shape)} -> {shape} (shape changed)")
-    with quiet_loading():  # the VAE and re-initialised layers are "missing" here; the report says what happened
-        model = TransfusionForConditionalGeneration.from_pretrained(
-            None, config=config, state_dict=keep, dtype=old_model.dtype
-        )
+    model = TransfusionForConditionalGeneration(config).to(old_model.dtype)
+    model.load_state_dict(keep, strict=False)  # the VAE and re-initialised layers: the report says what happened
     if vae is not None:
         model.vae.load_state_dict(vae.state_dict())
     model.generation_config = old_model.generation_config
-    report.replaced = sorted(name for name in expected if name.startswith("vae."))
-    report.dropped = sorted(name for name in old_state if name.startswith("vae."))
+    report.replaced = sorted(name for name in expected if name.startswith(VAE_PREFIX))
+    report.dropped = sorted(name for name in old_state if name.startswith(VAE_PREFIX))
 
     report.notes.append(_describe_geometry("before", old_config))
     report.notes.append(_describe_geometry("after", config))

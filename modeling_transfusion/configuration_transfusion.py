@@ -1,24 +1,14 @@
 """Transfusion model configuration."""
 
-import dataclasses
 import math
 
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
-# Keys that transformers, peft and the Hub write into config.json besides the config's own fields.
-_BOOKKEEPING_KEYS = {
-    "model_type",
-    "auto_map",
-    "custom_pipelines",
-    "torch_dtype",
-    "_name_or_path",
-    "_commit_hash",
-    "attn_implementation",
-    "output_attentions",
-    "use_cache",
-}
+# The checkpoint format this release writes and reads. Raise it when a config field changes what a checkpoint means in
+# a way an older release would silently ignore; such a checkpoint is then refused by older releases with a clear error.
+FORMAT_VERSION = 1
 
 
 @strict
@@ -37,8 +27,9 @@ class TransfusionConfig(PreTrainedConfig):
             Height and width, in pixels, of the square images the model reads and writes.
         num_channels (`int`, *optional*, defaults to 3):
             Channels of those images (1 for grey, 3 for RGB).
-        latent_channels (`int`, *optional*, defaults to 4):
-            Channels of the autoencoder latent.
+        latent_channels (`int`, *optional*):
+            Channels of the autoencoder latent: the VAE's `latent_channels` (4 if its config does not say), or
+            `num_channels` without a VAE.
         patch_size (`int`, *optional*, defaults to 2):
             Side of the square of latent pixels folded into one sequence position.
         patch_encoder (`str`, *optional*, defaults to `"linear"`):
@@ -69,6 +60,11 @@ class TransfusionConfig(PreTrainedConfig):
             Id of `<image>`, the placeholder of one patch.
         tie_word_embeddings (`bool`, *optional*, defaults to `False`):
             Whether the LM head shares the input embedding matrix (copied from `text_config` when it ties).
+        format_version (`int`, *optional*, defaults to `FORMAT_VERSION`):
+            Version of the checkpoint format. A config written by a newer release of `modeling_transfusion`, in a
+            format this one cannot read, is refused with an error that says to upgrade.
+
+    Keys this class does not declare are kept as attributes and saved again, as for any transformers config.
 
     Example:
 
@@ -92,7 +88,7 @@ class TransfusionConfig(PreTrainedConfig):
     vae_config: dict | None = None
     image_size: int = 32
     num_channels: int = 3
-    latent_channels: int = 4
+    latent_channels: int | None = None
     patch_size: int = 2
     patch_encoder: str = "linear"
     unet_block_out_channels: list[int] | None = None
@@ -106,8 +102,16 @@ class TransfusionConfig(PreTrainedConfig):
     eoi_token_id: int = 1
     image_token_id: int = 2
     tie_word_embeddings: bool = False
+    format_version: int = FORMAT_VERSION
 
     def __post_init__(self, **kwargs):
+        if self.format_version > FORMAT_VERSION:
+            raise ValueError(
+                f"This Transfusion config has format_version={self.format_version}, written by a newer release of "
+                f"modeling_transfusion; this release reads up to {FORMAT_VERSION}. Upgrade modeling_transfusion."
+            )
+        if self.latent_channels is None:
+            self.latent_channels = self.vae_config.get("latent_channels", 4) if self.vae_config else self.num_channels
         if self.objective not in ("ddpm", "flow"):
             raise ValueError(f"Unknown objective {self.objective!r}: choose 'ddpm' (epsilon, cosine) or 'flow'.")
         if self.patch_encoder not in ("linear", "unet"):
@@ -182,20 +186,6 @@ class TransfusionConfig(PreTrainedConfig):
                 raise ValueError(f"{name}={value} lies outside the vocabulary of the text model (size {vocab_size}).")
         if len(set(ids.values())) != 3:
             raise ValueError(f"<boi>, <eoi> and <image> need three distinct ids, got {ids}.")
-
-    @classmethod
-    def from_dict(cls, config_dict: dict, **kwargs):
-        """As `PreTrainedConfig.from_dict`, but keys this version does not know are an error rather than silently
-        ignored: a config written by a newer version may rely on behaviour this one lacks."""
-        known = {field.name for field in dataclasses.fields(cls)} | _BOOKKEEPING_KEYS
-        unknown = sorted(set(config_dict) - known)
-        if unknown:
-            raise ValueError(
-                f"This Transfusion config has keys this version of modeling_transfusion does not know: {unknown} "
-                f"(written with transformers {config_dict.get('transformers_version', '?')}). Upgrade "
-                "modeling_transfusion, or remove those keys if you know they can be ignored."
-            )
-        return super().from_dict(config_dict, **kwargs)
 
     @property
     def vae_downsample_factor(self) -> int:

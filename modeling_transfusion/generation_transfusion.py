@@ -1,11 +1,12 @@
-"""Generation for Transfusion: text by next-token sampling, images by a diffusion loop over the KV cache.
+"""Generation for Transfusion: text by next-token decoding, images by a diffusion loop over the KV cache.
 
-[`TransfusionGenerationMixin.generate`] is transformers' `generate` with the decoding loop [`transfusion_decode`]
-plugged in through the `custom_generate` hook, so generation configs, logits processors, stopping criteria, streamers
-and `return_dict_in_generate` behave as for any causal LM. The loop samples text until a row samples `<boi>`. That
-row then denoises its image (arXiv 2408.11039, section 3): at every scheduler step the N `<image>` slots run against
-the cached prefix and their keys and values are dropped again; the clean image (timestep 0) and `<eoi>` are then
-written to the cache once, and text resumes.
+[`TransfusionGenerationMixin.generate`] is transformers' `generate`. In `generation_mode="text"` it is exactly the
+causal-LM decoding of transformers (greedy, sampling, beam search, `use_cache=False`, `inputs_embeds`, every logits
+processor and stopping criterion), with `<boi>` never sampled; images may be in the prompt. In `"image"` and
+`"interleaved"` mode the decoding loop [`transfusion_decode`] is plugged in through the `custom_generate` hook: it
+samples text until a row samples `<boi>`. That row then denoises its image (arXiv 2408.11039, section 3): at every
+scheduler step the N `<image>` slots run against the cached prefix and their keys and values are dropped again; the
+clean image (timestep 0) and `<eoi>` are then written to the cache once, and text resumes.
 
 Rows of a batch that open images at different steps wait for each other: while some rows denoise, the others are
 still, and when the image is committed they receive N + 1 masked filler slots (attention mask 0, positions not
@@ -14,41 +15,24 @@ advanced), which are removed from the returned sequences. Every row therefore se
 
 import functools
 import inspect
+import math
 from dataclasses import dataclass
 
 import torch
-from diffusers import (
-    DDIMScheduler,
-    DDPMScheduler,
-    DPMSolverMultistepScheduler,
-    FlowMatchEulerDiscreteScheduler,
-    SchedulerMixin,
-)
+from diffusers import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
-from transformers import GenerationMixin
+from transformers import GenerationMixin, LogitsProcessorList, SuppressTokensLogitsProcessor
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from transformers.generation.stopping_criteria import MaxLengthCriteria, StoppingCriteriaList, StopStringCriteria
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 from transformers.utils import logging
 
+from .diffusion_transfusion import sampling_scheduler
+
 GENERATION_MODES = ("interleaved", "text", "image")
 DEFAULT_NUM_INFERENCE_STEPS = 50
-
-# name -> (objective it samples, scheduler class, settings that differ from the training scheduler's config)
-# Latents are not bounded like pixels, so x_0 is never clipped. Sampling starts at the "leading" timestep (980 of 1000
-# for 50 steps), not at 999: the capped cosine schedule has alphas_cumprod[999] ~ 2e-9 there, where an epsilon
-# prediction determines x_0 only up to a factor 1 / sqrt(2e-9), so any model error would be blown up.
-SAMPLING_SCHEDULERS = {
-    "ddpm": ("ddpm", DDPMScheduler, {"clip_sample": False, "timestep_spacing": "leading"}),
-    "ddim": ("ddpm", DDIMScheduler, {"clip_sample": False, "timestep_spacing": "leading", "set_alpha_to_one": True}),
-    "dpmsolver++": (
-        "ddpm",
-        DPMSolverMultistepScheduler,
-        {"algorithm_type": "dpmsolver++", "timestep_spacing": "leading", "final_sigmas_type": "zero"},
-    ),
-    "flow_euler": ("flow", FlowMatchEulerDiscreteScheduler, {}),
-}
-DEFAULT_SAMPLING_SCHEDULERS = {"ddpm": "ddim", "flow": "flow_euler"}
+# Arguments that only image sampling reads; `generate` also takes each from the generation config.
+IMAGE_ARGUMENTS = ("max_new_images", "scheduler", "num_inference_steps", "image_guidance_scale", "progress_bar")
 
 GeneratorArg = torch.Generator | list[torch.Generator] | None
 
@@ -75,64 +59,24 @@ class TransfusionGenerateOutput(GenerateDecoderOnlyOutput):
     image_latents: list[list[torch.FloatTensor]] | None = None
 
 
-def sampling_scheduler(
-    noise_scheduler: SchedulerMixin, objective: str, scheduler: str | SchedulerMixin | None = None
-) -> SchedulerMixin:
-    """Returns a fresh diffusers scheduler that samples images for a model trained with `noise_scheduler`.
-
-    Args:
-        noise_scheduler (`SchedulerMixin`): the training scheduler (`model.noise_scheduler`).
-        objective (`str`): `model.config.objective`, `"ddpm"` or `"flow"`.
-        scheduler (`str` or `SchedulerMixin`, *optional*): a name from `SAMPLING_SCHEDULERS` (`"ddpm"`, `"ddim"`,
-            `"dpmsolver++"` for `ddpm`; `"flow_euler"` for `flow`), or a scheduler instance, which is checked against
-            the training schedule and copied (its state is not touched). Defaults to `"ddim"` / `"flow_euler"`.
-    """
-    if scheduler is None:
-        scheduler = DEFAULT_SAMPLING_SCHEDULERS[objective]
-    if isinstance(scheduler, str):
-        if scheduler not in SAMPLING_SCHEDULERS:
-            raise ValueError(
-                f"Unknown scheduler {scheduler!r}: choose one of {sorted(SAMPLING_SCHEDULERS)} or pass a diffusers "
-                "scheduler instance."
-            )
-        scheduler_objective, scheduler_class, settings = SAMPLING_SCHEDULERS[scheduler]
-        if scheduler_objective != objective:
-            fitting = sorted(name for name, spec in SAMPLING_SCHEDULERS.items() if spec[0] == objective)
-            raise ValueError(
-                f"scheduler={scheduler!r} samples the {scheduler_objective!r} objective, but this model was trained "
-                f"with objective={objective!r}: use one of {fitting}."
-            )
-        return scheduler_class.from_config(noise_scheduler.config, **settings)
-    if not isinstance(scheduler, SchedulerMixin):
-        raise TypeError(f"scheduler must be a name or a diffusers scheduler, got {type(scheduler).__name__}.")
-    _check_scheduler(scheduler, noise_scheduler, objective)
-    return type(scheduler).from_config(scheduler.config)
+def _integer(value, name: str, minimum: int) -> int:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | torch.SymInt)
+        and not (isinstance(value, float) and value.is_integer())
+    ):
+        raise TypeError(f"{name} must be an integer, got {value!r}.")
+    if value < minimum:
+        raise ValueError(f"{name} must be at least {minimum}, got {value}.")
+    return int(value)
 
 
-def _check_scheduler(scheduler: SchedulerMixin, noise_scheduler: SchedulerMixin, objective: str):
-    name = type(scheduler).__name__
-    is_flow = name.startswith("FlowMatch")
-    if objective == "flow" and not is_flow:
-        raise ValueError(f"{name} cannot sample a model trained with objective='flow': use a FlowMatch scheduler.")
-    if objective == "ddpm" and (is_flow or not hasattr(scheduler, "alphas_cumprod")):
-        raise ValueError(f"{name} cannot sample a model trained with objective='ddpm': use a DDPM-family scheduler.")
-    train_steps, steps = noise_scheduler.config.num_train_timesteps, scheduler.config.num_train_timesteps
-    if steps != train_steps:
-        raise ValueError(f"{name} has num_train_timesteps={steps}, but the model was trained with {train_steps}.")
-    if objective == "flow":
-        if scheduler.config.get("use_dynamic_shifting", False):
-            raise ValueError(f"{name} uses dynamic shifting, which needs a `mu` this model does not define.")
-        return
-    if scheduler.config.get("prediction_type", "epsilon") != "epsilon":
-        raise ValueError(
-            f"{name} has prediction_type={scheduler.config.prediction_type!r}; the model predicts 'epsilon'."
-        )
-    if scheduler.config.get("clip_sample", False):
-        raise ValueError(
-            f"{name} has clip_sample=True, which clips latents to [-1, 1]: build it with clip_sample=False."
-        )
-    if not torch.allclose(scheduler.alphas_cumprod, noise_scheduler.alphas_cumprod, atol=1e-6):
-        raise ValueError(f"{name} has another noise schedule (alphas_cumprod) than the one the model was trained on.")
+def _finite_float(value, name: str, minimum: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be a number, got {value!r}.")
+    if not math.isfinite(value) or value < minimum:
+        raise ValueError(f"{name} must be a finite number >= {minimum:g}, got {value}.")
+    return float(value)
 
 
 @dataclass
@@ -144,6 +88,25 @@ class ImageSamplingOptions:
     guidance_scale: float
     generator: GeneratorArg
     progress_bar: bool
+
+    @classmethod
+    def resolve(cls, model, generation_config, batch_size: int, generator: GeneratorArg = None, **arguments):
+        """Takes each image argument from `arguments`, else from the generation config, else its default, and checks
+        its type and value (an error names the argument)."""
+
+        def value(name, default):
+            given = arguments.get(name)
+            given = getattr(generation_config, name, None) if given is None else given
+            return default if given is None else given
+
+        steps = _integer(value("num_inference_steps", DEFAULT_NUM_INFERENCE_STEPS), "num_inference_steps", 1)
+        guidance = _finite_float(value("image_guidance_scale", 1.0), "image_guidance_scale", 0.0)
+        if isinstance(generator, list | tuple):
+            generator = list(generator)
+            if len(generator) != batch_size:
+                raise ValueError(f"Got {len(generator)} generators for a batch of {batch_size} rows: pass one per row.")
+        scheduler = sampling_scheduler(model.noise_scheduler, model.config.objective, value("scheduler", None))
+        return cls(scheduler, steps, guidance, generator, bool(value("progress_bar", True)))
 
     def generators_for(self, rows: list[int]) -> GeneratorArg:
         """The generator(s) that draw the noise of `rows`: one per row for a list, the shared one otherwise."""
@@ -165,7 +128,7 @@ def denoise_images(
     options: ImageSamplingOptions,
 ) -> torch.FloatTensor:
     """Samples one image for each row in `rows`, whose last cached token is `<boi>`, by running the diffusion loop
-    against the cached prefix. The cache is left as it was.
+    against the cached prefix ([`TransfusionModel.denoise_step`] per scheduler step). The cache is left as it was.
 
     Args:
         cache (`Cache`): the KV cache of the whole batch, ending with the `<boi>` of `rows`.
@@ -175,7 +138,7 @@ def denoise_images(
     Returns:
         `torch.FloatTensor` of shape `(len(rows), latent_channels, latent_size, latent_size)`: the clean latents.
     """
-    config = model.config
+    config, transfusion = model.config, model.model
     num_slots, num_rows = config.num_image_tokens, len(rows)
     device = positions.device
     guided = options.guidance_scale != 1.0
@@ -194,20 +157,23 @@ def denoise_images(
     if attention_mask is not None:
         step_mask = attention_mask[branch_rows]
         step_mask = torch.cat([step_mask, step_mask.new_ones(len(branch_rows), num_slots)], dim=-1)
-    slots = torch.full((len(branch_rows), num_slots), config.image_token_id, dtype=torch.long, device=device)
     slot_positions = positions[branch_rows, None] + torch.arange(num_slots, device=device)  # [branch_rows, N]
     # The cache is cropped back after every step, so every step has the same mask: build it once (with guidance it
     # costs about half a forward). A mask that is not a tensor (flex attention's BlockMask) is rebuilt per step.
-    slot_embeds = model.get_input_embeddings()(slots)
-    full_mask = model.get_attention_mask(slot_embeds, slots, step_mask, branch, slot_positions, unconditional)
-    mask_is_fixed = isinstance(full_mask, torch.Tensor) and full_mask.dim() == 4  # [branch_rows, 1, N, cache + N]
-    if not mask_is_fixed and device.type == "cpu":
-        # torch's CPU flex-attention kernel fails to compile for N slots against a cache (an inductor C++ error).
-        raise NotImplementedError(
-            "Image generation with attn_implementation='flex_attention' does not run on CPU (torch's CPU flex "
-            "kernel cannot compile the image step). Load the model with attn_implementation='sdpa' to generate "
-            "images on CPU; flex attention works here for training forwards and text generation."
-        )
+    slot_embeds = model.get_input_embeddings().weight.new_empty(
+        len(branch_rows), num_slots, config.text_config.hidden_size
+    )
+    all_slots = torch.ones(slot_embeds.shape[:2], dtype=torch.bool, device=device)
+    mask = transfusion.get_attention_mask(slot_embeds, all_slots, step_mask, branch, slot_positions, unconditional)
+    if not (isinstance(mask, torch.Tensor) and mask.dim() == 4):
+        if device.type == "cpu":
+            # torch's CPU flex-attention kernel fails to compile for N slots against a cache (an inductor C++ error).
+            raise NotImplementedError(
+                "Image generation with attn_implementation='flex_attention' does not run on CPU (torch's CPU flex "
+                "kernel cannot compile the image step). Load the model with attn_implementation='sdpa' to generate "
+                "images on CPU; flex attention works here for training forwards and text generation."
+            )
+        mask = step_mask
 
     scheduler = type(options.scheduler).from_config(options.scheduler.config)  # fresh state for every image
     scheduler.set_timesteps(options.num_inference_steps, device=device)
@@ -225,23 +191,10 @@ def denoise_images(
             model_input = scheduler.scale_model_input(latents, timestep)
         if guided:
             model_input = torch.cat([model_input, model_input])
-        # The step's tokens are all image slots: their embeddings are the patch encoder's output, so the step goes
-        # straight through patch encoder, backbone and patch decoder (what `model.forward` would do for these inputs,
-        # without locating images, scattering embeddings or the LM head).
-        embeds, encoder_state = model.patch_encoder(model_input, timestep.expand(len(branch_rows)).to(device))
-        embeds = embeds.to(slot_embeds.dtype)
-        mask = full_mask
-        if not mask_is_fixed:
-            mask = model.get_attention_mask(embeds, slots, step_mask, branch, slot_positions, unconditional)
-        hidden = model.model(
-            inputs_embeds=embeds,
-            attention_mask=mask,
-            position_ids=slot_positions,
-            cache=branch,
-            use_cache=True,
-        ).last_hidden_state
-        branch.crop(-num_slots)
-        prediction = model.patch_decoder(hidden, encoder_state).float()  # [branch_rows, C, h, w]
+        timesteps = timestep.expand(len(branch_rows)).to(device)
+        prediction = transfusion.denoise_step(
+            model_input, timesteps, branch, slot_positions, mask, unconditional_images=unconditional
+        ).float()  # [branch_rows, C, h, w]
         if guided:
             conditional, unconditional_prediction = prediction.chunk(2)
             prediction = unconditional_prediction + options.guidance_scale * (conditional - unconditional_prediction)
@@ -363,11 +316,186 @@ def _forbid(scores: torch.FloatTensor, may_open: torch.BoolTensor, config) -> to
     return scores
 
 
-def _resolve(value, generation_config, name: str, default):
-    if value is not None:
-        return value
-    configured = getattr(generation_config, name, None)
-    return default if configured is None else configured
+class InterleavedDecoding:
+    """The state of one image or interleaved `generate` call, with its steps named: [`~InterleavedDecoding.prefill`]
+    reads the prompt, [`~InterleavedDecoding.sample_text`] chooses each row's next token,
+    [`~InterleavedDecoding.write_text`] runs it through the model, [`~InterleavedDecoding.write_images`] denoises and
+    commits the images of the rows that opened one, and [`~InterleavedDecoding.result`] packs what `generate` returns.
+    """
+
+    def __init__(
+        self,
+        model,
+        input_ids: torch.LongTensor,
+        logits_processor,
+        stopping_criteria,
+        generation_config,
+        streamer,
+        generation_mode: str,
+        max_new_images: int | None,
+        options: ImageSamplingOptions,
+        model_kwargs: dict,
+    ):
+        config = model.config
+        self.model, self.config, self.options = model, config, options
+        self.logits_processor, self.generation_config, self.streamer = logits_processor, generation_config, streamer
+        self.generation_mode, self.max_new_images = generation_mode, max_new_images
+        self.model_kwargs = model_kwargs
+        batch_size, prompt_length = input_ids.shape
+        device = input_ids.device
+        pad_token_id = generation_config.pad_token_id
+        if isinstance(pad_token_id, list | tuple):
+            pad_token_id = pad_token_id[0] if pad_token_id else None
+        self.pad_token_id = pad_token_id
+        self.filler = config.eoi_token_id if pad_token_id is None else pad_token_id
+        self.max_new_tokens = generation_config.max_length - prompt_length
+        # Lengths are enforced per row (a row's fillers do not count), so the batch-wide length criterion is replaced.
+        self.criteria = StoppingCriteriaList(c for c in stopping_criteria if not isinstance(c, MaxLengthCriteria))
+        flags = generation_config.return_dict_in_generate
+        self.scores = () if flags and generation_config.output_scores else None
+        self.raw_logits = () if flags and generation_config.output_logits else None
+        self.attentions = () if flags and generation_config.output_attentions else None
+        self.hidden_states = () if flags and generation_config.output_hidden_states else None
+        self.output_flags = {
+            k: model_kwargs[k] for k in ("output_attentions", "output_hidden_states") if k in model_kwargs
+        }
+
+        attention_mask = model_kwargs.get("attention_mask")
+        position_ids = model_kwargs.get("position_ids")
+        if position_ids is not None:
+            positions = position_ids[:, -1] + 1
+        elif attention_mask is not None:
+            positions = attention_mask.long().sum(-1)
+        else:
+            inputs_embeds = model_kwargs.get("inputs_embeds")
+            length = prompt_length if inputs_embeds is None else inputs_embeds.shape[1]
+            positions = torch.full((batch_size,), length, dtype=torch.long, device=device)
+        self.batch = _Batch(input_ids, torch.ones_like(input_ids, dtype=torch.bool), attention_mask, positions)
+        self.unfinished = torch.ones(batch_size, dtype=torch.bool, device=device)
+        self.new_tokens = torch.zeros(batch_size, dtype=torch.long, device=device)  # per row, fillers excluded
+        self.images_opened = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.row_latents = [[] for _ in range(batch_size)]
+        self.cache = self.outputs = self.next_logits = None
+
+    def prefill(self):
+        """Reads the prompt (and its images) into the cache; a prompt that ends with `<boi>` opens its image."""
+        model_inputs = self.model.prepare_inputs_for_generation(
+            self.batch.input_ids, is_first_iteration=True, **self.model_kwargs
+        )
+        self.outputs = self.model(**model_inputs, return_dict=True)
+        self.cache = self.outputs.cache
+        self.next_logits = self.outputs.logits[:, -1].to(copy=True, dtype=torch.float32)  # [batch, vocab]
+        input_ids = self.batch.input_ids
+        if input_ids.shape[1]:
+            opens_in_prompt = input_ids[:, -1] == self.config.boi_token_id
+            if opens_in_prompt.any():
+                self.write_images(opens_in_prompt)
+
+    def sample_text(self) -> torch.LongTensor:
+        """The next token of every row (`<boi>` in image mode; the filler for finished rows)."""
+        config, unfinished = self.config, self.unfinished
+        if self.generation_mode == "image":  # an unfinished row has not opened its image yet
+            next_scores = torch.full_like(self.next_logits, -float("inf"))
+            next_scores[:, config.boi_token_id] = 0.0
+            next_tokens = torch.where(unfinished, config.boi_token_id, self.filler)
+        else:
+            may_open = unfinished & (self.new_tokens + config.num_image_tokens + 2 <= self.max_new_tokens)
+            if self.max_new_images is not None:
+                may_open &= self.images_opened < self.max_new_images
+            # Constrained before the processors (so top-k / top-p choose among allowed tokens) and after them (so no
+            # processor can bring a forbidden token back).
+            next_scores = _forbid(self.next_logits.clone(), may_open, config)
+            next_scores = _forbid(self.logits_processor(self.batch.view(self.filler), next_scores), may_open, config)
+            next_tokens = _sample_next_tokens(
+                next_scores, self.generation_config.do_sample, unfinished, self.options.generator, self.filler
+            )
+        if self.scores is not None:
+            self.scores += (next_scores,)
+        if self.raw_logits is not None:
+            self.raw_logits += (self.next_logits.clone(),)
+        if self.attentions is not None and getattr(self.outputs, "attentions", None) is not None:
+            self.attentions += (self.outputs.attentions,)
+        if self.hidden_states is not None and getattr(self.outputs, "hidden_states", None) is not None:
+            self.hidden_states += (self.outputs.hidden_states,)
+        return next_tokens
+
+    def write_text(self, next_tokens: torch.LongTensor):
+        """Appends `next_tokens`, stops the rows that are done, and runs the tokens of the others through the model;
+        rows that sampled `<boi>` then write their image."""
+        self.batch.append(next_tokens[:, None], keep=self.unfinished)
+        self.new_tokens += self.unfinished.long()
+        if self.streamer is not None:
+            self.streamer.put(next_tokens.cpu())
+        opened = self.unfinished & (next_tokens == self.config.boi_token_id)
+        # A row that opened an image is not stopped before its image is written.
+        self.unfinished &= ~(self._done() & ~opened)
+        if not self.unfinished.any():
+            return
+        self.outputs = self.model(
+            input_ids=next_tokens[:, None],
+            attention_mask=self.batch.attention_mask,
+            position_ids=self.batch.positions[:, None],
+            cache=self.cache,
+            use_cache=True,
+            logits_to_keep=1,
+            **self.output_flags,
+        )
+        self.batch.positions += 1
+        self.next_logits = self.outputs.logits[:, -1].to(copy=True, dtype=torch.float32)
+        if opened.any():
+            self.write_images(opened)
+
+    def write_images(self, opened: torch.BoolTensor):
+        """Denoises the images of the `opened` rows against the cache and commits them with their `<eoi>`."""
+        if not _croppable(self.cache):
+            raise ValueError(
+                "Image generation rolls the KV cache back after each denoising step, which needs a DynamicCache of "
+                f"full-attention layers; got {type(self.cache).__name__} with {type(self.cache.layers[0]).__name__} "
+                "layers."
+            )
+        batch, num_slots = self.batch, self.config.num_image_tokens
+        rows = opened.nonzero().flatten().tolist()
+        latents = denoise_images(self.model, self.cache, batch.attention_mask, batch.positions, rows, self.options)
+        self.outputs, written, attention_mask = commit_images(
+            self.model, self.cache, batch.attention_mask, batch.positions, rows, latents, self.filler
+        )
+        batch.append(written, keep=opened, attention_mask=attention_mask)
+        batch.positions[rows] += num_slots + 1  # filler rows do not advance
+        self.new_tokens[rows] += num_slots + 1
+        self.images_opened[rows] += 1
+        self.next_logits[rows] = self.outputs.logits[rows, -1].float()
+        for row, image_latents in zip(rows, latents):
+            self.row_latents[row].append(image_latents)
+        if self.streamer is not None:
+            self.streamer.put(written[0].cpu())  # the whole image is one event: N slots and <eoi>
+        done = self._done() | (self.generation_mode == "image")
+        self.unfinished[opened] &= ~done[opened]
+
+    def _done(self) -> torch.BoolTensor:
+        return self.criteria(self.batch.view(self.filler), self.scores) | (self.new_tokens >= self.max_new_tokens)
+
+    def result(self) -> "TransfusionGenerateOutput | torch.LongTensor":
+        """The sequences, or with `return_dict_in_generate` a [`TransfusionGenerateOutput`] with the decoded images."""
+        if self.streamer is not None:
+            self.streamer.end()
+        sequences = self.batch.packed(self.pad_token_id)
+        if not self.generation_config.return_dict_in_generate:
+            return sequences
+        images = [[] for _ in self.row_latents]
+        all_latents = [latents for row in self.row_latents for latents in row]
+        if all_latents:
+            decoded = iter(self.model.decode_latents(torch.stack(all_latents)).float().clamp(-1, 1))
+            images = [[next(decoded) for _ in row] for row in self.row_latents]
+        return TransfusionGenerateOutput(
+            sequences=sequences,
+            scores=self.scores,
+            logits=self.raw_logits,
+            attentions=self.attentions,
+            hidden_states=self.hidden_states,
+            cache=self.cache,
+            images=images,
+            image_latents=self.row_latents,
+        )
 
 
 def transfusion_decode(
@@ -387,190 +515,66 @@ def transfusion_decode(
     progress_bar: bool | None = None,
     **model_kwargs,
 ) -> TransfusionGenerateOutput | torch.LongTensor:
-    """The Transfusion decoding loop, called by `generate` (`custom_generate`) after its usual preparation, with the
-    signature of `GenerationMixin._sample` plus the image arguments documented in
+    """The image and interleaved decoding loop, called by `generate` (`custom_generate`) after its usual
+    preparation, with the signature of `GenerationMixin._sample` plus the image arguments documented in
     [`TransfusionGenerationMixin.generate`]. Returns sequences, or a [`TransfusionGenerateOutput`] with
     `return_dict_in_generate=True`."""
-    config = model.config
-    generation_mode = _resolve(generation_mode, generation_config, "generation_mode", "interleaved")
-    if generation_mode not in GENERATION_MODES:
-        raise ValueError(f"Unknown generation_mode {generation_mode!r}: choose one of {list(GENERATION_MODES)}.")
-    max_new_images = _resolve(max_new_images, generation_config, "max_new_images", None)
-    if max_new_images is not None and max_new_images < 0:
-        raise ValueError(f"max_new_images must be a non-negative integer or None, got {max_new_images}.")
-    guidance_scale = float(_resolve(image_guidance_scale, generation_config, "image_guidance_scale", 1.0))
-    if guidance_scale < 0:
-        raise ValueError(f"image_guidance_scale must be >= 0 (1 means no guidance), got {guidance_scale}.")
-    steps = int(_resolve(num_inference_steps, generation_config, "num_inference_steps", DEFAULT_NUM_INFERENCE_STEPS))
-    if steps < 1:
-        raise ValueError(f"num_inference_steps must be at least 1, got {steps}.")
-    batch_size, prompt_length = input_ids.shape
-    if isinstance(generator, list | tuple):
-        generator = list(generator)
-        if len(generator) != batch_size:
-            raise ValueError(f"Got {len(generator)} generators for a batch of {batch_size} rows: pass one per row.")
-    options = ImageSamplingOptions(
-        scheduler=sampling_scheduler(
-            model.noise_scheduler, config.objective, _resolve(scheduler, generation_config, "scheduler", None)
-        ),
-        num_inference_steps=steps,
-        guidance_scale=guidance_scale,
-        generator=generator,
-        progress_bar=bool(_resolve(progress_bar, generation_config, "progress_bar", True)),
+    generation_mode = generation_mode or getattr(generation_config, "generation_mode", None) or "interleaved"
+    max_new_images = (
+        max_new_images if max_new_images is not None else getattr(generation_config, "max_new_images", None)
+    )
+    if max_new_images is not None:
+        max_new_images = _integer(max_new_images, "max_new_images", 0)
+    batch_size = input_ids.shape[0]
+    options = ImageSamplingOptions.resolve(
+        model,
+        generation_config,
+        batch_size,
+        generator,
+        scheduler=scheduler,
+        num_inference_steps=num_inference_steps,
+        image_guidance_scale=image_guidance_scale,
+        progress_bar=progress_bar,
     )
     if generation_config.num_beams > 1:
-        raise ValueError("Beam search (num_beams > 1) is not supported: Transfusion generation samples or is greedy.")
+        raise ValueError(
+            f"Beam search (num_beams > 1) runs in generation_mode='text' only; generation_mode={generation_mode!r} "
+            "samples or decodes greedily."
+        )
     if not model_kwargs.get("use_cache", True):
-        raise ValueError("Images are denoised against the KV cache: use_cache=False is not supported.")
+        raise ValueError(
+            "Images are denoised against the KV cache: use_cache=False works in generation_mode='text' only."
+        )
     if streamer is not None and batch_size > 1:
         raise ValueError("Streamers take one sequence: stream with a batch of one prompt.")
-
-    num_slots = config.num_image_tokens
-    boi, eoi = config.boi_token_id, config.eoi_token_id
-    device = input_ids.device
-    pad_token_id = generation_config.pad_token_id
-    if isinstance(pad_token_id, list | tuple):
-        pad_token_id = pad_token_id[0] if pad_token_id else None
-    filler = eoi if pad_token_id is None else pad_token_id
-    max_new_tokens = generation_config.max_length - prompt_length
-    if generation_mode == "image" and max_new_tokens < num_slots + 2:
+    num_slots = model.config.num_image_tokens
+    room = generation_config.max_length - input_ids.shape[1]
+    if generation_mode == "image" and room < num_slots + 2:
         raise ValueError(
             f"generation_mode='image' needs room for <boi>, {num_slots} image slots and <eoi>: set max_new_tokens >= "
-            f"{num_slots + 2} (got room for {max_new_tokens})."
+            f"{num_slots + 2} (got room for {room})."
         )
-    # Lengths are enforced per row (a row's fillers do not count), so the batch-wide length criterion is replaced.
-    criteria = StoppingCriteriaList(c for c in stopping_criteria if not isinstance(c, MaxLengthCriteria))
-    return_dict = generation_config.return_dict_in_generate
-    scores = () if return_dict and generation_config.output_scores else None
-    raw_logits = () if return_dict and generation_config.output_logits else None
-    attentions = () if return_dict and generation_config.output_attentions else None
-    hidden_states = () if return_dict and generation_config.output_hidden_states else None
-    output_flags = {k: model_kwargs[k] for k in ("output_attentions", "output_hidden_states") if k in model_kwargs}
 
-    attention_mask = model_kwargs.get("attention_mask")
-    position_ids = model_kwargs.get("position_ids")
-    if position_ids is not None:
-        positions = position_ids[:, -1] + 1
-    elif attention_mask is not None:
-        positions = attention_mask.long().sum(-1)
-    else:
-        positions = torch.full((batch_size,), prompt_length, dtype=torch.long, device=device)
-    batch = _Batch(input_ids, torch.ones_like(input_ids, dtype=torch.bool), attention_mask, positions)
-    unfinished = torch.ones(batch_size, dtype=torch.bool, device=device)
-    new_tokens = torch.zeros(batch_size, dtype=torch.long, device=device)  # per row, fillers excluded
-    images_opened = torch.zeros(batch_size, dtype=torch.long, device=device)
-    row_latents = [[] for _ in range(batch_size)]
-
-    prefill_inputs = model.prepare_inputs_for_generation(input_ids, is_first_iteration=True, **model_kwargs)
-    outputs = model(**prefill_inputs, return_dict=True)
-    cache = outputs.cache
-    next_logits = outputs.logits[:, -1].to(copy=True, dtype=torch.float32)  # [batch, vocab]: what each row samples
-
-    def open_images(opened: torch.BoolTensor):
-        """Denoises and writes the images of the `opened` rows; returns the forward that wrote them."""
-        if not _croppable(cache):
-            raise ValueError(
-                "Image generation rolls the KV cache back after each denoising step, which needs a DynamicCache of "
-                f"full-attention layers; got {type(cache).__name__} with {type(cache.layers[0]).__name__} layers."
-            )
-        rows = opened.nonzero().flatten().tolist()
-        latents = denoise_images(model, cache, batch.attention_mask, batch.positions, rows, options)
-        outputs, written, attention_mask = commit_images(
-            model, cache, batch.attention_mask, batch.positions, rows, latents, filler
-        )
-        batch.append(written, keep=opened, attention_mask=attention_mask)
-        batch.positions[rows] += num_slots + 1  # filler rows do not advance
-        new_tokens[rows] += num_slots + 1
-        images_opened[rows] += 1
-        next_logits[rows] = outputs.logits[rows, -1].float()
-        for row, image_latents in zip(rows, latents):
-            row_latents[row].append(image_latents)
-        if streamer is not None:
-            streamer.put(written[0].cpu())  # the whole image is one event: N slots and <eoi>
-        done = criteria(batch.view(filler), scores) | (new_tokens >= max_new_tokens) | (generation_mode == "image")
-        unfinished[opened] &= ~done[opened]
-        return outputs
-
-    opens_in_prompt = input_ids[:, -1] == boi
-    if opens_in_prompt.any():
-        if generation_mode == "text":
-            raise ValueError("A prompt ends with <boi> but generation_mode='text' never generates an image.")
-        outputs = open_images(opens_in_prompt)
-
-    while unfinished.any():
-        may_open = unfinished & (new_tokens + num_slots + 2 <= max_new_tokens)  # room for <boi>, slots, <eoi>
-        if max_new_images is not None:
-            may_open &= images_opened < max_new_images
-        if generation_mode == "text":
-            may_open[:] = False
-        if generation_mode == "image":  # an unfinished row has not opened its image yet
-            next_scores = torch.full_like(next_logits, -float("inf"))
-            next_scores[:, boi] = 0.0
-            next_tokens = torch.where(unfinished, boi, filler)
-        else:
-            # Constrained before the processors (so top-k / top-p choose among allowed tokens) and after them (so no
-            # processor can bring a forbidden token back).
-            next_scores = _forbid(next_logits.clone(), may_open, config)
-            next_scores = _forbid(logits_processor(batch.view(filler), next_scores), may_open, config)
-            next_tokens = _sample_next_tokens(next_scores, generation_config.do_sample, unfinished, generator, filler)
-        if scores is not None:
-            scores += (next_scores,)
-        if raw_logits is not None:
-            raw_logits += (next_logits.clone(),)
-        if attentions is not None and getattr(outputs, "attentions", None) is not None:
-            attentions += (outputs.attentions,)
-        if hidden_states is not None and getattr(outputs, "hidden_states", None) is not None:
-            hidden_states += (outputs.hidden_states,)
-
-        batch.append(next_tokens[:, None], keep=unfinished)
-        new_tokens += unfinished.long()
-        if streamer is not None:
-            streamer.put(next_tokens.cpu())
-        opened = unfinished & (next_tokens == boi)
-        # A row that opened an image is not stopped before its image is written.
-        done = (criteria(batch.view(filler), scores) | (new_tokens >= max_new_tokens)) & ~opened
-        unfinished &= ~done
-        if not unfinished.any():
-            break
-
-        outputs = model(
-            input_ids=next_tokens[:, None],
-            attention_mask=batch.attention_mask,
-            position_ids=batch.positions[:, None],
-            cache=cache,
-            use_cache=True,
-            logits_to_keep=1,
-            **output_flags,
-        )
-        batch.positions += 1
-        next_logits = outputs.logits[:, -1].to(copy=True, dtype=torch.float32)
-        if opened.any():
-            outputs = open_images(opened)
-
-    if streamer is not None:
-        streamer.end()
-    sequences = batch.packed(pad_token_id)
-    if not return_dict:
-        return sequences
-    images = [[] for _ in range(batch_size)]
-    all_latents = [latents for row in row_latents for latents in row]
-    if all_latents:
-        decoded = iter(model.decode_latents(torch.stack(all_latents)).float().clamp(-1, 1))
-        images = [[next(decoded) for _ in row] for row in row_latents]
-    return TransfusionGenerateOutput(
-        sequences=sequences,
-        scores=scores,
-        logits=raw_logits,
-        attentions=attentions,
-        hidden_states=hidden_states,
-        cache=cache,
-        images=images,
-        image_latents=row_latents,
+    decoding = InterleavedDecoding(
+        model,
+        input_ids,
+        logits_processor,
+        stopping_criteria,
+        generation_config,
+        streamer,
+        generation_mode,
+        max_new_images,
+        options,
+        model_kwargs,
     )
+    decoding.prefill()
+    while decoding.unfinished.any():
+        decoding.write_text(decoding.sample_text())
+    return decoding.result()
 
 
 class TransfusionGenerationMixin(GenerationMixin):
-    """Adds Transfusion's interleaved text and image generation to `generate` (see [`transfusion_decode`])."""
+    """Adds Transfusion's image and interleaved generation to `generate` (see [`transfusion_decode`])."""
 
     def generate(
         self,
@@ -584,14 +588,16 @@ class TransfusionGenerationMixin(GenerationMixin):
     ):
         r"""
         Generates text and images. Accepts everything `GenerationMixin.generate` does (`max_new_tokens`, `do_sample`,
-        `temperature`, `top_p`, logits processors, stopping criteria, `streamer`, `return_dict_in_generate`, ...),
-        plus the arguments below; each can also be set as an attribute of the generation config.
+        `temperature`, `top_p`, `num_beams`, logits processors, stopping criteria, `streamer`,
+        `return_dict_in_generate`, ...), plus the arguments below; each can also be set as an attribute of the
+        generation config.
 
         Args:
             generation_mode (`str`, *optional*, defaults to `"interleaved"`):
-                `"interleaved"`: the model opens images by sampling `<boi>`; `"text"`: `<boi>` is never sampled (e.g.
-                captioning an image given in the prompt); `"image"`: one image is opened right after the prompt and
-                generation ends with its `<eoi>` (then `max_new_tokens` defaults to N + 2).
+                `"interleaved"`: the model opens images by sampling `<boi>`; `"text"`: transformers' own decoding, with
+                `<boi>` never sampled (e.g. captioning an image given in the prompt; beam search and `use_cache=False`
+                work here only); `"image"`: one image is opened right after the prompt and generation ends with its
+                `<eoi>` (then `max_new_tokens` defaults to N + 2).
             max_new_images (`int`, *optional*):
                 Most images a row may open; `<boi>` is suppressed afterwards. No limit by default.
             scheduler (`str` or diffusers `SchedulerMixin`, *optional*):
@@ -601,7 +607,7 @@ class TransfusionGenerationMixin(GenerationMixin):
                 Denoising steps per image.
             image_guidance_scale (`float`, *optional*, defaults to 1.0):
                 Classifier-free guidance for images, `uncond + scale * (cond - uncond)`; 1 means no guidance (and no
-                extra compute). (`guidance_scale` is transformers' text guidance, a different thing.)
+                extra compute). `guidance_scale` is transformers' guidance of text and is refused for images.
             generator (`torch.Generator` or `list[torch.Generator]`, *optional*):
                 Source of the image noise and, with `do_sample=True`, of the text samples. With a list, one per row,
                 every row is generated exactly as it would be alone with its generator.
@@ -610,12 +616,24 @@ class TransfusionGenerationMixin(GenerationMixin):
 
         Return:
             `torch.LongTensor` of sequences, or a [`TransfusionGenerateOutput`] (with `images` and `image_latents`)
-            when `return_dict_in_generate=True`.
+            when `return_dict_in_generate=True` (a plain transformers output in `"text"` mode).
         """
+        defaults = generation_config if generation_config is not None else self.generation_config
+        mode = kwargs.get("generation_mode") or getattr(defaults, "generation_mode", None) or "interleaved"
+        if mode not in GENERATION_MODES:
+            raise ValueError(f"Unknown generation_mode {mode!r}: choose one of {list(GENERATION_MODES)}.")
+        self._check_prompt_length(inputs, kwargs, mode)
+        if custom_generate is None and mode == "text":
+            return self._generate_text(
+                inputs, generation_config, logits_processor, stopping_criteria, streamer, defaults, kwargs
+            )
         if custom_generate is None:
+            if kwargs.get("guidance_scale") is not None:
+                raise ValueError(
+                    f"guidance_scale is transformers' classifier-free guidance of text; for images in "
+                    f"generation_mode={mode!r} pass image_guidance_scale={kwargs['guidance_scale']!r}."
+                )
             custom_generate = functools.partial(transfusion_decode, streamer=streamer)
-            defaults = generation_config if generation_config is not None else self.generation_config
-            mode = kwargs.get("generation_mode") or getattr(defaults, "generation_mode", None)
             length_set = any(kwargs.get(k) is not None for k in ("max_new_tokens", "max_length")) or any(
                 getattr(defaults, k, None) is not None for k in ("max_new_tokens", "max_length")
             )
@@ -635,12 +653,74 @@ class TransfusionGenerationMixin(GenerationMixin):
             **kwargs,
         )
 
+    def _generate_text(
+        self, inputs, generation_config, logits_processor, stopping_criteria, streamer, defaults, kwargs
+    ):
+        """`generation_mode="text"`: transformers' decoding as for any causal LM, `<boi>`, `<image>` and `<eoi>`
+        suppressed. The image arguments (`num_inference_steps`, ...) configure images, which this mode never opens."""
+        kwargs.pop("generation_mode", None)
+        for name in IMAGE_ARGUMENTS:
+            kwargs.pop(name, None)
+        generator = kwargs.pop("generator", None)
+        do_sample = kwargs.get("do_sample", getattr(defaults, "do_sample", False))
+        if generator is not None and do_sample:
+            raise ValueError(
+                "generation_mode='text' samples with transformers' decoding, which draws from torch's global random "
+                "state: seed it with torch.manual_seed instead of passing generator."
+            )
+        input_ids = inputs if inputs is not None else kwargs.get("input_ids")
+        if input_ids is not None and input_ids.shape[1] and (input_ids[:, -1] == self.config.boi_token_id).any():
+            raise ValueError("A prompt ends with <boi> but generation_mode='text' never generates an image.")
+        images = kwargs.get("pixel_values", kwargs.get("image_latents"))
+        expansion = max(kwargs.get("num_beams") or defaults.num_beams or 1, 1) * max(
+            kwargs.get("num_return_sequences") or defaults.num_return_sequences or 1, 1
+        )
+        if images is not None and expansion > 1 and input_ids is not None:
+            # generate repeats every input row-wise; images are counted per prompt, so this holds for one per row.
+            per_row = (input_ids == self.config.image_token_id).sum(-1) // self.config.num_image_tokens
+            if not (per_row == 1).all():
+                raise ValueError(
+                    "num_beams / num_return_sequences > 1 with images in the prompt need exactly one image per row; "
+                    f"the rows hold {per_row.tolist()} images."
+                )
+        # Appended to the caller's processors, so that it runs after all of them (none can bring these tokens back);
+        # it also takes the place of the processor transformers would build for `suppress_tokens`.
+        special = [self.config.boi_token_id, self.config.eoi_token_id, self.config.image_token_id]
+        suppressed = kwargs.pop("suppress_tokens", None) or getattr(defaults, "suppress_tokens", None) or []
+        device = self.get_input_embeddings().weight.device
+        suppress = SuppressTokensLogitsProcessor(sorted(set(suppressed) | set(special)), device=device)
+        return super().generate(
+            inputs=inputs,
+            generation_config=generation_config,
+            logits_processor=LogitsProcessorList([*(logits_processor or []), suppress]),
+            stopping_criteria=stopping_criteria,
+            streamer=streamer,
+            **kwargs,
+        )
+
+    def _check_prompt_length(self, inputs, kwargs, mode: str):
+        """A prompt the backbone's positions cannot hold (or, for an image, one that leaves no room for it) is
+        refused here, rather than silently run past the trained positions."""
+        prompt = inputs if inputs is not None else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+        limit = getattr(self.config.get_text_config(), "max_position_embeddings", None)
+        if prompt is None or limit is None:
+            return
+        length = prompt.shape[1]
+        needed = length + (self.config.num_image_tokens + 2 if mode == "image" else 0)
+        if needed > limit:
+            what = f"a prompt of {length} tokens" + (" plus one image" if mode == "image" else "")
+            raise ValueError(
+                f"{what} needs {needed} positions, more than the backbone's max_position_embeddings ({limit}): "
+                "shorten the prompt."
+            )
+
 
 __all__ = [
+    "GENERATION_MODES",
     "TransfusionGenerateOutput",
     "TransfusionGenerationMixin",
     "ImageSamplingOptions",
-    "sampling_scheduler",
+    "InterleavedDecoding",
     "denoise_images",
     "commit_images",
     "transfusion_decode",

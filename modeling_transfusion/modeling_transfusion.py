@@ -20,13 +20,15 @@ from safetensors import SafetensorError
 from torch import nn
 from transformers import AutoModel, PreTrainedModel
 from transformers.cache_utils import Cache
+from transformers.conversion_mapping import register_checkpoint_conversion_mapping
+from transformers.core_model_loading import WeightRenaming
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.utils import logging
 from transformers.utils.generic import can_return_tuple
 
 from .configuration_transfusion import TransfusionConfig
-from .diffusion_transfusion import noise_latents, noise_scheduler_from_config, sample_training_timesteps
+from .diffusion_transfusion import diffusion_mse, noise_latents, noise_scheduler_from_config, sample_training_timesteps
 from .generation_transfusion import TransfusionGenerationMixin
 
 logger = logging.get_logger(__name__)
@@ -212,8 +214,43 @@ class TransfusionUNetPatchDecoder(nn.Module):
         return self.conv_out(nn.functional.silu(self.norm_out(hidden)))
 
 
+def _check_finite(values: torch.Tensor, name: str, bound: float | None = None):
+    """Refuses non-finite values (and, with `bound`, values outside [-bound, bound]) with an error naming `name`:
+    they would not fail, but silently give garbage."""
+    if not torch.isfinite(values).all():
+        raise ValueError(f"{name} hold NaN or infinite values.")
+    if bound is not None and values.numel() and values.abs().max() > bound:
+        raise ValueError(
+            f"{name} must lie in [-1, 1] (images normalised by TransfusionImageProcessor), got values in "
+            f"[{values.min().item():.3g}, {values.max().item():.3g}]."
+        )
+
+
+# Images from the processor lie in [-1, 1]; the margin allows for rounding in a user's own normalisation.
+PIXEL_BOUND = 1.01
+
 PATCH_ENCODERS = {"linear": TransfusionLinearPatchEncoder, "unet": TransfusionUNetPatchEncoder}
 PATCH_DECODERS = {"linear": TransfusionLinearPatchDecoder, "unet": TransfusionUNetPatchDecoder}
+
+
+# Checkpoints are saved with the parameter names of the composed modules (`model.language_model.*`, `model.vae.*`, ...,
+# `lm_head.*`). Two older layouts load through transformers' key renaming: a plain `*ForCausalLM` (`model.*` is the
+# backbone, `lm_head.*` its head), so that a pretrained LLM loads straight in, and checkpoints of modeling_transfusion
+# before the composition (that layout plus `patch_encoder.*`, `patch_decoder.*`, `vae.*` beside the backbone).
+register_checkpoint_conversion_mapping(
+    TransfusionConfig.model_type,
+    [
+        # Names already in the composed layout (PEFT adapters are saved so) are left as they are.
+        WeightRenaming(
+            source_patterns="^model.(?!language_model.|patch_encoder.|patch_decoder.|vae.)",
+            target_patterns="model.language_model.",
+        ),
+        WeightRenaming(source_patterns="^patch_encoder.", target_patterns="model.patch_encoder."),
+        WeightRenaming(source_patterns="^patch_decoder.", target_patterns="model.patch_decoder."),
+        WeightRenaming(source_patterns="^vae.", target_patterns="model.vae."),
+    ],
+    overwrite=True,
+)
 
 
 class TransfusionPreTrainedModel(PreTrainedModel):
@@ -231,6 +268,7 @@ class TransfusionPreTrainedModel(PreTrainedModel):
     accepts_loss_kwargs = False
 
     def _check_and_adjust_attn_implementation(self, attn_implementation, *args, **kwargs):
+        # Private hook (see PRIVATE_TRANSFORMERS_API): transformers' own refusal would invite adding support.
         if isinstance(attn_implementation, str) and "flash" in attn_implementation:
             raise ValueError(
                 f"attn_implementation={attn_implementation!r} cannot express Transfusion's mask (bidirectional inside "
@@ -269,8 +307,9 @@ class TransfusionPreTrainedModel(PreTrainedModel):
                 f"truncated or corrupt ({error}); save or copy the checkpoint again."
             ) from error
         model = loaded[0] if isinstance(loaded, tuple) else loaded
-        if getattr(model, "vae", None) is not None:
-            model.vae.requires_grad_(False)
+        for module in model.modules():
+            if isinstance(module, AutoencoderKL):
+                module.requires_grad_(False)
         with torch.no_grad():
             for tensor in (*model.parameters(), *model.buffers()):
                 if tensor.device.type == "cpu":
@@ -288,16 +327,14 @@ class TransfusionPreTrainedModel(PreTrainedModel):
 
 class TransfusionModel(TransfusionPreTrainedModel):
     """
-    The Transfusion transformer without the LM head: backbone, patch encoder and decoder, and the frozen VAE. It
-    returns the backbone's hidden states and the diffusion prediction for every image.
-
-    The backbone sits under `model`, exactly where `*ForCausalLM` keeps it, so a pretrained LLM's weights load as they
-    are (see [`TransfusionForConditionalGeneration`]).
+    The Transfusion transformer without the LM head: the text backbone (`language_model`, any Hugging Face decoder),
+    the patch encoder and decoder, and the frozen VAE. It returns the backbone's hidden states and the diffusion
+    prediction for every image.
     """
 
     def __init__(self, config: TransfusionConfig):
         super().__init__(config)
-        self.model = AutoModel.from_config(config.text_config)
+        self.language_model = AutoModel.from_config(config.text_config)
         self.patch_encoder = PATCH_ENCODERS[config.patch_encoder](config)
         self.patch_decoder = PATCH_DECODERS[config.patch_encoder](config)
         self.vae = AutoencoderKL.from_config(config.vae_config).requires_grad_(False) if config.vae_config else None
@@ -306,10 +343,10 @@ class TransfusionModel(TransfusionPreTrainedModel):
         self.post_init()
 
     def get_input_embeddings(self):
-        return self.model.get_input_embeddings()
+        return self.language_model.get_input_embeddings()
 
     def set_input_embeddings(self, value):
-        self.model.set_input_embeddings(value)
+        self.language_model.set_input_embeddings(value)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -328,6 +365,7 @@ class TransfusionModel(TransfusionPreTrainedModel):
                 f"pixel_values must have shape (num_images, {', '.join(map(str, expected))}), got "
                 f"{tuple(pixel_values.shape)}. Resize images with the processor."
             )
+        _check_finite(pixel_values, "pixel_values", bound=PIXEL_BOUND)
         if self.vae is None:
             return pixel_values
         vae = self.vae
@@ -345,18 +383,28 @@ class TransfusionModel(TransfusionPreTrainedModel):
 
     # Where the images are in the sequence
 
-    def locate_images(self, input_ids: torch.LongTensor) -> tuple[torch.LongTensor, torch.LongTensor]:
-        """Finds every image's slots in `input_ids`.
+    def get_placeholder_mask(
+        self, input_ids: torch.LongTensor | None, inputs_embeds: torch.FloatTensor
+    ) -> torch.BoolTensor:
+        """The `(batch_size, sequence_length)` mask of `<image>` slots, read from `input_ids` or, when only
+        `inputs_embeds` are given, from the positions holding the `<image>` embedding."""
+        if input_ids is not None:
+            return input_ids == self.config.image_token_id
+        image_token = torch.tensor(self.config.image_token_id, device=inputs_embeds.device)
+        return (inputs_embeds == self.get_input_embeddings()(image_token)).all(-1)
 
-        Returns `(rows, starts)`, each of shape `(num_images,)`: the batch row and the position of the first `<image>`
-        slot of each image, in reading order (row by row, left to right). Raises if the slots do not come in runs of
-        exactly `config.num_image_tokens`.
+    def locate_images(self, image_slots: torch.BoolTensor) -> tuple[torch.LongTensor, torch.LongTensor]:
+        """Finds every image in a mask of `<image>` slots (see [`~TransfusionModel.get_placeholder_mask`]).
+
+        Returns `(rows, starts)`, each of shape `(num_images,)`: the batch row and the position of the first slot of
+        each image, in reading order (row by row, left to right). Raises if the slots do not come in runs of exactly
+        `config.num_image_tokens`.
         """
         num_slots = self.config.num_image_tokens
-        rows, positions = (input_ids == self.config.image_token_id).nonzero(as_tuple=True)
+        rows, positions = image_slots.nonzero(as_tuple=True)
         if rows.numel() % num_slots:
             raise ValueError(
-                f"input_ids hold {rows.numel()} <image> tokens, not a multiple of the {num_slots} slots of one image."
+                f"The inputs hold {rows.numel()} <image> slots, not a multiple of the {num_slots} slots of one image."
             )
         rows, positions = rows.view(-1, num_slots), positions.view(-1, num_slots)
         contiguous = (rows == rows[:, :1]).all() and (
@@ -369,14 +417,10 @@ class TransfusionModel(TransfusionPreTrainedModel):
             )
         return rows[:, 0], positions[:, 0]
 
-    def _slot_positions(self, starts: torch.LongTensor) -> torch.LongTensor:
-        """`(num_images, num_image_tokens)` positions of the slots of images starting at `starts`."""
-        return starts[:, None] + torch.arange(self.config.num_image_tokens, device=starts.device)
-
     def get_attention_mask(
         self,
         inputs_embeds: torch.Tensor,
-        input_ids: torch.LongTensor | None,
+        image_slots: torch.BoolTensor | None,
         attention_mask: torch.Tensor | None,
         cache: Cache | None,
         position_ids: torch.LongTensor | None,
@@ -384,10 +428,11 @@ class TransfusionModel(TransfusionPreTrainedModel):
     ):
         """Builds the Transfusion mask with transformers' masking utilities, for the backbone's attention kernel:
         causal over the sequence, bidirectional inside each image, padding and packed documents respected. The slots of
-        images flagged in `unconditional_images` see only their own patches (classifier-free guidance)."""
+        images flagged in `unconditional_images` see only their own patches (classifier-free guidance). A 4D
+        `attention_mask` is taken as already built."""
         image_locations = None
-        if input_ids is not None and (input_ids == self.config.image_token_id).any():
-            image_locations = self.locate_images(input_ids)
+        if image_slots is not None and image_slots.any():
+            image_locations = self.locate_images(image_slots)
         return self._hybrid_mask(
             inputs_embeds, image_locations, attention_mask, cache, position_ids, unconditional_images
         )
@@ -397,8 +442,9 @@ class TransfusionModel(TransfusionPreTrainedModel):
         if attention_mask is not None and attention_mask.dim() == 4:
             return attention_mask
         past_length = cache.get_seq_length() if cache is not None else 0
+        text_config = self.language_model.config
         mask_kwargs = {
-            "config": self.model.config,
+            "config": text_config,
             "inputs_embeds": inputs_embeds,
             "attention_mask": attention_mask,
             "cache": cache,
@@ -406,7 +452,7 @@ class TransfusionModel(TransfusionPreTrainedModel):
         }
         if image_locations is not None:
             rows, starts = image_locations
-            slots = self._slot_positions(starts)
+            slots = starts[:, None] + torch.arange(self.config.num_image_tokens, device=starts.device)
             # `block_sequence_ids`: k on the slots of image k, -1 elsewhere, by absolute position (cached prefix too).
             block_ids = torch.full(inputs_embeds.shape[:2], -1, dtype=torch.long, device=starts.device)
             block_ids[rows[:, None].expand_as(slots), slots] = torch.arange(len(starts), device=starts.device)[:, None]
@@ -420,10 +466,59 @@ class TransfusionModel(TransfusionPreTrainedModel):
                 first_visible = torch.where(dropped, image_start, torch.zeros_like(block_ids))  # absolute positions
                 mask_kwargs["and_mask_function"] = lambda b, h, q, kv: kv >= first_visible[b, q]
         mask = create_causal_mask(**mask_kwargs)
-        layer_types = getattr(self.model.config, "layer_types", None) or []
-        if "sliding_attention" not in layer_types:
+        if "sliding_attention" not in (getattr(text_config, "layer_types", None) or []):
             return mask
         return {"full_attention": mask, "sliding_attention": create_sliding_window_causal_mask(**mask_kwargs)}
+
+    # The image step: latents at a timestep -> slot embeddings; slot outputs -> prediction
+
+    def get_image_features(
+        self, latents: torch.Tensor, timesteps: torch.Tensor
+    ) -> tuple[torch.Tensor, TransfusionUNetState | None]:
+        """Embeds latents `(num_images, latent_channels, latent_size, latent_size)` that are at `timesteps`
+        `(num_images,)` into the `(num_images, num_image_tokens, hidden_size)` embeddings of their slots. Also returns
+        what the patch decoder needs from the encoder (the U-Net's skips; `None` for the linear encoder)."""
+        return self.patch_encoder(latents, timesteps)
+
+    def get_image_prediction(
+        self, image_hidden_states: torch.Tensor, encoder_state: TransfusionUNetState | None
+    ) -> torch.Tensor:
+        """Turns the backbone's outputs at the slots, `(num_images, num_image_tokens, hidden_size)`, into the
+        latent-shaped prediction `(num_images, latent_channels, latent_size, latent_size)`: noise for `ddpm`,
+        velocity for `flow`."""
+        return self.patch_decoder(image_hidden_states, encoder_state)
+
+    def denoise_step(
+        self,
+        latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        cache: Cache,
+        position_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        unconditional_images: torch.BoolTensor | None = None,
+    ) -> torch.Tensor:
+        """One denoising step of generation: every row of the batch holds one image at `latents`
+        `(batch_size, latent_channels, latent_size, latent_size)`, whose slots attend to the row's cached prefix
+        (which ends with `<boi>`) and to each other. Returns the prediction; the cache is left as it was.
+
+        Args:
+            position_ids (`torch.LongTensor` of shape `(batch_size, num_image_tokens)`): positions of the slots.
+            attention_mask (`torch.Tensor`, *optional*): the 2D padding mask of prefix and slots
+                `(batch_size, cache_length + num_image_tokens)`, or the 4D mask that
+                [`~TransfusionModel.get_attention_mask`] built for them (the same for every step of an image).
+        """
+        embeds, encoder_state = self.get_image_features(latents, timesteps)
+        embeds = embeds.to(self.get_input_embeddings().weight.dtype)
+        if attention_mask is None or attention_mask.dim() != 4:
+            slots = torch.ones(embeds.shape[:2], dtype=torch.bool, device=embeds.device)
+            attention_mask = self.get_attention_mask(
+                embeds, slots, attention_mask, cache, position_ids, unconditional_images
+            )
+        hidden = self.language_model(
+            inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, cache=cache, use_cache=True
+        ).last_hidden_state
+        cache.crop(-self.config.num_image_tokens)
+        return self.get_image_prediction(hidden, encoder_state)
 
     def _check_text_inputs(self, input_ids, attention_mask, cache):
         """Turns the mistakes that would otherwise fail deep inside torch into errors that say what is wrong."""
@@ -462,7 +557,6 @@ class TransfusionModel(TransfusionPreTrainedModel):
         image_timesteps: torch.Tensor | None = None,
         image_noise: torch.FloatTensor | None = None,
         unconditional_images: torch.BoolTensor | None = None,
-        noisy_image_latents: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
         **kwargs,
     ) -> TransfusionModelOutputWithPast:
@@ -477,36 +571,30 @@ class TransfusionModel(TransfusionPreTrainedModel):
             Noise added to the latents; drawn from a standard normal when not given and some timestep is not 0.
         unconditional_images (`torch.BoolTensor` of shape `(num_images,)`, *optional*):
             Images whose slots see only their own patches (the unconditional branch of guidance).
-        noisy_image_latents (`torch.FloatTensor`, same shape as the latents, *optional*):
-            Latents already at `image_timesteps` (x_t of a sampling step), instead of `pixel_values` / `image_latents`:
-            they are embedded as they are, with no noise added and no diffusion target.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
-        if sum(x is not None for x in (pixel_values, image_latents, noisy_image_latents)) > 1:
-            raise ValueError("Pass only one of pixel_values, image_latents and noisy_image_latents.")
-        if noisy_image_latents is not None and image_noise is not None:
-            raise ValueError("noisy_image_latents are already noised: image_noise cannot be added to them.")
+        if pixel_values is not None and image_latents is not None:
+            raise ValueError("Pass only one of pixel_values and image_latents.")
         self._check_text_inputs(input_ids, attention_mask, cache)
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
 
+        image_slots = self.get_placeholder_mask(input_ids, inputs_embeds)
         rows = starts = None
-        if input_ids is not None and (input_ids == self.config.image_token_id).any():
-            rows, starts = self.locate_images(input_ids)
+        if image_slots.any():
+            rows, starts = self.locate_images(image_slots)
         num_images = 0 if rows is None else rows.numel()
         if pixel_values is not None:
             image_latents = self.encode_images(pixel_values)
-        if noisy_image_latents is not None:
-            image_latents = noisy_image_latents
         num_given = 0 if image_latents is None else image_latents.shape[0]
         if num_given != num_images:
             raise ValueError(
-                f"input_ids hold {num_images} image(s) ({self.config.num_image_tokens} <image> slots each) but "
+                f"The inputs hold {num_images} image(s) ({self.config.num_image_tokens} <image> slots each) but "
                 f"{num_given} image(s) were passed in pixel_values / image_latents."
             )
 
-        diffusion_target = encoder_state = None
+        diffusion_prediction = diffusion_target = None
         if num_images:
             expected = (self.config.latent_channels, self.config.latent_size, self.config.latent_size)
             if tuple(image_latents.shape[1:]) != expected:
@@ -514,6 +602,7 @@ class TransfusionModel(TransfusionPreTrainedModel):
                     f"image_latents must have shape (num_images, {', '.join(map(str, expected))}), got "
                     f"{tuple(image_latents.shape)}."
                 )
+            _check_finite(image_latents, "image_latents")
             if image_timesteps is None:
                 image_timesteps = torch.zeros(num_images, dtype=torch.long, device=image_latents.device)
             image_timesteps = image_timesteps.to(image_latents.device)
@@ -521,24 +610,27 @@ class TransfusionModel(TransfusionPreTrainedModel):
                 raise ValueError(
                     f"image_timesteps must have shape ({num_images},), got {tuple(image_timesteps.shape)}."
                 )
-            if image_noise is None and noisy_image_latents is None:
-                image_noise = torch.randn_like(image_latents) if (image_timesteps != 0).any() else None
+            if image_noise is None and (image_timesteps != 0).any():
+                image_noise = torch.randn_like(image_latents)
+            noisy_latents = image_latents
             if image_noise is not None:
                 noisy_latents, diffusion_target = noise_latents(
                     self.noise_scheduler, image_latents, image_noise, image_timesteps
                 )
-            else:
-                noisy_latents = image_latents
-            image_embeds, encoder_state = self.patch_encoder(noisy_latents, image_timesteps)
-            slots = self._slot_positions(starts)
+            image_embeds, encoder_state = self.get_image_features(noisy_latents, image_timesteps)
+            slots = starts[:, None] + torch.arange(self.config.num_image_tokens, device=starts.device)
             inputs_embeds = inputs_embeds.clone()
             inputs_embeds[rows[:, None], slots] = image_embeds.to(inputs_embeds.dtype)
 
-        image_locations = None if rows is None else (rows, starts)
         mask = self._hybrid_mask(
-            inputs_embeds, image_locations, attention_mask, cache, position_ids, unconditional_images
+            inputs_embeds,
+            (rows, starts) if num_images else None,
+            attention_mask,
+            cache,
+            position_ids,
+            unconditional_images,
         )
-        outputs = self.model(
+        outputs = self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=mask,
             position_ids=position_ids,
@@ -546,11 +638,9 @@ class TransfusionModel(TransfusionPreTrainedModel):
             use_cache=use_cache,
             **kwargs,
         )
-
-        diffusion_prediction = None
         if num_images:
             image_hidden = outputs.last_hidden_state[rows[:, None], slots]  # [num_images, num_patches, hidden_size]
-            diffusion_prediction = self.patch_decoder(image_hidden, encoder_state)
+            diffusion_prediction = self.get_image_prediction(image_hidden, encoder_state)
         return TransfusionModelOutputWithPast(
             last_hidden_state=outputs.last_hidden_state,
             cache=outputs.cache,
@@ -562,24 +652,30 @@ class TransfusionModel(TransfusionPreTrainedModel):
         )
 
 
-class TransfusionForConditionalGeneration(TransfusionModel, TransfusionGenerationMixin):
+class TransfusionForConditionalGeneration(TransfusionPreTrainedModel, TransfusionGenerationMixin):
     """
     Transfusion with its LM head: computes the paper's loss `lm_loss + diffusion_loss_weight * diffusion_loss` and
-    generates text and images.
+    generates text and images. Holds the [`TransfusionModel`] as `model` and the LM head as `lm_head`.
 
-    It extends [`TransfusionModel`] (rather than wrapping it) so that parameter names are those of `*ForCausalLM`
-    (`model.*`, `lm_head.*`): a pretrained LLM loads straight into it with
-    `TransfusionForConditionalGeneration.from_pretrained(llm_dir, config=transfusion_config)`, and LoRA targets keep
-    their usual names.
+    A pretrained LLM loads straight into it: `TransfusionForConditionalGeneration.from_pretrained(llm_dir,
+    config=transfusion_config)` maps the LLM's `model.*` onto `model.language_model.*` and keeps its `lm_head`; LoRA
+    targets keep their usual names (`q_proj`, `v_proj`, ...).
     """
 
-    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
     output_modalities = ("image", "text")
 
     def __init__(self, config: TransfusionConfig):
         super().__init__(config)
+        self.model = TransfusionModel(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value):
+        self.model.set_input_embeddings(value)
 
     def get_output_embeddings(self):
         return self.lm_head
@@ -587,17 +683,35 @@ class TransfusionForConditionalGeneration(TransfusionModel, TransfusionGeneratio
     def set_output_embeddings(self, new_embeddings):
         self.lm_head = new_embeddings
 
+    @property
+    def vae(self) -> AutoencoderKL | None:
+        """The frozen autoencoder (`None`: the identity, latents are pixels)."""
+        return self.model.vae
+
+    @property
+    def noise_scheduler(self):
+        """The diffusers scheduler of the training (noising) process."""
+        return self.model.noise_scheduler
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """See [`TransfusionModel.encode_images`]."""
+        return self.model.encode_images(pixel_values)
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """See [`TransfusionModel.decode_latents`]."""
+        return self.model.decode_latents(latents)
+
     def sample_image_timesteps(
         self,
         input_ids: torch.LongTensor,
         labels: torch.LongTensor,
         position_ids: torch.LongTensor | None = None,
         generator: torch.Generator | None = None,
-    ) -> torch.LongTensor:
+    ) -> torch.Tensor:
         """Draws a training timestep per image. Images followed, in the same document, by text that carries a loss
         (other than end-of-sequence) are capped at `config.max_conditioning_timestep` (the paper's noise limit for
         captioning)."""
-        rows, starts = self.locate_images(input_ids)
+        rows, starts = self.model.locate_images(input_ids == self.config.image_token_id)
         if position_ids is None:
             documents = torch.zeros_like(input_ids)
         else:
@@ -632,6 +746,15 @@ class TransfusionForConditionalGeneration(TransfusionModel, TransfusionGeneratio
             labels = labels.masked_fill(attention_mask == 0, -100)
         return labels
 
+    def prepare_inputs_for_generation(self, *args, is_first_iteration: bool = False, **kwargs):
+        """As `GenerationMixin`'s, and the prompt's images (`pixel_values`, `image_latents`) reach only the forward
+        that reads the prompt: after it they are in the cache."""
+        model_inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
+        if not is_first_iteration and kwargs.get("use_cache", True):
+            for key in ("pixel_values", "image_latents", "image_timesteps"):
+                model_inputs.pop(key, None)
+        return model_inputs
+
     @can_return_tuple
     def forward(
         self,
@@ -654,15 +777,19 @@ class TransfusionForConditionalGeneration(TransfusionModel, TransfusionGeneratio
         labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
             Token ids for the LM loss (usually `input_ids`; -100 to ignore). With labels, each image is noised to a
             random timestep (unless `image_timesteps` is given) and the loss includes the diffusion term. Image
-            slots, the `<eoi>` after them and padding never carry LM loss.
+            slots, the `<eoi>` after them and padding never carry LM loss. Pre-shifted `shift_labels` (sequence
+            parallelism) are taken as well, with the same positions ignored.
 
         The other arguments are those of [`TransfusionModel.forward`]. In training mode, images drop their condition
         with probability `config.condition_dropout_prob` unless `unconditional_images` is given.
         """
+        shift_labels = kwargs.pop("shift_labels", None)
         if labels is not None and input_ids is None:
             raise ValueError("Computing the loss needs input_ids (to tell text from image slots).")
         if labels is not None and labels.shape != input_ids.shape:
             raise ValueError(f"labels have shape {tuple(labels.shape)}, but input_ids {tuple(input_ids.shape)}.")
+        if shift_labels is not None and labels is None:
+            labels = nn.functional.pad(shift_labels, (1, 0), value=-100)[:, :-1]  # what decides the noise caps
         has_images = input_ids is not None and (input_ids == self.config.image_token_id).any()
         if labels is not None and has_images:
             if image_timesteps is None:
@@ -673,7 +800,7 @@ class TransfusionForConditionalGeneration(TransfusionModel, TransfusionGeneratio
                     torch.rand(num_images, device=input_ids.device) < self.config.condition_dropout_prob
                 )
 
-        outputs = super().forward(
+        outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
@@ -693,18 +820,10 @@ class TransfusionForConditionalGeneration(TransfusionModel, TransfusionGeneratio
 
         loss = lm_loss = diffusion_loss = None
         if labels is not None:
-            text_labels = self.text_labels(input_ids, labels, attention_mask)
-            if (text_labels[:, 1:] != -100).any():
-                lm_loss = self.loss_function(
-                    logits=logits, labels=text_labels, vocab_size=self.config.text_config.vocab_size
-                )
-            else:
-                lm_loss = logits.sum() * 0.0
+            lm_loss = self._lm_loss(logits, input_ids, labels, shift_labels, attention_mask)
+            diffusion_loss = lm_loss.new_zeros(())
             if outputs.diffusion_target is not None:
-                squared_error = (outputs.diffusion_prediction.float() - outputs.diffusion_target.float()) ** 2
-                diffusion_loss = squared_error.flatten(1).mean(1).mean()  # per image, then over images
-            else:
-                diffusion_loss = lm_loss.new_zeros(())
+                diffusion_loss = diffusion_mse(outputs.diffusion_prediction, outputs.diffusion_target)
             for name, term in (("lm_loss", lm_loss), ("diffusion_loss", diffusion_loss)):
                 if not torch.isfinite(term):
                     raise FloatingPointError(
@@ -726,6 +845,24 @@ class TransfusionForConditionalGeneration(TransfusionModel, TransfusionGeneratio
             diffusion_target=outputs.diffusion_target,
             image_timesteps=outputs.image_timesteps,
         )
+
+    def _lm_loss(self, logits, input_ids, labels, shift_labels, attention_mask):
+        """transformers' causal-LM loss on the text targets. Pre-shifted `shift_labels` (each position's own target,
+        as sequence parallelism passes them) get the same positions ignored as `labels` do in `text_labels`."""
+        vocab_size = self.config.text_config.vocab_size
+        if shift_labels is None:
+            labels = self.text_labels(input_ids, labels, attention_mask)
+            if not (labels[:, 1:] != -100).any():
+                return logits.sum() * 0.0
+            return self.loss_function(logits=logits, labels=labels, vocab_size=vocab_size)
+        image_token = self.config.image_token_id
+        ignored = (input_ids == image_token) | (shift_labels == image_token)
+        if attention_mask is not None and attention_mask.dim() == 2:
+            ignored |= attention_mask == 0
+        shift_labels = shift_labels.masked_fill(ignored, -100)
+        if not (shift_labels != -100).any():
+            return logits.sum() * 0.0
+        return self.loss_function(logits=logits, labels=None, shift_labels=shift_labels, vocab_size=vocab_size)
 
 
 __all__ = [

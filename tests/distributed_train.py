@@ -92,7 +92,7 @@ def main() -> None:
     collator = RecordingCollator(mt.TransfusionDataCollator(processor))
 
     timesteps = []
-    model.patch_encoder.register_forward_pre_hook(lambda module, inputs: timesteps.extend(inputs[1].tolist()))
+    model.model.patch_encoder.register_forward_pre_hook(lambda module, inputs: timesteps.extend(inputs[1].tolist()))
 
     training_args = TrainingArguments(
         output_dir=os.path.join(args.output_dir, "trainer"),

@@ -48,7 +48,7 @@ def test_mixed_batch_to_model_loss(processor, tiny_config, digit_images):
     assert output.diffusion_loss > 0
     torch.testing.assert_close(output.loss, output.lm_loss + tiny_config.diffusion_loss_weight * output.diffusion_loss)
     output.loss.backward()
-    assert model.patch_encoder.proj.weight.grad.abs().sum() > 0
+    assert model.model.patch_encoder.proj.weight.grad.abs().sum() > 0
 
 
 def test_records_without_text_or_list(processor, digit_images):

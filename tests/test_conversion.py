@@ -142,7 +142,7 @@ def test_from_llm_qwen2_with_tied_head(tmp_path):
     assert {name.split(" ")[0] for name in report.initialised} == {
         name
         for name in mt.TransfusionForConditionalGeneration.from_pretrained(tmp_path / "out").state_dict()
-        if name.startswith(("patch_encoder.", "patch_decoder."))
+        if name.startswith(("model.patch_encoder.", "model.patch_decoder."))
     }
     model, processor = assert_same_text_behaviour(llm_dir, tmp_path / "out")
     assert model.config.text_config.model_type == "qwen2"
@@ -192,12 +192,17 @@ def test_from_vae_attaches_and_swaps(tmp_path, converted, capsys):
     vae4 = save_tiny_vae(tmp_path / "vae4", latent_channels=4)
     report = convert_from_vae(checkpoint_dir, vae4, tmp_path / "with_vae4")
     reinitialised = {entry.split(" ")[0] for entry in report.initialised}
-    assert reinitialised == {"patch_encoder.proj.weight", "patch_decoder.proj.weight", "patch_decoder.proj.bias"}
-    assert "patch_encoder.proj.bias" in report.kept and "model.layers.0.self_attn.q_proj.weight" in report.kept
+    assert reinitialised == {
+        "model.patch_encoder.proj.weight",
+        "model.patch_decoder.proj.weight",
+        "model.patch_decoder.proj.bias",
+    }
+    assert "model.patch_encoder.proj.bias" in report.kept
+    assert "model.language_model.layers.0.self_attn.q_proj.weight" in report.kept
     model = AutoModel.from_pretrained(tmp_path / "with_vae4")
     processor = AutoProcessor.from_pretrained(tmp_path / "with_vae4")
     for name, tensor in old.state_dict().items():
-        if name.startswith(("model.", "lm_head.", "patch_encoder.time_embedding.")):
+        if name.startswith(("model.language_model.", "lm_head.", "model.patch_encoder.time_embedding.")):
             assert torch.equal(model.state_dict()[name], tensor), name
     assert model.config.num_channels == 3 and model.config.latent_channels == 4
     assert processor.num_image_tokens == model.config.num_image_tokens == 4  # 8 px -> 4x4 latent -> 2x2 patches

@@ -100,14 +100,16 @@ def test_lora_targets_only_backbone_projections():
     model = get_peft_model(mt.TransfusionForConditionalGeneration(config), lora_config())
     lora_modules = {name.rsplit(".lora_A", 1)[0] for name, _ in model.named_parameters() if ".lora_A." in name}
     assert lora_modules and all(
-        ".model.layers." in name and name.split(".")[-1] in LORA_TARGETS for name in lora_modules
+        ".language_model.layers." in name and name.split(".")[-1] in LORA_TARGETS for name in lora_modules
     )
     assert len(lora_modules) == 4 * config.text_config.num_hidden_layers
     trainable = [name for name, parameter in model.named_parameters() if parameter.requires_grad]
     assert all("lora_" in name or ".modules_to_save." in name for name in trainable)
     assert any("patch_encoder.modules_to_save" in name for name in trainable)
     assert any("patch_decoder.modules_to_save" in name for name in trainable)
-    assert not any(name.startswith("base_model.model.vae.") for name in trainable)  # the VAE stays frozen, untouched
+    assert not any(
+        name.startswith("base_model.model.model.vae.") for name in trainable
+    )  # the VAE stays frozen, untouched
 
 
 def test_gradient_accumulation_matches_one_large_batch(base, tmp_path):

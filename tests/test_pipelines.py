@@ -23,7 +23,7 @@ def checkpoint(tmp_path_factory):
     model = mt.TransfusionForConditionalGeneration(config).eval()
     # A random diffusion head starts at zero (predicts no noise); perturb it so that guidance and noise matter.
     with torch.no_grad():
-        model.patch_decoder.proj.weight.normal_(std=0.2)
+        model.model.patch_decoder.proj.weight.normal_(std=0.2)
     directory = tmp_path_factory.mktemp("checkpoint")
     model.save_pretrained(directory)
     mt.TransfusionProcessor.from_model_config(config, tokenizer).save_pretrained(directory)
