@@ -9,7 +9,13 @@ import os
 import shutil
 from pathlib import Path
 
-from .. import configuration_transfusion, diffusion_transfusion, generation_transfusion, pipeline_transfusion
+from .. import (
+    configuration_transfusion,
+    diffusion_transfusion,
+    generation_transfusion,
+    pipeline_transfusion,
+    saving_transfusion,
+)
 from .. import modeling_transfusion as modeling_module
 from ..processing import image_processing_transfusion, processing_transfusion
 from .checkpoint import load_checkpoint, prepare_output_dir, save_checkpoint
@@ -25,6 +31,7 @@ REMOTE_CODE_FILES = {
         diffusion_transfusion,
         generation_transfusion,
         pipeline_transfusion,
+        saving_transfusion,
         processing_transfusion,
         image_processing_transfusion,
     )

@@ -7,10 +7,8 @@ sequence and bidirectional inside each image. A patch decoder turns the transfor
 into a latent-shaped prediction of the noise (`ddpm`) or velocity (`flow`), trained with a mean squared error.
 """
 
-import json
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL
@@ -30,6 +28,7 @@ from transformers.utils.generic import can_return_tuple
 from .configuration_transfusion import TransfusionConfig
 from .diffusion_transfusion import diffusion_mse, noise_latents, noise_scheduler_from_config, sample_training_timesteps
 from .generation_transfusion import TransfusionGenerationMixin
+from .saving_transfusion import check_save_directory, save_atomically
 
 logger = logging.get_logger(__name__)
 
@@ -277,21 +276,10 @@ class TransfusionPreTrainedModel(PreTrainedModel):
         return super()._check_and_adjust_attn_implementation(attn_implementation, *args, **kwargs)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        """As `PreTrainedModel.save_pretrained`, but never over another model: a directory whose `config.json` is not
-        a Transfusion config is refused. Re-saving over a Transfusion checkpoint replaces it, with a warning."""
-        config_file = Path(save_directory) / "config.json"
-        if config_file.is_file():
-            try:
-                model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                model_type = "unreadable"
-            if model_type != self.config.model_type:
-                raise FileExistsError(
-                    f"{save_directory} already holds another model (config.json with model_type={model_type!r}); "
-                    "save to another directory, or remove it first."
-                )
-            logger.warning(f"Replacing the Transfusion checkpoint in {save_directory}.")
-        return super().save_pretrained(save_directory, *args, **kwargs)
+        """As `PreTrainedModel.save_pretrained`, but never over another model, and in one step: reloading gives
+        exactly the saved weights, and a killed save leaves the old checkpoint whole (see `saving_transfusion`)."""
+        check_save_directory(save_directory, self.config.model_type)
+        return save_atomically(save_directory, super().save_pretrained, *args, **kwargs)
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):

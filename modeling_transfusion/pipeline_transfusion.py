@@ -120,8 +120,17 @@ class TransfusionTextToImagePipeline(Pipeline):
         Returns:
             `{"image": image}` for a string, a list of them for a list of strings.
         """
-        if isinstance(prompts, (list, tuple)) and not all(isinstance(prompt, str) for prompt in prompts):
-            raise ValueError("prompts must be a string or a list of strings.")
+        if isinstance(prompts, (str, list, tuple)):
+            prompt_list = [prompts] if isinstance(prompts, str) else prompts
+            if not prompt_list:
+                raise ValueError("Got no prompts: pass a string or a non-empty list of strings.")
+            for index, prompt in enumerate(prompt_list):
+                if not isinstance(prompt, str):
+                    raise ValueError("prompts must be a string or a list of strings.")
+                if not prompt.strip():
+                    raise ValueError(
+                        f"Prompt {index} is empty: describe the image to generate, e.g. 'a handwritten seven'."
+                    )
         if isinstance(prompts, tuple):
             prompts = list(prompts)
         return super().__call__(prompts, **kwargs)

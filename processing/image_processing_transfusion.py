@@ -98,6 +98,16 @@ class TransfusionImageProcessor(PilBackend):
         _flatten_images(images, flat, self.fetch_images)
         if not flat:
             raise ValueError("Got no images: pass at least one PIL image, numpy array or torch tensor.")
+        for index, image in enumerate(flat):
+            size = image.size if isinstance(image, PIL.Image.Image) else tuple(image.shape)
+            if 0 in size:
+                detail = (
+                    f"PIL image of size {size[0]}x{size[1]}" if isinstance(image, PIL.Image.Image) else f"shape {size}"
+                )
+                raise ValueError(
+                    f"Got an empty image at index {index} ({detail}): every image needs a height and a width of at "
+                    "least one pixel."
+                )
         return flat
 
     def process_image(
@@ -188,8 +198,6 @@ def _to_numpy(image: "np.ndarray | torch.Tensor") -> np.ndarray:
     if isinstance(image, torch.Tensor):
         image = image.detach().cpu()
         image = (image.float() if image.is_floating_point() else image).numpy()
-    if image.size == 0:
-        raise ValueError(f"Got an empty image of shape {image.shape}.")
     if image.dtype == np.uint8:
         return image
     if np.issubdtype(image.dtype, np.integer):

@@ -13,6 +13,7 @@ from transformers.processing_utils import ProcessingKwargs, ProcessorMixin, Unpa
 from transformers.utils import logging
 
 from .image_processing_transfusion import TransfusionImageProcessor
+from .saving_transfusion import save_atomically
 
 logger = logging.get_logger(__name__)
 
@@ -203,6 +204,11 @@ class TransfusionProcessor(ProcessorMixin):
                 "add_image_tokens(tokenizer, model) to resize the model."
             )
         return processor
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """As `ProcessorMixin.save_pretrained`, in one step: a killed save leaves the old files whole, and the model's
+        files in the folder are kept (see `saving_transfusion`)."""
+        return save_atomically(save_directory, super().save_pretrained, *args, **kwargs)
 
     @property
     def image_sequence(self) -> str:

