@@ -277,8 +277,10 @@ class TransfusionPreTrainedModel(PreTrainedModel):
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """As `PreTrainedModel.save_pretrained`, but never over another model, and in one step: reloading gives
-        exactly the saved weights, and a killed save leaves the old checkpoint whole (see `saving_transfusion`)."""
+        exactly the saved weights, and a killed save leaves the old checkpoint whole (see `saving_transfusion`). The
+        weights keep the names of the composed modules (see the key renaming above)."""
         check_save_directory(save_directory, self.config.model_type)
+        kwargs.setdefault("save_original_format", False)
         return save_atomically(save_directory, super().save_pretrained, *args, **kwargs)
 
     @classmethod
