@@ -117,6 +117,11 @@ class TransfusionLinearPatchEncoder(nn.Module):
         return embeddings, None  # [num_images, num_patches, hidden_size]
 
 
+class TransfusionZeroInitLinear(nn.Linear):
+    """A linear layer that [`TransfusionPreTrainedModel`] initialises at zero: the diffusion head starts at the trivial
+    prediction, as DiT's does, for a calm first phase of training."""
+
+
 class TransfusionLinearPatchDecoder(nn.Module):
     """Maps the transformer's output at each image slot back to one patch of the prediction."""
 
@@ -124,7 +129,7 @@ class TransfusionLinearPatchDecoder(nn.Module):
         super().__init__()
         self.patch_size = config.patch_size
         self.latent_channels = config.latent_channels
-        self.proj = nn.Linear(config.text_config.hidden_size, config.patch_dim)
+        self.proj = TransfusionZeroInitLinear(config.text_config.hidden_size, config.patch_dim)
 
     def forward(self, hidden_states: torch.Tensor, encoder_state: None = None) -> torch.Tensor:
         return unpatchify(self.proj(hidden_states), self.patch_size, self.latent_channels)
@@ -267,7 +272,7 @@ class TransfusionPreTrainedModel(PreTrainedModel):
     accepts_loss_kwargs = False
 
     def _check_and_adjust_attn_implementation(self, attn_implementation, *args, **kwargs):
-        # Private hook (see PRIVATE_TRANSFORMERS_API): transformers' own refusal would invite adding support.
+        # Private hook (listed in tests/test_private_api.py): transformers' own refusal would invite adding support.
         if isinstance(attn_implementation, str) and "flash" in attn_implementation:
             raise ValueError(
                 f"attn_implementation={attn_implementation!r} cannot express Transfusion's mask (bidirectional inside "
@@ -309,10 +314,11 @@ class TransfusionPreTrainedModel(PreTrainedModel):
     @torch.no_grad()
     def _init_weights(self, module):
         super()._init_weights(module)
-        if isinstance(module, TransfusionLinearPatchDecoder):
-            # Start the diffusion head at the trivial prediction (zero), as DiT does, for a calm first phase.
-            nn.init.zeros_(module.proj.weight)
-            nn.init.zeros_(module.proj.bias)
+        # On the layer itself: transformers skips the init of a module of remote code that has no parameters of its
+        # own (the patch decoder), so a rule for the decoder would never run.
+        if isinstance(module, TransfusionZeroInitLinear):
+            nn.init.zeros_(module.weight)
+            nn.init.zeros_(module.bias)
 
 
 class TransfusionModel(TransfusionPreTrainedModel):
@@ -736,13 +742,29 @@ class TransfusionForConditionalGeneration(TransfusionPreTrainedModel, Transfusio
             labels = labels.masked_fill(attention_mask == 0, -100)
         return labels
 
-    def prepare_inputs_for_generation(self, *args, is_first_iteration: bool = False, **kwargs):
-        """As `GenerationMixin`'s, and the prompt's images (`pixel_values`, `image_latents`) reach only the forward
-        that reads the prompt: after it they are in the cache."""
-        model_inputs = super().prepare_inputs_for_generation(*args, is_first_iteration=is_first_iteration, **kwargs)
-        if not is_first_iteration and kwargs.get("use_cache", True):
-            for key in ("pixel_values", "image_latents", "image_timesteps"):
-                model_inputs.pop(key, None)
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.LongTensor,
+        cache: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        image_latents: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        is_first_iteration: bool = False,
+        **kwargs,
+    ):
+        """As `GenerationMixin`'s; the prompt's images (`pixel_values`, `image_latents`) reach only the forward that
+        reads the prompt (after it they are in the cache), or every forward without a cache."""
+        model_inputs = super().prepare_inputs_for_generation(
+            input_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            is_first_iteration=is_first_iteration,
+            **kwargs,
+        )
+        if is_first_iteration or not kwargs.get("use_cache", True):
+            model_inputs["pixel_values"], model_inputs["image_latents"] = pixel_values, image_latents
         return model_inputs
 
     @can_return_tuple

@@ -173,6 +173,7 @@ class TransfusionProcessor(ProcessorMixin):
         self.boi_token_id = tokenizer.convert_tokens_to_ids(boi_token)
         self.eoi_token_id = tokenizer.convert_tokens_to_ids(eoi_token)
         chat_template = DEFAULT_CHAT_TEMPLATE if chat_template is None else chat_template
+        tokenizer.padding_side = "left"  # batched generation continues every row from its last token
         super().__init__(image_processor, tokenizer, chat_template=chat_template)
 
     @classmethod
@@ -238,7 +239,8 @@ class TransfusionProcessor(ProcessorMixin):
             padding (`bool` or `str`, *optional*, defaults to `True`):
                 `True`/`"longest"`, `"max_length"` or `False`, as in tokenizers.
             padding_side (`str`, *optional*):
-                `"left"` or `"right"`; defaults to `tokenizer.padding_side`. Use left padding to generate.
+                `"left"` or `"right"`; defaults to `tokenizer.padding_side`, which the processor sets to `"left"`: a
+                decoder-only model generates after the last token of every row (the training collator pads right).
             max_length (`int`, *optional*):
                 Longest row allowed (and the length `padding="max_length"` pads to); defaults to `context_length`.
             truncation (`bool`, *optional*, defaults to `False`):
@@ -281,11 +283,17 @@ class TransfusionProcessor(ProcessorMixin):
             input_ids, kept_images = self._fit_to_length(input_ids, max_length, truncation)
 
         padding = text_kwargs.get("padding", False)
-        padding_side = text_kwargs.get("padding_side") or self.tokenizer.padding_side
-        input_ids, attention_mask = self._pad(
-            input_ids, padding, padding_side, max_length, text_kwargs.get("pad_to_multiple_of")
+        if padding in (True, "longest") and len({len(ids) for ids in input_ids}) == 1:
+            padding = False  # nothing to pad: a tokenizer without a pad token works too
+        padded = self.tokenizer.pad(
+            {"input_ids": input_ids},
+            padding=padding,
+            max_length=max_length,
+            pad_to_multiple_of=text_kwargs.get("pad_to_multiple_of"),
+            padding_side=text_kwargs.get("padding_side") or self.tokenizer.padding_side,
+            return_attention_mask=True,
         )
-        data = {"input_ids": input_ids, "attention_mask": attention_mask}
+        data = {"input_ids": padded["input_ids"], "attention_mask": padded["attention_mask"]}
         if kept_images:
             data["pixel_values"] = [pixel_values[index] for index in kept_images]
         return BatchFeature(data=data, tensor_type=return_tensors)
@@ -380,39 +388,6 @@ class TransfusionProcessor(ProcessorMixin):
             kept_images += [first_image + k for k, (start, stop) in enumerate(spans) if begin <= start and stop <= end]
             first_image += len(spans)
         return fitted, kept_images
-
-    def _pad(
-        self,
-        input_ids: list[list[int]],
-        padding: bool | str,
-        padding_side: str,
-        max_length: int | None,
-        pad_to_multiple_of: int | None,
-    ) -> tuple[list[list[int]], list[list[int]]]:
-        lengths = [len(ids) for ids in input_ids]
-        padding = str(getattr(padding, "value", padding))
-        if padding in ("False", "do_not_pad"):
-            target = 0
-        elif padding == "max_length":
-            if max_length is None:
-                raise ValueError("padding='max_length' needs max_length (or the processor's context_length).")
-            target = max_length
-        else:
-            target = max(lengths)
-        if pad_to_multiple_of and target % pad_to_multiple_of:
-            target += pad_to_multiple_of - target % pad_to_multiple_of
-        if any(length < target for length in lengths) and self.tokenizer.pad_token_id is None:
-            raise ValueError(
-                "Padding needs a pad token and the tokenizer has none: set tokenizer.pad_token (e.g. to its eos_token)."
-            )
-        padded, masks = [], []
-        for ids in input_ids:
-            pad = [self.tokenizer.pad_token_id] * max(target - len(ids), 0)
-            mask = [1] * len(ids)
-            zeros = [0] * len(pad)
-            padded.append(pad + ids if padding_side == "left" else ids + pad)
-            masks.append(zeros + mask if padding_side == "left" else mask + zeros)
-        return padded, masks
 
     # Output: ids -> text, model images -> PIL
 

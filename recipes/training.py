@@ -247,10 +247,10 @@ def save_checkpoint(
     generation config. `dtype=torch.bfloat16` halves the file (the VAE stays in float32)."""
     model.generation_config = default_generation_config(model)
     if dtype is not None:
-        vae = model.vae
-        model.vae = None
+        vae = model.model.vae
+        model.model.vae = None
         model.to(dtype)
-        model.vae = vae
+        model.model.vae = vae
     model.save_pretrained(output_dir)
     processor.save_pretrained(output_dir)
 

@@ -115,7 +115,7 @@ def tiny_config(tokenizer) -> TransfusionConfig:
 
 @pytest.fixture
 def processor(tokenizer, tiny_config) -> TransfusionProcessor:
-    """A processor for `tiny_config`: 8x8 grey images, 16 `<image>` slots each, right padding, context 256."""
+    """A processor for `tiny_config`: 8x8 grey images, 16 `<image>` slots each, left padding, context 256."""
     return TransfusionProcessor.from_model_config(tiny_config, tokenizer)
 
 

@@ -469,7 +469,7 @@ def test_save_and_reload_through_automodel_is_bit_identical(tmp_path):
     model.save_pretrained(tmp_path)
     files = sorted(p.name for p in tmp_path.iterdir())
     assert "model.safetensors" in files and not any(name.endswith((".bin", ".pt", ".pth")) for name in files)
-    assert any(key.startswith("vae.") for key in load_file(tmp_path / "model.safetensors"))
+    assert any(key.startswith("model.vae.") for key in load_file(tmp_path / "model.safetensors"))
     assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "transfusion"
 
     reloaded = AutoModel.from_pretrained(tmp_path).eval()
