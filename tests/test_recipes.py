@@ -122,7 +122,8 @@ def test_latent_collator_matches_the_processor(tiny_recipe):
     records = [dataset[i] for i in range(4)]
     batch = LatentDataCollator(processor)(records)
     assert batch["image_latents"].shape == (4, 1, 8, 8)
-    reference = processor(text=[r["text"] + "</s>" for r in records], images=[[np.zeros((8, 8), dtype=np.uint8)]] * 4)
+    texts = [r["text"] + "</s>" for r in records]
+    reference = processor(text=texts, images=[[np.zeros((8, 8), dtype=np.uint8)]] * 4, padding_side="right")
     for row, ids in zip(batch["input_ids"].tolist(), reference["input_ids"]):
         assert row[: len(ids)] == ids
     assert (batch["labels"][batch["input_ids"] == processor.image_token_id] == -100).all()
