@@ -14,6 +14,18 @@ from transformers import PreTrainedTokenizerFast
 
 from modeling_transfusion import TransfusionConfig, TransfusionProcessor, add_image_tokens, train_caption_tokenizer
 
+# A tiny frozen VAE for 1-channel images: 2 latent channels, downsampling by 2.
+TINY_VAE = {
+    "in_channels": 1,
+    "out_channels": 1,
+    "latent_channels": 2,
+    "block_out_channels": [8, 8],
+    "down_block_types": ["DownEncoderBlock2D"] * 2,
+    "up_block_types": ["UpDecoderBlock2D"] * 2,
+    "layers_per_block": 1,
+    "norm_num_groups": 4,
+}
+
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 
@@ -59,7 +71,8 @@ def build_tiny_config(
 ) -> TransfusionConfig:
     """A tiny Transfusion config matching `tokenizer`: Llama backbone (2 layers, width 32), identity autoencoder,
     `(image_size // patch_size) ** 2` image slots (16 by default), context 256, and the tokenizer's image token ids
-    (unless `kwargs` gives them). Further `kwargs` go to `TransfusionConfig`."""
+    (unless `kwargs` gives them). Further `kwargs` go to `TransfusionConfig` (e.g. `vae_config=TINY_VAE,
+    latent_channels=2`)."""
     text_config = {
         "model_type": "llama",
         "vocab_size": len(tokenizer),
@@ -75,14 +88,10 @@ def build_tiny_config(
     }
     for name, token in (("boi_token_id", "<boi>"), ("eoi_token_id", "<eoi>"), ("image_token_id", "<image>")):
         kwargs.setdefault(name, tokenizer.convert_tokens_to_ids(token))
+    kwargs.setdefault("vae_config", None)
+    kwargs.setdefault("latent_channels", num_channels)
     return TransfusionConfig(
-        text_config=text_config,
-        vae_config=None,
-        image_size=image_size,
-        num_channels=num_channels,
-        latent_channels=num_channels,
-        patch_size=patch_size,
-        **kwargs,
+        text_config=text_config, image_size=image_size, num_channels=num_channels, patch_size=patch_size, **kwargs
     )
 
 

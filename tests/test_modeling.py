@@ -18,6 +18,8 @@ from transformers import (
 
 import modeling_transfusion as mt
 
+from conftest import TINY_VAE
+
 VOCAB = 64
 BOS, EOS, BOI, EOI, IMAGE = 3, 4, 61, 62, 63
 TINY_TEXT = {
@@ -31,16 +33,6 @@ TINY_TEXT = {
     "bos_token_id": BOS,
     "eos_token_id": EOS,
     "pad_token_id": 0,
-}
-TINY_VAE = {
-    "in_channels": 1,
-    "out_channels": 1,
-    "latent_channels": 2,
-    "block_out_channels": [8, 8],
-    "down_block_types": ["DownEncoderBlock2D"] * 2,
-    "up_block_types": ["UpDecoderBlock2D"] * 2,
-    "layers_per_block": 1,
-    "norm_num_groups": 4,
 }
 
 
