@@ -16,6 +16,8 @@ token), and the frozen autoencoders (their codes and latents are computed once, 
 
 The study's state lives in one folder; every finished stage writes its result there, so a run interrupted at any
 point resumes (`resume=True`) from the last finished stage, and a training run from its last `Trainer` checkpoint.
+Runs are stored by model, budget and learning rate, so a resumed study may also change its budgets or learning rates
+and reuses the runs it already has.
 """
 
 import json
@@ -69,6 +71,8 @@ from modeling_transfusion.recipes.training import (
 from modeling_transfusion.recipes.vae import encode_latents, train_vae
 
 MODELS = ("transfusion", "discrete")
+# runs are stored by (model, budget, learning rate), so a resumed study may add or drop budgets and learning rates
+RESUMABLE_CHANGES = ("budgets", "sweep_budget", "learning_rates")
 # metric -> (label in tables and plots, True when higher is better)
 METRICS = {
     "prompt_accuracy": ("prompt accuracy", True),
@@ -319,11 +323,16 @@ class DiscreteVsContinuousStudy:
         state_file = self.out / "study_config.json"
         if self.out.exists() and any(self.out.iterdir()) and not resume:
             raise FileExistsError(f"{self.out} is not empty: pass resume=True (--resume) to continue the study there.")
-        if resume and state_file.is_file() and json.loads(state_file.read_text()) != json.loads(self._config_json()):
-            raise ValueError(
-                f"{state_file} was written for another configuration: resume with the same arguments or use a new "
-                "output folder."
+        if resume and state_file.is_file():
+            previous, current = json.loads(state_file.read_text()), json.loads(self._config_json())
+            changed = sorted(
+                key for key in current if key not in RESUMABLE_CHANGES and previous.get(key) != current[key]
             )
+            if changed:
+                raise ValueError(
+                    f"{state_file} was written for another configuration ({', '.join(changed)} differ): resume with "
+                    "the same settings (budgets and learning rates may change) or use a new output folder."
+                )
         needed = 2 * config.num_generated + config.num_captioned
         if len(data.test_images) < needed:
             raise ValueError(

@@ -240,7 +240,11 @@ def test_the_study_runs_end_to_end_at_a_toy_budget_and_resumes(tmp_path):
     again = DiscreteVsContinuousStudy(config, study_data, judge, tmp_path, resume=True, progress=False).run()
     assert again["runs"] == results["runs"] and [p.stat().st_mtime_ns for p in run_files] == stamps
     assert (tmp_path / "results.json").stat().st_mtime_ns >= stamp
-    other = StudyConfig(**{**TOY, "budgets": [1e8, 8e8]})
-    with pytest.raises(ValueError, match="another configuration"):
+    fewer = StudyConfig(**{**TOY, "budgets": [2e8]})  # budgets may change on resume: the finished runs are reused
+    reused = DiscreteVsContinuousStudy(fewer, study_data, judge, tmp_path, resume=True, progress=False).run()
+    assert reused["runs"] == {kind: runs[:1] for kind, runs in results["runs"].items()}
+    assert [p.stat().st_mtime_ns for p in run_files] == stamps
+    other = StudyConfig(**{**TOY, "codebook_size": 64})
+    with pytest.raises(ValueError, match="another configuration .codebook_size differ"):
         DiscreteVsContinuousStudy(other, study_data, judge, tmp_path, resume=True, progress=False)
     assert json.loads((tmp_path / "sweep.json").read_text()) == results["learning_rates"]
