@@ -288,7 +288,7 @@ class TransfusionProcessor(ProcessorMixin):
         padded = self.tokenizer.pad(
             {"input_ids": input_ids},
             padding=padding,
-            max_length=max_length,
+            max_length=max_length if padding == "max_length" else None,
             pad_to_multiple_of=text_kwargs.get("pad_to_multiple_of"),
             padding_side=text_kwargs.get("padding_side") or self.tokenizer.padding_side,
             return_attention_mask=True,
