@@ -16,6 +16,7 @@ advanced), which are removed from the returned sequences. Every row therefore se
 import functools
 import inspect
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -60,9 +61,10 @@ class TransfusionGenerateOutput(GenerateDecoderOnlyOutput):
 
 
 def _integer(value, name: str, minimum: int) -> int:
+    """`value` as an int (a float such as 4.0 is accepted), refusing bools, fractions and values below `minimum`."""
     if (
         isinstance(value, bool)
-        or not isinstance(value, int | torch.SymInt)
+        or not isinstance(value, numbers.Integral | torch.SymInt)
         and not (isinstance(value, float) and value.is_integer())
     ):
         raise TypeError(f"{name} must be an integer, got {value!r}.")
@@ -72,11 +74,66 @@ def _integer(value, name: str, minimum: int) -> int:
 
 
 def _finite_float(value, name: str, minimum: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    """`value` as a float, refusing bools, non-numbers, NaN, infinities and values below `minimum`."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number, got {value!r}.")
     if not math.isfinite(value) or value < minimum:
-        raise ValueError(f"{name} must be a finite number >= {minimum:g}, got {value}.")
+        bound = f" >= {minimum:g}" if math.isfinite(minimum) else ""
+        raise ValueError(f"{name} must be a finite number{bound}, got {value}.")
     return float(value)
+
+
+# The numeric arguments `generate` checks (given, or from the generation config) before any compute, with their least
+# value: transformers lets NaN or fractional lengths through (`max_new_tokens=float("nan")` never stops), and some
+# NaN sampling settings. Token ids may also be lists of ids.
+INTEGER_ARGUMENTS = {
+    "max_new_tokens": 1,
+    "max_length": 1,
+    "min_new_tokens": 0,
+    "min_length": 0,
+    "num_beams": 1,
+    "num_return_sequences": 1,
+    "top_k": 0,
+    "no_repeat_ngram_size": 0,
+    "max_new_images": 0,
+    "num_inference_steps": 1,
+}
+TOKEN_ID_ARGUMENTS = ("pad_token_id", "bos_token_id", "eos_token_id")
+FLOAT_ARGUMENTS = {
+    "temperature": 0.0,
+    "top_p": 0.0,
+    "min_p": 0.0,
+    "typical_p": 0.0,
+    "epsilon_cutoff": 0.0,
+    "eta_cutoff": 0.0,
+    "repetition_penalty": 0.0,
+    "length_penalty": -math.inf,
+    "guidance_scale": 0.0,
+    "image_guidance_scale": 0.0,
+}
+
+
+def _check_numeric_arguments(kwargs: dict, generation_config) -> None:
+    """Checks the type and value of every numeric argument of `generate` in `kwargs` (else in `generation_config`),
+    raising `TypeError` / `ValueError` naming it; integral floats in `kwargs` (4.0) are replaced by ints."""
+    for name, minimum in (*INTEGER_ARGUMENTS.items(), *((name, 0) for name in TOKEN_ID_ARGUMENTS)):
+        given = kwargs.get(name)
+        value = getattr(generation_config, name, None) if given is None else given
+        if value is None or isinstance(value, torch.Tensor):
+            continue
+        if name in TOKEN_ID_ARGUMENTS and isinstance(value, list | tuple):
+            checked = [_integer(item, name, minimum) for item in value]
+        else:
+            checked = _integer(value, name, minimum)
+        if given is not None:
+            kwargs[name] = checked
+    for name, minimum in FLOAT_ARGUMENTS.items():
+        given = kwargs.get(name)
+        value = getattr(generation_config, name, None) if given is None else given
+        if value is not None:
+            checked = _finite_float(value, name, minimum)
+            if given is not None:
+                kwargs[name] = checked
 
 
 @dataclass
@@ -547,6 +604,8 @@ def transfusion_decode(
         )
     if streamer is not None and batch_size > 1:
         raise ValueError("Streamers take one sequence: stream with a batch of one prompt.")
+    if generation_mode == "image" and max_new_images == 0:
+        raise ValueError("generation_mode='image' generates one image, which max_new_images=0 forbids.")
     num_slots = model.config.num_image_tokens
     room = generation_config.max_length - input_ids.shape[1]
     if generation_mode == "image" and room < num_slots + 2:
@@ -614,6 +673,9 @@ class TransfusionGenerationMixin(GenerationMixin):
             progress_bar (`bool`, *optional*, defaults to `True`):
                 Shows a progress bar over the denoising steps of each image.
 
+        Every numeric argument (these and transformers' `max_new_tokens`, `temperature`, ...) is checked for type and
+        finiteness before any compute; a `TypeError` or `ValueError` names the argument.
+
         Return:
             `torch.LongTensor` of sequences, or a [`TransfusionGenerateOutput`] (with `images` and `image_latents`)
             when `return_dict_in_generate=True` (a plain transformers output in `"text"` mode).
@@ -622,17 +684,18 @@ class TransfusionGenerationMixin(GenerationMixin):
         mode = kwargs.get("generation_mode") or getattr(defaults, "generation_mode", None) or "interleaved"
         if mode not in GENERATION_MODES:
             raise ValueError(f"Unknown generation_mode {mode!r}: choose one of {list(GENERATION_MODES)}.")
+        if custom_generate is None and mode != "text" and kwargs.get("guidance_scale") is not None:
+            raise ValueError(
+                f"guidance_scale is transformers' classifier-free guidance of text; for images in "
+                f"generation_mode={mode!r} pass image_guidance_scale={kwargs['guidance_scale']!r}."
+            )
+        _check_numeric_arguments(kwargs, defaults)
         self._check_prompt_length(inputs, kwargs, mode)
         if custom_generate is None and mode == "text":
             return self._generate_text(
                 inputs, generation_config, logits_processor, stopping_criteria, streamer, defaults, kwargs
             )
         if custom_generate is None:
-            if kwargs.get("guidance_scale") is not None:
-                raise ValueError(
-                    f"guidance_scale is transformers' classifier-free guidance of text; for images in "
-                    f"generation_mode={mode!r} pass image_guidance_scale={kwargs['guidance_scale']!r}."
-                )
             custom_generate = functools.partial(transfusion_decode, streamer=streamer)
             length_set = any(kwargs.get(k) is not None for k in ("max_new_tokens", "max_length")) or any(
                 getattr(defaults, k, None) is not None for k in ("max_new_tokens", "max_length")

@@ -4,8 +4,8 @@ After `import modeling_transfusion`, `pipeline("text-to-image", model=checkpoint
 checkpoint's model and processor. The same checkpoint also serves transformers' built-in `image-text-to-text`
 (captioning) and `text-generation` pipelines.
 
-This file imports nothing from the package (the model and processor reach it through the Auto classes), so the hub
-export can copy it next to the weights as remote code.
+The model and processor reach this file through the Auto classes; it imports only the argument checks of
+`generation_transfusion` (a flat relative import), so the hub export can copy it next to the weights as remote code.
 """
 
 import os
@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 from transformers import Pipeline
+
+from .generation_transfusion import _finite_float, _integer
 
 TEXT_TO_IMAGE_TASK = "text-to-image"
 
@@ -92,6 +94,13 @@ class TransfusionTextToImagePipeline(Pipeline):
             raise ValueError("Pass either seed or generator, not both.")
         if output_type is not None and output_type not in ("pil", "np"):
             raise ValueError(f"output_type must be 'pil' or 'np', got {output_type!r}.")
+        # Checked here so that an error names the pipeline's arguments (generate knows `image_guidance_scale`).
+        if guidance_scale is not None:
+            guidance_scale = _finite_float(guidance_scale, "guidance_scale", 0.0)
+        if num_inference_steps is not None:
+            num_inference_steps = _integer(num_inference_steps, "num_inference_steps", 1)
+        if seed is not None:
+            seed = _integer(seed, "seed", 0)
         forward_params = {}
         image_kwargs = {
             "image_guidance_scale": guidance_scale,

@@ -1,10 +1,12 @@
 """Reliability: resumption, determinism, numerics and broken files (issue: reliability and security)."""
 
+import contextlib
 import functools
 import io
 import json
 import math
 import os
+import re
 import shlex
 import shutil
 import sys
@@ -15,7 +17,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-from transformers import AutoModel, Trainer, TrainerCallback, TrainingArguments
+from transformers import AutoModel, AutoProcessor, Trainer, TrainerCallback, TrainingArguments, pipeline
 
 import modeling_transfusion as mt
 from modeling_transfusion.recipes import cli
@@ -347,11 +349,21 @@ def test_a_processor_for_another_image_size_is_refused_before_compute(tokenizer,
     model = mt.TransfusionForConditionalGeneration(build_tiny_config(tokenizer, image_size=8))
     other = mt.TransfusionProcessor.from_model_config(build_tiny_config(tokenizer, image_size=16), tokenizer)
     batch = other(text=["a seven <image>"], images=[digit_images[0][0]], return_tensors="pt")
-    calls = []
-    model.model.language_model.register_forward_pre_hook(lambda *args: calls.append(1))
-    with pytest.raises(ValueError, match=r"pixel_values must have shape \(num_images, 1, 8, 8\), got \(1, 1, 16, 16\)"):
+    message = r"pixel_values must have shape \(num_images, 1, 8, 8\), got \(1, 1, 16, 16\)"
+    with backbone_calls(model) as calls, pytest.raises(ValueError, match=message):
         model(**batch)
     assert not calls, "the backbone never ran"
+
+
+@contextlib.contextmanager
+def backbone_calls(model):
+    """Records the forwards of `model`'s backbone: an error raised before any compute leaves the list empty."""
+    calls = []
+    hook = model.model.language_model.register_forward_pre_hook(lambda *args: calls.append(1))
+    try:
+        yield calls
+    finally:
+        hook.remove()
 
 
 def test_saving_never_overwrites_another_model(tmp_path, tiny_config):
@@ -392,8 +404,6 @@ def test_a_zero_size_image_is_refused_naming_its_index_and_size(processor, digit
 
 
 def test_pipelines_refuse_empty_prompts_and_images():
-    from transformers import pipeline
-
     generator = pipeline("text-to-image", model=str(cli.DEFAULT_MODEL))
     empty = (([], "Got no prompts"), ("", "Prompt 0 is empty"), (["a seven", " "], "Prompt 1 is empty"))
     for prompts, message in empty:
@@ -402,6 +412,130 @@ def test_pipelines_refuse_empty_prompts_and_images():
     captioner = pipeline("image-text-to-text", model=str(cli.DEFAULT_MODEL))
     with pytest.raises(ValueError, match=r"empty image at index 0 \(PIL image of size 0x0\)"):
         captioner(images=PIL.Image.new("L", (0, 0)), text="<image> a handwritten", max_new_tokens=2)
+
+
+# Numbers and images given by hand (issue 14, cases 3, 4 and 6), on the bundled checkpoint as a user loads it: a clear
+# error naming the argument, before any compute; never NaN images, a grey image or a garbage caption.
+
+SEVEN = cli.DEFAULT_MODEL / "examples" / "mnist_test_09990_label_7.png"
+
+
+@pytest.fixture(scope="module")
+def mnist():
+    """The bundled checkpoint's model and processor, and its text-to-image pipeline."""
+    directory = str(cli.DEFAULT_MODEL)
+    model = AutoModel.from_pretrained(directory).eval()
+    return model, AutoProcessor.from_pretrained(directory), pipeline("text-to-image", model=directory)
+
+
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_guidance_is_refused_by_generate_and_the_pipeline(mnist, scale):
+    model, processor, generator = mnist
+    prompt = processor(text=["a handwritten seven"], return_tensors="pt")
+    with backbone_calls(model) as calls:
+        with pytest.raises(ValueError, match=rf"^image_guidance_scale must be a finite number >= 0, got {scale}\.$"):
+            model.generate(**prompt, generation_mode="image", image_guidance_scale=scale, num_inference_steps=2)
+    with backbone_calls(generator.model) as pipeline_calls:
+        with pytest.raises(ValueError, match=rf"^guidance_scale must be a finite number >= 0, got {scale}\.$"):
+            generator("a handwritten seven", guidance_scale=scale, num_inference_steps=2)
+    assert calls == pipeline_calls == []
+    # A finite scale draws a digit: white strokes on black, not a uniform grey image.
+    image = np.asarray(generator("a handwritten seven", guidance_scale=3.0, num_inference_steps=2, seed=0)["image"])
+    assert image.shape == (32, 32) and image.min() == 0 and image.max() == 255 and image.std() > 20
+
+
+def test_bad_pixel_values_given_to_the_model_are_refused(mnist):
+    model, processor, _ = mnist
+    seven = PIL.Image.open(SEVEN)  # 32 x 32, the model's size
+    batch = processor(text=["<image> a handwritten"], images=[seven], return_tensors="pt")
+    pixels = batch["pixel_values"]
+    width = batch["input_ids"].shape[1]
+
+    def caption(pixel_values):
+        out = model.generate(**{**batch, "pixel_values": pixel_values}, generation_mode="text", max_new_tokens=6)
+        return processor.decode(out[0, width:])
+
+    assert caption(pixels) == " seven</s>"
+    assert caption(pixels * 1.005) == " seven</s>", "the tolerance allows for rounding in one's own normalisation"
+    one_nan = pixels.clone()
+    one_nan[0, 0, 16, 16] = float("nan")
+    unnormalised = torch.tensor(np.asarray(seven), dtype=torch.float32)[None, None]  # the image's own 0-255 pixels
+    cases = [
+        (torch.full_like(pixels, float("nan")), r"^pixel_values hold NaN or infinite values\.$"),
+        (one_nan, r"^pixel_values hold NaN or infinite values\.$"),
+        (unnormalised, r"^pixel_values must lie in \[-1, 1\] .*, got values in \[0, 254\]\.$"),
+        (pixels * 1.02, r"^pixel_values must lie in \[-1, 1\] .*, got values in \[-1.02, 1.01\]\.$"),
+    ]
+    for pixel_values, message in cases:
+        with backbone_calls(model) as calls:
+            with pytest.raises(ValueError, match=message):
+                caption(pixel_values)
+            with pytest.raises(ValueError, match=message):
+                model(**{**batch, "pixel_values": pixel_values})
+        assert calls == []
+    latents = model.model.encode_images(pixels)
+    latents[0, 0, 0, 0] = float("inf")
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    with backbone_calls(model) as calls, pytest.raises(ValueError, match=r"^image_latents hold NaN or infinite values"):
+        model(**inputs, image_latents=latents)
+    assert calls == []
+
+
+def test_fractional_and_non_finite_counts_are_refused_naming_the_argument(mnist):
+    model, processor, generator = mnist
+    prompt = processor(text=["a handwritten seven"], return_tensors="pt")
+    captioner = pipeline("image-text-to-text", model=str(cli.DEFAULT_MODEL))
+    seven = PIL.Image.open(SEVEN)
+    refused = [
+        ("num_inference_steps", 2.5, TypeError, "num_inference_steps must be an integer, got 2.5."),
+        ("num_inference_steps", 0, ValueError, "num_inference_steps must be at least 1, got 0."),
+        ("max_new_tokens", float("nan"), TypeError, "max_new_tokens must be an integer, got nan."),
+        ("max_new_tokens", 20.5, TypeError, "max_new_tokens must be an integer, got 20.5."),
+        ("max_new_images", 1.5, TypeError, "max_new_images must be an integer, got 1.5."),
+        ("max_new_images", -1, ValueError, "max_new_images must be at least 0, got -1."),
+        ("temperature", float("nan"), ValueError, "temperature must be a finite number >= 0, got nan."),
+    ]
+    with backbone_calls(model) as calls, backbone_calls(generator.model) as pipeline_calls:
+        for name, value, error, message in refused:
+            for mode in ("image", "interleaved", "text"):
+                with pytest.raises(error, match=f"^{re.escape(message)}$"):
+                    model.generate(**prompt, generation_mode=mode, **{name: value})
+        with pytest.raises(TypeError, match=r"^num_inference_steps must be an integer, got 2.5\.$"):
+            generator("a handwritten seven", num_inference_steps=2.5)
+        with pytest.raises(TypeError, match=r"^seed must be an integer, got 1.5\.$"):
+            generator("a handwritten seven", seed=1.5, num_inference_steps=2)
+        with pytest.raises(ValueError, match=r"^seed must be at least 0, got -1\.$"):
+            generator("a handwritten seven", seed=-1, num_inference_steps=2)
+        with pytest.raises(TypeError, match=r"^guidance_scale must be a number, got '3'\.$"):
+            generator("a handwritten seven", guidance_scale="3", num_inference_steps=2)
+        with pytest.raises(TypeError, match=r"^max_new_tokens must be an integer, got 2.5\.$"):
+            captioner(images=seven, text="<image> a handwritten", max_new_tokens=2.5)
+    assert calls == pipeline_calls == []
+    # An integral float is an integer: 2.0 steps run as 2.
+    image = generator("a handwritten seven", num_inference_steps=2.0, seed=0)["image"]
+    assert image == generator("a handwritten seven", num_inference_steps=2, seed=0)["image"]
+
+
+def test_input_ids_longer_than_the_backbone_positions_are_refused(mnist):
+    model, processor, _ = mnist
+    limit = model.config.text_config.max_position_embeddings
+    text = "a handwritten seven " * 50
+    with pytest.raises(ValueError, match=r"^Row 0 is 152 tokens long"):
+        processor(text=[text], return_tensors="pt")
+    input_ids = processor.tokenizer(text, return_tensors="pt").input_ids  # the tokenizer alone does not check
+    assert limit == 128 and input_ids.shape == (1, 152)
+    too_long = r"^a prompt of 129 tokens .*needs \d+ positions, more than the backbone's max_position_embeddings"
+    with backbone_calls(model) as calls:
+        for mode in ("text", "interleaved", "image"):
+            with pytest.raises(ValueError, match=too_long):
+                model.generate(input_ids[:, : limit + 1], generation_mode=mode, max_new_tokens=18)
+        message = r"^a prompt of 111 tokens plus one image needs 129 positions, more than the backbone's .* \(128\)"
+        with pytest.raises(ValueError, match=message):
+            model.generate(input_ids[:, : limit - 17], generation_mode="image", num_inference_steps=1)
+    assert calls == []
+    assert model.generate(input_ids[:, :limit], generation_mode="text", max_new_tokens=1).shape == (1, limit + 1)
+    out = model.generate(input_ids[:, : limit - 18], generation_mode="image", num_inference_steps=1)
+    assert out.shape == (1, limit)
 
 
 def test_data_install_prints_its_commands_and_asks_before_running_them(monkeypatch, capsys, tmp_path):
