@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from diffusers import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
-from transformers import GenerationMixin, LogitsProcessorList, SuppressTokensLogitsProcessor
+from transformers import GenerationMixin, LogitsProcessor, LogitsProcessorList
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 from transformers.generation.stopping_criteria import MaxLengthCriteria, StoppingCriteriaList, StopStringCriteria
 from transformers.generation.utils import GenerateDecoderOnlyOutput
@@ -58,6 +58,20 @@ class TransfusionGenerateOutput(GenerateDecoderOnlyOutput):
 
     images: list[list[torch.FloatTensor]] | None = None
     image_latents: list[list[torch.FloatTensor]] | None = None
+
+
+class TokenSuppressor(LogitsProcessor):
+    """Sets the scores of `token_ids` to -inf, as transformers' `SuppressTokensLogitsProcessor` does, with the mask
+    built once rather than at every step (text decoding runs it once per token)."""
+
+    def __init__(self, token_ids: list[int]):
+        self.token_ids, self.mask = token_ids, None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.mask is None or self.mask.shape[-1] != scores.shape[-1] or self.mask.device != scores.device:
+            self.mask = torch.zeros(scores.shape[-1], dtype=torch.bool, device=scores.device)
+            self.mask[self.token_ids] = True
+        return scores.masked_fill(self.mask, -float("inf"))
 
 
 def _integer(value, name: str, minimum: int) -> int:
@@ -750,8 +764,7 @@ class TransfusionGenerationMixin(GenerationMixin):
         # it also takes the place of the processor transformers would build for `suppress_tokens`.
         special = [self.config.boi_token_id, self.config.eoi_token_id, self.config.image_token_id]
         suppressed = kwargs.pop("suppress_tokens", None) or getattr(defaults, "suppress_tokens", None) or []
-        device = self.get_input_embeddings().weight.device
-        suppress = SuppressTokensLogitsProcessor(sorted(set(suppressed) | set(special)), device=device)
+        suppress = TokenSuppressor(sorted(set(suppressed) | set(special)))
         return super().generate(
             inputs=inputs,
             generation_config=generation_config,

@@ -435,8 +435,8 @@ class TransfusionModel(TransfusionPreTrainedModel):
 
     def _hybrid_mask(self, inputs_embeds, image_locations, attention_mask, cache, position_ids, unconditional_images):
         """[`~TransfusionModel.get_attention_mask`] for images already located (`(rows, starts)` or `None`)."""
-        if attention_mask is not None and attention_mask.dim() == 4:
-            return attention_mask
+        if (attention_mask is not None and attention_mask.dim() == 4) or image_locations is None:
+            return attention_mask  # prebuilt, or text only: the backbone builds its own causal mask from it
         past_length = cache.get_seq_length() if cache is not None else 0
         text_config = self.language_model.config
         mask_kwargs = {
@@ -526,7 +526,7 @@ class TransfusionModel(TransfusionPreTrainedModel):
                 f"tensor of shape {tuple(input_ids.shape)}."
             )
         vocab_size = self.get_input_embeddings().num_embeddings
-        if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= vocab_size):
+        if ((input_ids < 0) | (input_ids >= vocab_size)).any():
             raise ValueError(
                 f"input_ids hold ids outside the vocabulary [0, {vocab_size}): min {int(input_ids.min())}, max "
                 f"{int(input_ids.max())}. Was the tokenizer extended without `model.resize_token_embeddings`?"
@@ -802,8 +802,7 @@ class TransfusionForConditionalGeneration(TransfusionPreTrainedModel, Transfusio
             raise ValueError(f"labels have shape {tuple(labels.shape)}, but input_ids {tuple(input_ids.shape)}.")
         if shift_labels is not None and labels is None:
             labels = nn.functional.pad(shift_labels, (1, 0), value=-100)[:, :-1]  # what decides the noise caps
-        has_images = input_ids is not None and (input_ids == self.config.image_token_id).any()
-        if labels is not None and has_images:
+        if labels is not None and (input_ids == self.config.image_token_id).any():
             if image_timesteps is None:
                 image_timesteps = self.sample_image_timesteps(input_ids, labels, position_ids)
             if unconditional_images is None and self.training and self.config.condition_dropout_prob > 0:
