@@ -22,6 +22,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from modeling_transfusion import TransfusionConfig, TransfusionProcessor
 from modeling_transfusion.recipes.training import LatentDataCollator
+from modeling_transfusion.recipes.vae import autoencoder_geometry
 
 
 @dataclass
@@ -45,20 +46,8 @@ def build_vq(
 ) -> VQModel:
     """A `VQModel` with the geometry of [`~recipes.vae.build_vae`] (downsampling `2 ** (len(block_out_channels) - 1)`,
     no mid-block attention) and a codebook of `codebook_size` vectors of `latent_channels` values."""
-    return VQModel(
-        in_channels=num_channels,
-        out_channels=num_channels,
-        down_block_types=("DownEncoderBlock2D",) * len(block_out_channels),
-        up_block_types=("UpDecoderBlock2D",) * len(block_out_channels),
-        block_out_channels=tuple(block_out_channels),
-        layers_per_block=1,
-        latent_channels=latent_channels,
-        num_vq_embeddings=codebook_size,
-        norm_num_groups=math.gcd(32, *block_out_channels),
-        sample_size=32,
-        mid_block_add_attention=False,
-        lookup_from_codebook=True,
-    )
+    geometry = autoencoder_geometry(num_channels, latent_channels, block_out_channels)
+    return VQModel(**geometry, num_vq_embeddings=codebook_size, lookup_from_codebook=True)
 
 
 @torch.no_grad()

@@ -25,22 +25,28 @@ class VAETrainingResult:
     seconds: float
 
 
+def autoencoder_geometry(num_channels: int, latent_channels: int, block_out_channels: tuple[int, ...]) -> dict:
+    """The diffusers arguments the recipe's autoencoders share (the VAE here, the study's VQ model): downsampling by
+    `2 ** (len(block_out_channels) - 1)`, one layer per block, no mid-block attention, 32 px images."""
+    return {
+        "in_channels": num_channels,
+        "out_channels": num_channels,
+        "down_block_types": ("DownEncoderBlock2D",) * len(block_out_channels),
+        "up_block_types": ("UpDecoderBlock2D",) * len(block_out_channels),
+        "block_out_channels": tuple(block_out_channels),
+        "layers_per_block": 1,
+        "latent_channels": latent_channels,
+        "norm_num_groups": math.gcd(32, *block_out_channels),
+        "sample_size": 32,
+        "mid_block_add_attention": False,
+    }
+
+
 def build_vae(
     num_channels: int = 1, latent_channels: int = 4, block_out_channels: tuple[int, ...] = (32, 64, 64)
 ) -> AutoencoderKL:
     """An `AutoencoderKL` that downsamples by `2 ** (len(block_out_channels) - 1)` with no mid-block attention."""
-    return AutoencoderKL(
-        in_channels=num_channels,
-        out_channels=num_channels,
-        down_block_types=("DownEncoderBlock2D",) * len(block_out_channels),
-        up_block_types=("UpDecoderBlock2D",) * len(block_out_channels),
-        block_out_channels=tuple(block_out_channels),
-        layers_per_block=1,
-        latent_channels=latent_channels,
-        norm_num_groups=math.gcd(32, *block_out_channels),
-        sample_size=32,
-        mid_block_add_attention=False,
-    )
+    return AutoencoderKL(**autoencoder_geometry(num_channels, latent_channels, block_out_channels))
 
 
 @torch.no_grad()
@@ -126,4 +132,11 @@ def train_vae(
     )
 
 
-__all__ = ["VAETrainingResult", "build_vae", "encode_latents", "reconstruction_mse", "train_vae"]
+__all__ = [
+    "VAETrainingResult",
+    "autoencoder_geometry",
+    "build_vae",
+    "encode_latents",
+    "reconstruction_mse",
+    "train_vae",
+]
