@@ -97,57 +97,51 @@ def _finite_float(value, name: str, minimum: float) -> float:
     return float(value)
 
 
-# The numeric arguments `generate` checks (given, or from the generation config) before any compute, with their least
-# value: transformers lets NaN or fractional lengths through (`max_new_tokens=float("nan")` never stops), and some
-# NaN sampling settings. Token ids may also be lists of ids.
-INTEGER_ARGUMENTS = {
-    "max_new_tokens": 1,
-    "max_length": 1,
-    "min_new_tokens": 0,
-    "min_length": 0,
-    "num_beams": 1,
-    "num_return_sequences": 1,
-    "top_k": 0,
-    "no_repeat_ngram_size": 0,
-    "max_new_images": 0,
-    "num_inference_steps": 1,
+# The numeric arguments `generate` checks (given, or from the generation config) before any compute: name -> (check,
+# least value). transformers lets NaN or fractional lengths through (`max_new_tokens=float("nan")` never stops), and
+# some NaN sampling settings. Token ids may also be lists of ids.
+NUMERIC_ARGUMENTS = {
+    "max_new_tokens": (_integer, 1),
+    "max_length": (_integer, 1),
+    "num_beams": (_integer, 1),
+    "num_return_sequences": (_integer, 1),
+    "num_inference_steps": (_integer, 1),
+    "min_new_tokens": (_integer, 0),
+    "min_length": (_integer, 0),
+    "top_k": (_integer, 0),
+    "no_repeat_ngram_size": (_integer, 0),
+    "max_new_images": (_integer, 0),
+    "pad_token_id": (_integer, 0),
+    "bos_token_id": (_integer, 0),
+    "eos_token_id": (_integer, 0),
+    "temperature": (_finite_float, 0.0),
+    "top_p": (_finite_float, 0.0),
+    "min_p": (_finite_float, 0.0),
+    "typical_p": (_finite_float, 0.0),
+    "epsilon_cutoff": (_finite_float, 0.0),
+    "eta_cutoff": (_finite_float, 0.0),
+    "repetition_penalty": (_finite_float, 0.0),
+    "guidance_scale": (_finite_float, 0.0),
+    "image_guidance_scale": (_finite_float, 0.0),
+    "length_penalty": (_finite_float, -math.inf),
 }
 TOKEN_ID_ARGUMENTS = ("pad_token_id", "bos_token_id", "eos_token_id")
-FLOAT_ARGUMENTS = {
-    "temperature": 0.0,
-    "top_p": 0.0,
-    "min_p": 0.0,
-    "typical_p": 0.0,
-    "epsilon_cutoff": 0.0,
-    "eta_cutoff": 0.0,
-    "repetition_penalty": 0.0,
-    "length_penalty": -math.inf,
-    "guidance_scale": 0.0,
-    "image_guidance_scale": 0.0,
-}
 
 
 def _check_numeric_arguments(kwargs: dict, generation_config) -> None:
     """Checks the type and value of every numeric argument of `generate` in `kwargs` (else in `generation_config`),
     raising `TypeError` / `ValueError` naming it; integral floats in `kwargs` (4.0) are replaced by ints."""
-    for name, minimum in (*INTEGER_ARGUMENTS.items(), *((name, 0) for name in TOKEN_ID_ARGUMENTS)):
+    for name, (check, minimum) in NUMERIC_ARGUMENTS.items():
         given = kwargs.get(name)
         value = getattr(generation_config, name, None) if given is None else given
         if value is None or isinstance(value, torch.Tensor):
             continue
         if name in TOKEN_ID_ARGUMENTS and isinstance(value, list | tuple):
-            checked = [_integer(item, name, minimum) for item in value]
+            checked = [check(item, name, minimum) for item in value]
         else:
-            checked = _integer(value, name, minimum)
+            checked = check(value, name, minimum)
         if given is not None:
             kwargs[name] = checked
-    for name, minimum in FLOAT_ARGUMENTS.items():
-        given = kwargs.get(name)
-        value = getattr(generation_config, name, None) if given is None else given
-        if value is not None:
-            checked = _finite_float(value, name, minimum)
-            if given is not None:
-                kwargs[name] = checked
 
 
 @dataclass
