@@ -1,6 +1,7 @@
 """Transfusion model configuration."""
 
 import math
+import numbers
 
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
@@ -8,7 +9,9 @@ from transformers.configuration_utils import SubConfigSpec
 
 # The checkpoint format this release writes and reads. Raise it when a config field changes what a checkpoint means in
 # a way an older release would silently ignore; such a checkpoint is then refused by older releases with a clear error.
-FORMAT_VERSION = 1
+# 2: images of any size (`max_image_size`) and 2-D patch positions (`image_position_embedding`).
+FORMAT_VERSION = 2
+IMAGE_POSITION_EMBEDDINGS = (None, "learned_2d")
 
 
 @strict
@@ -24,7 +27,12 @@ class TransfusionConfig(PreTrainedConfig):
             Config of a diffusers `AutoencoderKL` held by the model as a frozen submodule. `None` selects the identity
             autoencoder: the latent is the normalised pixel image itself (then `latent_channels == num_channels`).
         image_size (`int`, *optional*, defaults to 32):
-            Height and width, in pixels, of the square images the model reads and writes.
+            Height and width, in pixels, of the default image: what an image is when nothing gives its size (and the
+            only size of a model with `max_image_size == image_size`).
+        max_image_size (`int`, *optional*):
+            Largest height or width, in pixels, of an image. Any height and width that are multiples of
+            `image_size_divisor` (the VAE's downsampling times `patch_size`) up to this are allowed. Defaults to
+            `image_size`.
         num_channels (`int`, *optional*, defaults to 3):
             Channels of those images (1 for grey, 3 for RGB).
         latent_channels (`int`, *optional*):
@@ -35,6 +43,10 @@ class TransfusionConfig(PreTrainedConfig):
         patch_encoder (`str`, *optional*, defaults to `"linear"`):
             `"linear"`: one linear layer each way, plus a timestep embedding (the paper's default); `"unet"`: U-Net
             down blocks in and up blocks out, conditioned on the timestep (the paper's stronger variant).
+        image_position_embedding (`str`, *optional*):
+            `None` (the paper): a patch knows where it is only by its 1-D position in the sequence. `"learned_2d"`: a
+            learned row embedding plus a learned column embedding (`max_image_size / image_size_divisor` of each) is
+            added to every patch, so that a patch knows its row and column in an image of any shape.
         unet_block_out_channels (`list[int]`, *optional*):
             Widths of the U-Net levels, one per level; `log2(patch_size) + 1` levels. Defaults to `[64, 128, ...]`.
         unet_layers_per_block (`int`, *optional*, defaults to 1):
@@ -87,10 +99,12 @@ class TransfusionConfig(PreTrainedConfig):
     text_config: dict | PreTrainedConfig | None = None
     vae_config: dict | None = None
     image_size: int = 32
+    max_image_size: int | None = None
     num_channels: int = 3
     latent_channels: int | None = None
     patch_size: int = 2
     patch_encoder: str = "linear"
+    image_position_embedding: str | None = None
     unet_block_out_channels: list[int] | None = None
     unet_layers_per_block: int = 1
     objective: str = "ddpm"
@@ -116,6 +130,12 @@ class TransfusionConfig(PreTrainedConfig):
             raise ValueError(f"Unknown objective {self.objective!r}: choose 'ddpm' (epsilon, cosine) or 'flow'.")
         if self.patch_encoder not in ("linear", "unet"):
             raise ValueError(f"Unknown patch_encoder {self.patch_encoder!r}: choose 'linear' or 'unet'.")
+        if self.image_position_embedding not in IMAGE_POSITION_EMBEDDINGS:
+            raise ValueError(
+                f"Unknown image_position_embedding {self.image_position_embedding!r}: choose None or 'learned_2d'."
+            )
+        if self.max_image_size is None:
+            self.max_image_size = self.image_size
         super().__post_init__(**kwargs)
         # The default is False, but a backbone that ties its head (SmolLM2, Qwen2-0.5B, ...) must stay tied.
         if not self.tie_word_embeddings and getattr(self.text_config, "tie_word_embeddings", False):
@@ -154,12 +174,15 @@ class TransfusionConfig(PreTrainedConfig):
                     f"unet_block_out_channels needs log2(patch_size) + 1 = {self.num_unet_levels} entries, got "
                     f"{self.unet_block_out_channels}."
                 )
-        factor = self.vae_downsample_factor * self.patch_size
-        if self.image_size % factor:
-            raise ValueError(
-                f"image_size ({self.image_size}) must be divisible by the VAE downsample factor "
-                f"({self.vae_downsample_factor}) times patch_size ({self.patch_size}) = {factor}."
-            )
+        factor = self.image_size_divisor
+        for name in ("image_size", "max_image_size"):
+            if getattr(self, name) % factor:
+                raise ValueError(
+                    f"{name} ({getattr(self, name)}) must be divisible by the VAE downsample factor "
+                    f"({self.vae_downsample_factor}) times patch_size ({self.patch_size}) = {factor}."
+                )
+        if self.max_image_size < self.image_size:
+            raise ValueError(f"max_image_size ({self.max_image_size}) must be at least image_size ({self.image_size}).")
 
     def _check_diffusion(self):
         if self.num_train_timesteps < 2:
@@ -195,14 +218,48 @@ class TransfusionConfig(PreTrainedConfig):
         return 2 ** (len(self.vae_config.get("block_out_channels", (64,))) - 1)
 
     @property
+    def image_size_divisor(self) -> int:
+        """Pixels along one side of the square that one `<image>` slot covers: VAE downsampling x `patch_size`.
+        Image heights and widths are multiples of it."""
+        return self.vae_downsample_factor * self.patch_size
+
+    @property
     def latent_size(self) -> int:
-        """Height and width of the latent image."""
+        """Height and width of the latent of the default image."""
         return self.image_size // self.vae_downsample_factor
 
     @property
     def num_image_tokens(self) -> int:
-        """Number of `<image>` slots (patches) that one image occupies in the sequence."""
+        """Number of `<image>` slots (patches) that the default image occupies in the sequence."""
         return (self.latent_size // self.patch_size) ** 2
+
+    @property
+    def max_grid_size(self) -> int:
+        """Most patch rows (or columns) of an image: `max_image_size // image_size_divisor`."""
+        return self.max_image_size // self.image_size_divisor
+
+    def check_image_size(self, height, width, name: str = "image size") -> tuple[int, int]:
+        """Returns `(height, width)` in pixels as ints, or raises a `ValueError` naming `name` and the rule broken:
+        positive, multiples of `image_size_divisor`, at most `max_image_size`."""
+        divisor, largest = self.image_size_divisor, self.max_image_size
+        for side in (height, width):
+            if isinstance(side, bool) or not isinstance(side, numbers.Real) or not float(side).is_integer() or side < 1:
+                raise ValueError(f"{name} {height}x{width}: height and width must be positive integers.")
+            if side % divisor:
+                raise ValueError(
+                    f"{name} {height}x{width}: height and width must be multiples of {divisor} (the VAE's downsampling "
+                    f"{self.vae_downsample_factor} x patch_size {self.patch_size})."
+                )
+            if side > largest:
+                raise ValueError(
+                    f"{name} {height}x{width}: this model takes images of at most {largest}x{largest} pixels "
+                    "(config.max_image_size)."
+                )
+        return int(height), int(width)
+
+    def grid_size(self, height: int, width: int) -> tuple[int, int]:
+        """Patch rows and columns of an image of `height` x `width` pixels; it occupies their product in slots."""
+        return height // self.image_size_divisor, width // self.image_size_divisor
 
     @property
     def patch_dim(self) -> int:

@@ -67,9 +67,19 @@ def noise_latents(
     return scheduler.add_noise(latents, noise, timesteps.long()), noise
 
 
-def diffusion_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """The diffusion loss: mean squared error per image, then the mean over images (in float32)."""
-    return ((prediction.float() - target.float()) ** 2).flatten(1).mean(1).mean()
+def diffusion_mse(
+    prediction: torch.Tensor, target: torch.Tensor, latent_sizes: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The diffusion loss: mean squared error per image, then the mean over images (in float32).
+
+    With `latent_sizes` `(num_images, 2)`, images of different sizes padded with zeros in both tensors: each image's
+    error is averaged over its own height x width only."""
+    squared = ((prediction.float() - target.float()) ** 2).flatten(1)
+    if latent_sizes is None or bool(
+        (latent_sizes == torch.tensor(prediction.shape[2:], device=latent_sizes.device)).all()
+    ):
+        return squared.mean(1).mean()
+    return (squared.sum(1) / (prediction.shape[1] * latent_sizes.prod(-1).to(squared))).mean()
 
 
 # name -> (objective it samples, scheduler class, settings that differ from the training scheduler's config)

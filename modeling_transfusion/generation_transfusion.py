@@ -17,6 +17,7 @@ import functools
 import inspect
 import math
 import numbers
+import re
 from dataclasses import dataclass
 
 import torch
@@ -33,7 +34,18 @@ from .diffusion_transfusion import sampling_scheduler
 GENERATION_MODES = ("interleaved", "text", "image")
 DEFAULT_NUM_INFERENCE_STEPS = 50
 # Arguments that only image sampling reads; `generate` also takes each from the generation config.
-IMAGE_ARGUMENTS = ("max_new_images", "scheduler", "num_inference_steps", "image_guidance_scale", "progress_bar")
+IMAGE_ARGUMENTS = (
+    "max_new_images",
+    "scheduler",
+    "num_inference_steps",
+    "image_guidance_scale",
+    "progress_bar",
+    "height",
+    "width",
+)
+# How a model writes an image's size before its `<boi>` (what `TransfusionProcessor(write_image_size=True)` renders in
+# training text: " 32x64<boi>"): the text of the row just before `<boi>` ends with it.
+WRITTEN_IMAGE_SIZE = re.compile(r"(\d+)\s*x\s*(\d+)\s*$")
 
 GeneratorArg = torch.Generator | list[torch.Generator] | None
 
@@ -50,10 +62,10 @@ class TransfusionGenerateOutput(GenerateDecoderOnlyOutput):
     scores, logits (`tuple(torch.FloatTensor)`, *optional*):
         One `(batch_size, vocab_size)` tensor per text sampling step (image slots are not sampled).
     images (`list[list[torch.FloatTensor]]`):
-        Per row, the generated images in order of appearance, each `(num_channels, image_size, image_size)` in
-        [-1, 1] (`model.decode_latents` of the latents, clamped).
+        Per row, the generated images in order of appearance, each `(num_channels, height, width)` in [-1, 1]
+        (`model.decode_latents` of the latents, clamped).
     image_latents (`list[list[torch.FloatTensor]]`):
-        Per row, the latents of those images, each `(latent_channels, latent_size, latent_size)`.
+        Per row, the latents of those images, each `(latent_channels, height / f, width / f)`.
     """
 
     images: list[list[torch.FloatTensor]] | None = None
@@ -153,6 +165,9 @@ class ImageSamplingOptions:
     guidance_scale: float
     generator: GeneratorArg
     progress_bar: bool
+    sizes: list[tuple[int, int] | None]  # per row: the size asked for (height, width), or None
+    default_size: tuple[int, int]
+    tokenizer: object | None = None  # reads the size a row wrote before <boi>
 
     @classmethod
     def resolve(cls, model, generation_config, batch_size: int, generator: GeneratorArg = None, **arguments):
@@ -171,13 +186,69 @@ class ImageSamplingOptions:
             if len(generator) != batch_size:
                 raise ValueError(f"Got {len(generator)} generators for a batch of {batch_size} rows: pass one per row.")
         scheduler = sampling_scheduler(model.noise_scheduler, model.config.objective, value("scheduler", None))
-        return cls(scheduler, steps, guidance, generator, bool(value("progress_bar", True)))
+        sizes = requested_image_sizes(model.config, value("height", None), value("width", None), batch_size)
+        default_size = (model.config.image_size, model.config.image_size)
+        return cls(
+            scheduler,
+            steps,
+            guidance,
+            generator,
+            bool(value("progress_bar", True)),
+            sizes,
+            default_size,
+            arguments.get("tokenizer"),
+        )
+
+    def image_size(self, row: int, written: str | None, room: int, config) -> tuple[int, int]:
+        """The size of the image `row` opens: the one asked for, else the one the row wrote before `<boi>` (`written`,
+        when it is a valid size whose slots fit in `room` tokens), else the default."""
+        if self.sizes[row] is not None:
+            return self.sizes[row]
+        match = WRITTEN_IMAGE_SIZE.search(written or "")
+        if match:
+            height, width = int(match.group(1)), int(match.group(2))
+            try:
+                config.check_image_size(height, width)
+            except ValueError:
+                return self.default_size
+            if _num_slots(config, (height, width)) + 1 <= room:
+                return height, width
+        return self.default_size
 
     def generators_for(self, rows: list[int]) -> GeneratorArg:
         """The generator(s) that draw the noise of `rows`: one per row for a list, the shared one otherwise."""
         if isinstance(self.generator, list):
             return [self.generator[row] for row in rows]
         return self.generator
+
+
+def requested_image_sizes(config, height, width, batch_size: int) -> list[tuple[int, int] | None]:
+    """Per row, the `(height, width)` asked for by `generate(height=, width=)` (an int, or a list with one per row;
+    a missing one is the config's `image_size`), checked against the config; `None` per row when neither is given."""
+    if height is None and width is None:
+        return [None] * batch_size
+
+    def per_row(value, name):
+        values = list(value) if isinstance(value, list | tuple) else [value] * batch_size
+        if len(values) != batch_size:
+            raise ValueError(f"{name} has {len(values)} entries for a batch of {batch_size} rows: pass one per row.")
+        return [config.image_size if v is None else v for v in values]
+
+    heights, widths = per_row(height, "height"), per_row(width, "width")
+    return [config.check_image_size(h, w, name="height x width") for h, w in zip(heights, widths)]
+
+
+def _num_slots(config, size: tuple[int, int]) -> int:
+    rows, columns = config.grid_size(*size)
+    return rows * columns
+
+
+def indices_by_shape(tensors: list[torch.Tensor]) -> list[list[int]]:
+    """The indices of the tensors of each shape, shapes in order of first appearance."""
+    groups = {}
+    for index, tensor in enumerate(tensors):
+        groups.setdefault(tuple(tensor.shape), []).append(index)
+    return list(groups.values())
 
 
 def _croppable(cache: Cache) -> bool:
@@ -191,9 +262,11 @@ def denoise_images(
     positions: torch.LongTensor,
     rows: list[int],
     options: ImageSamplingOptions,
+    size: tuple[int, int] | None = None,
 ) -> torch.FloatTensor:
-    """Samples one image for each row in `rows`, whose last cached token is `<boi>`, by running the diffusion loop
-    against the cached prefix ([`TransfusionModel.denoise_step`] per scheduler step). The cache is left as it was.
+    """Samples one image of `size` `(height, width)` (the config's default by default) for each row in `rows`, whose
+    last cached token is `<boi>`, by running the diffusion loop against the cached prefix
+    ([`TransfusionModel.denoise_step`] per scheduler step). The cache is left as it was.
 
     Args:
         cache (`Cache`): the KV cache of the whole batch, ending with the `<boi>` of `rows`.
@@ -201,10 +274,11 @@ def denoise_images(
         positions (`torch.LongTensor` of shape `(batch_size,)`): position id of the first slot of each row.
         rows (`list[int]`): the batch rows that opened an image.
     Returns:
-        `torch.FloatTensor` of shape `(len(rows), latent_channels, latent_size, latent_size)`: the clean latents.
+        `torch.FloatTensor` of shape `(len(rows), latent_channels, height / f, width / f)`: the clean latents.
     """
     config, transfusion = model.config, model.model
-    num_slots, num_rows = config.num_image_tokens, len(rows)
+    height, width = size if size is not None else (config.image_size, config.image_size)
+    num_slots, num_rows = _num_slots(config, (height, width)), len(rows)
     device = positions.device
     guided = options.guidance_scale != 1.0
     # Classifier-free guidance doubles the rows: conditional first, then unconditional (slots that see only their
@@ -243,7 +317,8 @@ def denoise_images(
     scheduler = type(options.scheduler).from_config(options.scheduler.config)  # fresh state for every image
     scheduler.set_timesteps(options.num_inference_steps, device=device)
     generator = options.generators_for(rows)
-    shape = (num_rows, config.latent_channels, config.latent_size, config.latent_size)
+    factor = config.vae_downsample_factor
+    shape = (num_rows, config.latent_channels, height // factor, width // factor)
     latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
     latents = latents * getattr(scheduler, "init_noise_sigma", 1.0)
     step_kwargs = {}
@@ -273,40 +348,49 @@ def commit_images(
     attention_mask: torch.Tensor | None,
     positions: torch.LongTensor,
     rows: list[int],
-    latents: torch.FloatTensor,
+    latents: list[torch.FloatTensor],
     filler_token_id: int,
 ):
-    """Writes the clean images of `rows` (timestep 0) and their `<eoi>` to the cache, in one forward of N + 1 slots.
-    The other rows receive N + 1 filler slots that nothing attends to (attention mask 0).
+    """Writes the clean images of `rows` (timestep 0, one `(latent_channels, h, w)` latent per row, sizes may differ)
+    and their `<eoi>` to the cache, in one forward. A row's image takes its N slots and `<eoi>`; the columns up to the
+    widest image, and all columns of the other rows, are filler slots that nothing attends to (attention mask 0).
 
-    Returns `(outputs, input_ids, attention_mask)`: the forward's outputs (the last logits of `rows` predict the token
-    after `<eoi>`), the `(batch_size, N + 1)` ids written, and the extended 2D attention mask (`None` if all ones).
+    Returns `(next_logits, outputs, input_ids, written, attention_mask)`: the float32 logits after each row's `<eoi>`
+    `(batch_size, vocab_size)` (meaningful for `rows`), the forward's outputs, the `(batch_size, width)` ids written,
+    which of them belong to their row (the rest are fillers), and the extended 2D attention mask (`None` if all
+    ones).
     """
     config = model.config
-    batch_size, num_slots = positions.shape[0], config.num_image_tokens
-    device = positions.device
-    in_image = torch.zeros(batch_size, dtype=torch.bool, device=device)
-    in_image[rows] = True
-    input_ids = torch.full((batch_size, num_slots + 1), filler_token_id, dtype=torch.long, device=device)
-    input_ids[rows, :num_slots] = config.image_token_id
-    input_ids[rows, num_slots] = config.eoi_token_id
-    if attention_mask is None and not in_image.all():
+    batch_size, device = positions.shape[0], positions.device
+    factor = config.vae_downsample_factor
+    lengths = torch.zeros(batch_size, dtype=torch.long, device=device)  # slots + <eoi> per row
+    for row, row_latents in zip(rows, latents):
+        lengths[row] = _num_slots(config, tuple(side * factor for side in row_latents.shape[1:])) + 1
+    width = int(lengths.max())
+    columns = torch.arange(width, device=device)
+    written = columns[None] < lengths[:, None]
+    input_ids = torch.full((batch_size, width), filler_token_id, dtype=torch.long, device=device)
+    input_ids[columns[None] < (lengths - 1)[:, None]] = config.image_token_id
+    eoi_column = (lengths - 1).clamp(min=0)
+    input_ids[rows, eoi_column[rows]] = config.eoi_token_id
+    if attention_mask is None and not written.all():
         attention_mask = torch.ones(batch_size, cache.get_seq_length(), dtype=torch.long, device=device)
     if attention_mask is not None:
-        new_mask = in_image[:, None].expand(batch_size, num_slots + 1).to(attention_mask.dtype)
-        attention_mask = torch.cat([attention_mask, new_mask], dim=-1)
+        attention_mask = torch.cat([attention_mask, written.to(attention_mask.dtype)], dim=-1)
     # Filler slots get positions too, but being masked they never influence anything.
-    slot_positions = positions[:, None] + torch.arange(num_slots + 1, device=device)
+    slot_positions = positions[:, None] + columns
     outputs = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=slot_positions,
         cache=cache,
-        image_latents=latents,
+        image_latents=list(latents),
         use_cache=True,
-        logits_to_keep=1,
+        logits_to_keep=1 if written[rows].all() else 0,
     )
-    return outputs, input_ids, attention_mask
+    logits = outputs.logits
+    next_logits = logits[:, -1] if logits.shape[1] == 1 else logits[torch.arange(batch_size, device=device), eoi_column]
+    return next_logits.to(copy=True, dtype=torch.float32), outputs, input_ids, written, attention_mask
 
 
 @dataclass
@@ -321,10 +405,13 @@ class _Batch:
     positions: torch.LongTensor  # [batch]: the position id of each row's next token
 
     def append(self, tokens: torch.LongTensor, keep: torch.BoolTensor, attention_mask: torch.Tensor | None = None):
-        """Appends `tokens` `(batch, n)`, kept in the rows flagged in `keep` `(batch,)`. `attention_mask` is the
-        extended mask when the caller built it; otherwise the new tokens are attended in every row."""
+        """Appends `tokens` `(batch, n)`, kept where `keep` says: per row `(batch,)` or per token `(batch, n)`.
+        `attention_mask` is the extended mask when the caller built it; otherwise the new tokens are attended in every
+        row."""
         self.input_ids = torch.cat([self.input_ids, tokens], dim=-1)
-        self.keep = torch.cat([self.keep, keep[:, None].expand_as(tokens)], dim=-1)
+        self.keep = torch.cat(
+            [self.keep, keep.expand_as(tokens) if keep.dim() == 2 else keep[:, None].expand_as(tokens)], dim=-1
+        )
         if attention_mask is not None:
             self.attention_mask = attention_mask
         elif self.attention_mask is not None:
@@ -440,6 +527,10 @@ class InterleavedDecoding:
         self.new_tokens = torch.zeros(batch_size, dtype=torch.long, device=device)  # per row, fillers excluded
         self.images_opened = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.row_latents = [[] for _ in range(batch_size)]
+        # <boi>, the slots and <eoi> of the smallest image a row may open: the size asked for, else the default.
+        self.least_image_tokens = torch.tensor(
+            [_num_slots(config, size or options.default_size) + 2 for size in options.sizes], device=device
+        )
         self.cache = self.outputs = self.next_logits = None
 
     def prefill(self):
@@ -464,7 +555,7 @@ class InterleavedDecoding:
             next_scores[:, config.boi_token_id] = 0.0
             next_tokens = torch.where(unfinished, config.boi_token_id, self.filler)
         else:
-            may_open = unfinished & (self.new_tokens + config.num_image_tokens + 2 <= self.max_new_tokens)
+            may_open = unfinished & (self.new_tokens + self.least_image_tokens <= self.max_new_tokens)
             if self.max_new_images is not None:
                 may_open &= self.images_opened < self.max_new_images
             # Constrained before the processors (so top-k / top-p choose among allowed tokens) and after them (so no
@@ -518,23 +609,44 @@ class InterleavedDecoding:
                 f"full-attention layers; got {type(self.cache).__name__} with {type(self.cache.layers[0]).__name__} "
                 "layers."
             )
-        batch, num_slots = self.batch, self.config.num_image_tokens
+        batch = self.batch
         rows = opened.nonzero().flatten().tolist()
-        latents = denoise_images(self.model, self.cache, batch.attention_mask, batch.positions, rows, self.options)
-        self.outputs, written, attention_mask = commit_images(
+        sizes = {row: self._image_size(row) for row in rows}
+        latents = {}
+        for size in dict.fromkeys(sizes.values()):  # rows opening images of one size denoise together
+            group = [row for row in rows if sizes[row] == size]
+            group_latents = denoise_images(
+                self.model, self.cache, batch.attention_mask, batch.positions, group, self.options, size
+            )
+            latents.update(zip(group, group_latents))
+        latents = [latents[row] for row in rows]
+        next_logits, self.outputs, input_ids, written, attention_mask = commit_images(
             self.model, self.cache, batch.attention_mask, batch.positions, rows, latents, self.filler
         )
-        batch.append(written, keep=opened, attention_mask=attention_mask)
-        batch.positions[rows] += num_slots + 1  # filler rows do not advance
-        self.new_tokens[rows] += num_slots + 1
+        batch.append(input_ids, keep=written, attention_mask=attention_mask)
+        batch.positions += written.sum(-1)  # filler slots do not advance a row
+        self.new_tokens += written.sum(-1)
         self.images_opened[rows] += 1
-        self.next_logits[rows] = self.outputs.logits[rows, -1].float()
+        self.next_logits[rows] = next_logits[rows]
         for row, image_latents in zip(rows, latents):
             self.row_latents[row].append(image_latents)
         if self.streamer is not None:
-            self.streamer.put(written[0].cpu())  # the whole image is one event: N slots and <eoi>
+            self.streamer.put(input_ids[0].cpu())  # the whole image is one event: N slots and <eoi>
         done = self._done() | (self.generation_mode == "image")
         self.unfinished[opened] &= ~done[opened]
+
+    def _image_size(self, row: int) -> tuple[int, int]:
+        """The size of the image `row` opens now (see [`ImageSamplingOptions.image_size`]): the text it wrote since its
+        last image is read back with the tokenizer, when one was given."""
+        written = None
+        if self.options.tokenizer is not None and self.options.sizes[row] is None:
+            tokens = self.batch.input_ids[row][self.batch.keep[row]][:-1]  # without the <boi> just sampled
+            after_image = (tokens == self.config.eoi_token_id).nonzero()
+            if len(after_image):
+                tokens = tokens[int(after_image[-1]) + 1 :]
+            written = self.options.tokenizer.decode(tokens[-16:].tolist(), skip_special_tokens=True)
+        room = self.max_new_tokens - int(self.new_tokens[row])
+        return self.options.image_size(row, written, room, self.config)
 
     def _done(self) -> torch.BoolTensor:
         return self.criteria(self.batch.view(self.filler), self.scores) | (self.new_tokens >= self.max_new_tokens)
@@ -548,9 +660,13 @@ class InterleavedDecoding:
             return sequences
         images = [[] for _ in self.row_latents]
         all_latents = [latents for row in self.row_latents for latents in row]
-        if all_latents:
-            decoded = iter(self.model.decode_latents(torch.stack(all_latents)).float().clamp(-1, 1))
-            images = [[next(decoded) for _ in row] for row in self.row_latents]
+        decoded = [None] * len(all_latents)
+        for index in indices_by_shape(all_latents):  # the VAE decodes images of one size at a time
+            pixels = self.model.decode_latents(torch.stack([all_latents[i] for i in index])).float().clamp(-1, 1)
+            for i, image in zip(index, pixels):
+                decoded[i] = image
+        decoded = iter(decoded)
+        images = [[next(decoded) for _ in row] for row in self.row_latents]
         return TransfusionGenerateOutput(
             sequences=sequences,
             scores=self.scores,
@@ -578,6 +694,9 @@ def transfusion_decode(
     image_guidance_scale: float | None = None,
     generator: GeneratorArg = None,
     progress_bar: bool | None = None,
+    height: int | list[int] | None = None,
+    width: int | list[int] | None = None,
+    tokenizer=None,
     **model_kwargs,
 ) -> TransfusionGenerateOutput | torch.LongTensor:
     """The image and interleaved decoding loop, called by `generate` (`custom_generate`) after its usual
@@ -600,6 +719,9 @@ def transfusion_decode(
         num_inference_steps=num_inference_steps,
         image_guidance_scale=image_guidance_scale,
         progress_bar=progress_bar,
+        height=height,
+        width=width,
+        tokenizer=tokenizer,
     )
     if generation_config.num_beams > 1:
         raise ValueError(
@@ -614,7 +736,7 @@ def transfusion_decode(
         raise ValueError("Streamers take one sequence: stream with a batch of one prompt.")
     if generation_mode == "image" and max_new_images == 0:
         raise ValueError("generation_mode='image' generates one image, which max_new_images=0 forbids.")
-    num_slots = model.config.num_image_tokens
+    num_slots = max(_num_slots(model.config, size or options.default_size) for size in options.sizes)
     room = generation_config.max_length - input_ids.shape[1]
     if generation_mode == "image" and room < num_slots + 2:
         raise ValueError(
@@ -664,7 +786,7 @@ class TransfusionGenerationMixin(GenerationMixin):
                 `"interleaved"`: the model opens images by sampling `<boi>`; `"text"`: transformers' own decoding, with
                 `<boi>` never sampled (e.g. captioning an image given in the prompt; beam search and `use_cache=False`
                 work here only); `"image"`: one image is opened right after the prompt and generation ends with its
-                `<eoi>` (then `max_new_tokens` defaults to N + 2).
+                `<eoi>` (then `max_new_tokens` defaults to N + 2, N the slots of the image).
             max_new_images (`int`, *optional*):
                 Most images a row may open; `<boi>` is suppressed afterwards. No limit by default.
             scheduler (`str` or diffusers `SchedulerMixin`, *optional*):
@@ -680,6 +802,14 @@ class TransfusionGenerationMixin(GenerationMixin):
                 every row is generated exactly as it would be alone with its generator.
             progress_bar (`bool`, *optional*, defaults to `True`):
                 Shows a progress bar over the denoising steps of each image.
+            height (`int` or `list[int]`, *optional*), width (`int` or `list[int]`, *optional*):
+                Size in pixels of the images to generate, for every row or one per row: multiples of
+                `config.image_size_divisor`, at most `config.max_image_size` (a missing one is `config.image_size`).
+                Without them, in interleaved mode, an image takes the size the row wrote just before `<boi>`
+                (`"32x64"`, as `TransfusionProcessor(write_image_size=True)` renders it in training text) when a
+                `tokenizer` is passed to read it and the size is valid and fits; otherwise `config.image_size`.
+            tokenizer (`PreTrainedTokenizerBase`, *optional*):
+                Reads the sizes rows write (and, as in transformers, serves `stop_strings`).
 
         Every numeric argument (these and transformers' `max_new_tokens`, `temperature`, ...) is checked for type and
         finiteness before any compute; a `TypeError` or `ValueError` names the argument.
@@ -698,21 +828,32 @@ class TransfusionGenerationMixin(GenerationMixin):
                 f"generation_mode={mode!r} pass image_guidance_scale={kwargs['guidance_scale']!r}."
             )
         _check_numeric_arguments(kwargs, defaults)
-        self._check_prompt_length(inputs, kwargs, mode)
+        prompt = inputs if inputs is not None else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+        sizes = requested_image_sizes(
+            self.config,
+            kwargs.get("height", getattr(defaults, "height", None)),
+            kwargs.get("width", getattr(defaults, "width", None)),
+            1 if prompt is None else prompt.shape[0],
+        )
+        size = (self.config.image_size, self.config.image_size)
+        image_tokens = max(math.prod(self.config.grid_size(*(s or size))) for s in sizes) + 2
+        self._check_prompt_length(prompt, image_tokens if mode == "image" else 0)
         if custom_generate is None and mode == "text":
             return self._generate_text(
                 inputs, generation_config, logits_processor, stopping_criteria, streamer, defaults, kwargs
             )
         if custom_generate is None:
-            custom_generate = functools.partial(transfusion_decode, streamer=streamer)
+            # A callable custom_generate does not receive `tokenizer`: it is handed over here, and stop strings are
+            # turned into a criterion.
+            tokenizer = kwargs.pop("tokenizer", None)
+            custom_generate = functools.partial(transfusion_decode, streamer=streamer, tokenizer=tokenizer)
             length_set = any(kwargs.get(k) is not None for k in ("max_new_tokens", "max_length")) or any(
                 getattr(defaults, k, None) is not None for k in ("max_new_tokens", "max_length")
             )
             if mode == "image" and not length_set:
-                kwargs["max_new_tokens"] = self.config.num_image_tokens + 2
-            # A callable custom_generate does not receive `tokenizer`, so stop strings are turned into a criterion here.
-            if kwargs.get("stop_strings") is not None and kwargs.get("tokenizer") is not None:
-                stop = StopStringCriteria(tokenizer=kwargs.pop("tokenizer"), stop_strings=kwargs.pop("stop_strings"))
+                kwargs["max_new_tokens"] = image_tokens
+            if kwargs.get("stop_strings") is not None and tokenizer is not None:
+                stop = StopStringCriteria(tokenizer=tokenizer, stop_strings=kwargs.pop("stop_strings"))
                 stopping_criteria = StoppingCriteriaList([*(stopping_criteria or []), stop])
         return super().generate(
             inputs=inputs,
@@ -748,7 +889,8 @@ class TransfusionGenerationMixin(GenerationMixin):
         )
         if images is not None and expansion > 1 and input_ids is not None:
             # generate repeats every input row-wise; images are counted per prompt, so this holds for one per row.
-            per_row = (input_ids == self.config.image_token_id).sum(-1) // self.config.num_image_tokens
+            image_rows = self.model.locate_images(input_ids == self.config.image_token_id)[0]
+            per_row = torch.bincount(image_rows, minlength=input_ids.shape[0])
             if not (per_row == 1).all():
                 raise ValueError(
                     "num_beams / num_return_sequences > 1 with images in the prompt need exactly one image per row; "
@@ -768,20 +910,19 @@ class TransfusionGenerationMixin(GenerationMixin):
             **kwargs,
         )
 
-    def _check_prompt_length(self, inputs, kwargs, mode: str):
-        """A prompt the backbone's positions cannot hold (or, for an image, one that leaves no room for it) is
-        refused here, rather than silently run past the trained positions."""
-        prompt = inputs if inputs is not None else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+    def _check_prompt_length(self, prompt: torch.Tensor | None, image_tokens: int):
+        """A prompt the backbone's positions cannot hold (or, in image mode, one that leaves no room for the
+        `image_tokens` of its image) is refused here, rather than silently run past the trained positions."""
         limit = getattr(self.config.get_text_config(), "max_position_embeddings", None)
         if prompt is None or limit is None:
             return
         length = prompt.shape[1]
-        needed = length + (self.config.num_image_tokens + 2 if mode == "image" else 0)
+        needed = length + image_tokens
         if needed > limit:
-            what = f"a prompt of {length} tokens" + (" plus one image" if mode == "image" else "")
+            what = f"a prompt of {length} tokens" + (" plus one image" if image_tokens else "")
             raise ValueError(
                 f"{what} needs {needed} positions, more than the backbone's max_position_embeddings ({limit}): "
-                "shorten the prompt."
+                "shorten the prompt" + (" or ask for a smaller image." if image_tokens else ".")
             )
 
 

@@ -27,7 +27,7 @@ from transformers.utils.generic import can_return_tuple
 
 from .configuration_transfusion import TransfusionConfig
 from .diffusion_transfusion import diffusion_mse, noise_latents, noise_scheduler_from_config, sample_training_timesteps
-from .generation_transfusion import TransfusionGenerationMixin
+from .generation_transfusion import TransfusionGenerationMixin, indices_by_shape
 from .saving_transfusion import check_save_directory, save_atomically
 
 logger = logging.get_logger(__name__)
@@ -38,18 +38,22 @@ class TransfusionModelOutputWithPast(BaseModelOutputWithPast):
     r"""
     Outputs of [`TransfusionModel`]: the backbone's hidden states plus the diffusion head's prediction.
 
-    diffusion_prediction (`torch.FloatTensor` of shape `(num_images, latent_channels, latent_size, latent_size)`):
+    diffusion_prediction (`torch.FloatTensor` of shape `(num_images, latent_channels, latent_height, latent_width)`):
         The patch decoder's prediction (noise for `ddpm`, velocity for `flow`) for every image in the batch, in the
-        order the images appear (row by row, left to right).
+        order the images appear (row by row, left to right). Images of different sizes are padded with zeros to the
+        largest height and width (see `image_sizes`).
     diffusion_target (`torch.FloatTensor`, same shape as `diffusion_prediction`):
         What the prediction is trained towards, for the timesteps and noise used in this forward.
     image_timesteps (`torch.LongTensor` of shape `(num_images,)`):
         The timestep each image was noised to (0 means clean).
+    image_sizes (`torch.LongTensor` of shape `(num_images, 2)`):
+        Height and width of each image in pixels.
     """
 
     diffusion_prediction: torch.FloatTensor | None = None
     diffusion_target: torch.FloatTensor | None = None
     image_timesteps: torch.Tensor | None = None
+    image_sizes: torch.LongTensor | None = None
 
 
 @dataclass
@@ -62,7 +66,7 @@ class TransfusionCausalLMOutputWithPast(CausalLMOutputWithPast):
         `lm_loss + config.diffusion_loss_weight * diffusion_loss`.
     lm_loss (`torch.FloatTensor` of shape `()`): next-token cross-entropy over the text targets.
     diffusion_loss (`torch.FloatTensor` of shape `()`): mean squared error per image, averaged over the images.
-    diffusion_prediction, diffusion_target, image_timesteps: as in [`TransfusionModelOutputWithPast`].
+    diffusion_prediction, diffusion_target, image_timesteps, image_sizes: as in [`TransfusionModelOutputWithPast`].
     """
 
     lm_loss: torch.FloatTensor | None = None
@@ -70,6 +74,7 @@ class TransfusionCausalLMOutputWithPast(CausalLMOutputWithPast):
     diffusion_prediction: torch.FloatTensor | None = None
     diffusion_target: torch.FloatTensor | None = None
     image_timesteps: torch.Tensor | None = None
+    image_sizes: torch.LongTensor | None = None
 
 
 def patchify(latents: torch.Tensor, patch_size: int) -> torch.Tensor:
@@ -81,13 +86,15 @@ def patchify(latents: torch.Tensor, patch_size: int) -> torch.Tensor:
     return patches.reshape(n, (h // p) * (w // p), c * p * p)
 
 
-def unpatchify(patches: torch.Tensor, patch_size: int, channels: int) -> torch.Tensor:
-    """Inverse of [`patchify`] for square latents."""
+def unpatchify(
+    patches: torch.Tensor, patch_size: int, channels: int, grid_size: tuple[int, int] | None = None
+) -> torch.Tensor:
+    """Inverse of [`patchify`]: `grid_size` is `(rows, columns)` of patches (square by default)."""
     n, num_patches, _ = patches.shape
-    side = math.isqrt(num_patches)
+    rows, columns = grid_size if grid_size is not None else (math.isqrt(num_patches),) * 2
     p = patch_size
-    latents = patches.reshape(n, side, side, channels, p, p).permute(0, 3, 1, 4, 2, 5)
-    return latents.reshape(n, channels, side * p, side * p)
+    latents = patches.reshape(n, rows, columns, channels, p, p).permute(0, 3, 1, 4, 2, 5)
+    return latents.reshape(n, channels, rows * p, columns * p)
 
 
 class TransfusionTimestepEmbedding(nn.Module):
@@ -117,6 +124,24 @@ class TransfusionLinearPatchEncoder(nn.Module):
         return embeddings, None  # [num_images, num_patches, hidden_size]
 
 
+class TransfusionPatchPositionEmbedding(nn.Module):
+    """Learned 2-D positions of patches (`image_position_embedding="learned_2d"`): the embedding of the patch's row plus
+    that of its column, for grids of up to `config.max_grid_size` rows and columns. Added to the patch embeddings, it
+    tells each slot where it sits in an image of any shape, beyond its 1-D position in the sequence."""
+
+    def __init__(self, config: TransfusionConfig):
+        super().__init__()
+        self.row_embedding = nn.Embedding(config.max_grid_size, config.text_config.hidden_size)
+        self.column_embedding = nn.Embedding(config.max_grid_size, config.text_config.hidden_size)
+
+    def forward(self, grid_size: tuple[int, int]) -> torch.Tensor:
+        rows, columns = grid_size
+        device = self.row_embedding.weight.device
+        row = self.row_embedding(torch.arange(rows, device=device))
+        column = self.column_embedding(torch.arange(columns, device=device))
+        return (row[:, None] + column[None]).flatten(0, 1)  # [rows * columns, hidden_size], raster order
+
+
 class TransfusionZeroInitLinear(nn.Linear):
     """A linear layer that [`TransfusionPreTrainedModel`] initialises at zero: the diffusion head starts at the trivial
     prediction, as DiT's does, for a calm first phase of training."""
@@ -131,8 +156,10 @@ class TransfusionLinearPatchDecoder(nn.Module):
         self.latent_channels = config.latent_channels
         self.proj = TransfusionZeroInitLinear(config.text_config.hidden_size, config.patch_dim)
 
-    def forward(self, hidden_states: torch.Tensor, encoder_state: None = None) -> torch.Tensor:
-        return unpatchify(self.proj(hidden_states), self.patch_size, self.latent_channels)
+    def forward(
+        self, hidden_states: torch.Tensor, encoder_state: None = None, grid_size: tuple[int, int] | None = None
+    ) -> torch.Tensor:
+        return unpatchify(self.proj(hidden_states), self.patch_size, self.latent_channels, grid_size)
 
 
 def _unet_groups(config: TransfusionConfig) -> int:
@@ -207,10 +234,15 @@ class TransfusionUNetPatchDecoder(nn.Module):
         self.norm_out = nn.GroupNorm(groups, channels[-1])
         self.conv_out = nn.Conv2d(channels[-1], config.latent_channels, kernel_size=3, padding=1)
 
-    def forward(self, hidden_states: torch.Tensor, encoder_state: TransfusionUNetState) -> torch.Tensor:
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        encoder_state: TransfusionUNetState,
+        grid_size: tuple[int, int] | None = None,
+    ) -> torch.Tensor:
         n, num_patches, _ = hidden_states.shape
-        side = math.isqrt(num_patches)
-        hidden = self.proj(hidden_states).transpose(1, 2).reshape(n, -1, side, side)
+        rows, columns = grid_size if grid_size is not None else (math.isqrt(num_patches),) * 2
+        hidden = self.proj(hidden_states).transpose(1, 2).reshape(n, -1, rows, columns)
         skips = encoder_state.skips
         for block in self.up_blocks:
             block_skips, skips = skips[-len(block.resnets) :], skips[: -len(block.resnets)]
@@ -324,8 +356,8 @@ class TransfusionPreTrainedModel(PreTrainedModel):
 class TransfusionModel(TransfusionPreTrainedModel):
     """
     The Transfusion transformer without the LM head: the text backbone (`language_model`, any Hugging Face decoder),
-    the patch encoder and decoder, and the frozen VAE. It returns the backbone's hidden states and the diffusion
-    prediction for every image.
+    the patch encoder and decoder, the optional 2-D patch positions, and the frozen VAE. It returns the backbone's
+    hidden states and the diffusion prediction for every image.
     """
 
     def __init__(self, config: TransfusionConfig):
@@ -333,6 +365,9 @@ class TransfusionModel(TransfusionPreTrainedModel):
         self.language_model = AutoModel.from_config(config.text_config)
         self.patch_encoder = PATCH_ENCODERS[config.patch_encoder](config)
         self.patch_decoder = PATCH_DECODERS[config.patch_encoder](config)
+        self.patch_position_embedding = (
+            TransfusionPatchPositionEmbedding(config) if config.image_position_embedding == "learned_2d" else None
+        )
         self.vae = AutoencoderKL.from_config(config.vae_config).requires_grad_(False) if config.vae_config else None
         with torch.device("cpu"):  # from_pretrained builds modules on the meta device; the schedule is data
             self.noise_scheduler = noise_scheduler_from_config(config)
@@ -353,14 +388,16 @@ class TransfusionModel(TransfusionPreTrainedModel):
     # Images <-> latents
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Encodes images in [-1, 1], `(num_images, num_channels, image_size, image_size)`, into scaled latents
-        `(num_images, latent_channels, latent_size, latent_size)` (the VAE's mode; identity without a VAE)."""
-        expected = (self.config.num_channels, self.config.image_size, self.config.image_size)
-        if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != expected:
+        """Encodes images in [-1, 1] of one size, `(num_images, num_channels, height, width)`, into scaled latents
+        `(num_images, latent_channels, height / f, width / f)` (the VAE's mode, `f` its downsampling; the identity
+        without a VAE). Heights and widths follow `config.check_image_size`."""
+        channels = self.config.num_channels
+        if pixel_values.dim() != 4 or pixel_values.shape[1] != channels:
             raise ValueError(
-                f"pixel_values must have shape (num_images, {', '.join(map(str, expected))}), got "
-                f"{tuple(pixel_values.shape)}. Resize images with the processor."
+                f"pixel_values must have shape (num_images, {channels}, height, width), got "
+                f"{tuple(pixel_values.shape)}. Prepare images with the processor."
             )
+        self.config.check_image_size(*pixel_values.shape[2:], name="pixel_values of size")
         _check_finite(pixel_values, "pixel_values", bound=PIXEL_BOUND)
         if self.vae is None:
             return pixel_values
@@ -377,6 +414,41 @@ class TransfusionModel(TransfusionPreTrainedModel):
         shift = vae.config.shift_factor or 0.0
         return vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor + shift).sample
 
+    def get_image_latents(
+        self,
+        pixel_values: torch.Tensor | list[torch.Tensor] | None = None,
+        image_latents: torch.Tensor | list[torch.Tensor] | None = None,
+        image_sizes: torch.Tensor | None = None,
+    ) -> list[torch.Tensor]:
+        """The clean latent of every image, `(latent_channels, height / f, width / f)` each, from `pixel_values`
+        (encoded by the VAE, images of one size at a time) or from precomputed `image_latents`.
+
+        Images of different sizes come as a list of `(channels, height, width)` tensors, or as one tensor padded to the
+        largest height and width with `image_sizes` `(num_images, 2)` giving each image's own size in pixels (as
+        `TransfusionProcessor` returns them)."""
+        images = pixel_values if pixel_values is not None else image_latents
+        if images is None:
+            return []
+        scale = 1 if pixel_values is not None else self.config.vae_downsample_factor
+        name = "pixel_values" if pixel_values is not None else "image_latents"
+        images = self._unpad(images, image_sizes, scale, name)
+        if image_latents is not None:
+            for index, latents in enumerate(images):
+                if latents.dim() != 3 or latents.shape[0] != self.config.latent_channels:
+                    raise ValueError(
+                        f"image_latents must be (num_images, {self.config.latent_channels}, height, width); image "
+                        f"{index} has shape {tuple(latents.shape)}."
+                    )
+                self.config.check_image_size(*(side * scale for side in latents.shape[1:]), f"image {index} of size")
+                _check_finite(latents, "image_latents")
+            return images
+        latents = [None] * len(images)
+        for index in indices_by_shape(images):
+            encoded = self.encode_images(torch.stack([images[i] for i in index]))
+            for i, image_latents in zip(index, encoded):
+                latents[i] = image_latents
+        return latents
+
     # Where the images are in the sequence
 
     def get_placeholder_mask(
@@ -389,29 +461,20 @@ class TransfusionModel(TransfusionPreTrainedModel):
         image_token = torch.tensor(self.config.image_token_id, device=inputs_embeds.device)
         return (inputs_embeds == self.get_input_embeddings()(image_token)).all(-1)
 
-    def locate_images(self, image_slots: torch.BoolTensor) -> tuple[torch.LongTensor, torch.LongTensor]:
-        """Finds every image in a mask of `<image>` slots (see [`~TransfusionModel.get_placeholder_mask`]).
+    def locate_images(
+        self, image_slots: torch.BoolTensor
+    ) -> tuple[torch.LongTensor, torch.LongTensor, torch.LongTensor]:
+        """Finds every image in a mask of `<image>` slots (see [`~TransfusionModel.get_placeholder_mask`]): each run of
+        consecutive slots is one image.
 
-        Returns `(rows, starts)`, each of shape `(num_images,)`: the batch row and the position of the first slot of
-        each image, in reading order (row by row, left to right). Raises if the slots do not come in runs of exactly
-        `config.num_image_tokens`.
+        Returns `(rows, starts, lengths)`, each of shape `(num_images,)`: the batch row, the position of the first
+        slot and the number of slots of each image, in reading order (row by row, left to right).
         """
-        num_slots = self.config.num_image_tokens
-        rows, positions = image_slots.nonzero(as_tuple=True)
-        if rows.numel() % num_slots:
-            raise ValueError(
-                f"The inputs hold {rows.numel()} <image> slots, not a multiple of the {num_slots} slots of one image."
-            )
-        rows, positions = rows.view(-1, num_slots), positions.view(-1, num_slots)
-        contiguous = (rows == rows[:, :1]).all() and (
-            positions - positions[:, :1] == torch.arange(num_slots, device=positions.device)
-        ).all()
-        if not contiguous:
-            raise ValueError(
-                f"Each image must occupy exactly {num_slots} consecutive <image> slots between <boi> and <eoi>; "
-                "found runs of another length. Build inputs with TransfusionProcessor."
-            )
-        return rows[:, 0], positions[:, 0]
+        slot_rows, positions = image_slots.nonzero(as_tuple=True)
+        new_run = torch.ones_like(slot_rows, dtype=torch.bool)
+        new_run[1:] = (slot_rows[1:] != slot_rows[:-1]) | (positions[1:] != positions[:-1] + 1)
+        lengths = torch.bincount(new_run.long().cumsum(0) - 1) if new_run.numel() else positions.new_zeros(0)
+        return slot_rows[new_run], positions[new_run], lengths
 
     def get_attention_mask(
         self,
@@ -423,19 +486,16 @@ class TransfusionModel(TransfusionPreTrainedModel):
         unconditional_images: torch.BoolTensor | None = None,
     ):
         """Builds the Transfusion mask with transformers' masking utilities, for the backbone's attention kernel:
-        causal over the sequence, bidirectional inside each image, padding and packed documents respected. The slots of
-        images flagged in `unconditional_images` see only their own patches (classifier-free guidance). A 4D
-        `attention_mask` is taken as already built."""
-        image_locations = None
-        if image_slots is not None and image_slots.any():
-            image_locations = self.locate_images(image_slots)
-        return self._hybrid_mask(
-            inputs_embeds, image_locations, attention_mask, cache, position_ids, unconditional_images
-        )
+        causal over the sequence, bidirectional inside each image (each run of slots), padding and packed documents
+        respected. The slots of images flagged in `unconditional_images` see only their own patches (classifier-free
+        guidance). A 4D `attention_mask` is taken as already built."""
+        if image_slots is None or not image_slots.any():
+            image_slots = None
+        return self._hybrid_mask(inputs_embeds, image_slots, attention_mask, cache, position_ids, unconditional_images)
 
-    def _hybrid_mask(self, inputs_embeds, image_locations, attention_mask, cache, position_ids, unconditional_images):
-        """[`~TransfusionModel.get_attention_mask`] for images already located (`(rows, starts)` or `None`)."""
-        if (attention_mask is not None and attention_mask.dim() == 4) or image_locations is None:
+    def _hybrid_mask(self, inputs_embeds, image_slots, attention_mask, cache, position_ids, unconditional_images):
+        """[`~TransfusionModel.get_attention_mask`] for a slot mask with at least one slot, or `None`."""
+        if (attention_mask is not None and attention_mask.dim() == 4) or image_slots is None:
             return attention_mask  # prebuilt, or text only: the backbone builds its own causal mask from it
         past_length = cache.get_seq_length() if cache is not None else 0
         text_config = self.language_model.config
@@ -446,21 +506,20 @@ class TransfusionModel(TransfusionPreTrainedModel):
             "cache": cache,
             "position_ids": position_ids,
         }
-        if image_locations is not None:
-            rows, starts = image_locations
-            slots = starts[:, None] + torch.arange(self.config.num_image_tokens, device=starts.device)
-            # `block_sequence_ids`: k on the slots of image k, -1 elsewhere, by absolute position (cached prefix too).
-            block_ids = torch.full(inputs_embeds.shape[:2], -1, dtype=torch.long, device=starts.device)
-            block_ids[rows[:, None].expand_as(slots), slots] = torch.arange(len(starts), device=starts.device)[:, None]
-            block_ids = nn.functional.pad(block_ids, (past_length, 0), value=-1)
-            mask_kwargs["block_sequence_ids"] = block_ids
-            if unconditional_images is not None and unconditional_images.any():
-                # Slots of a dropped image see only that image: even its <boi> carries the caption in deeper layers.
-                image_index = block_ids.clamp(min=0)
-                dropped = (block_ids >= 0) & unconditional_images.to(block_ids.device)[image_index]
-                image_start = (starts + past_length)[image_index]
-                first_visible = torch.where(dropped, image_start, torch.zeros_like(block_ids))  # absolute positions
-                mask_kwargs["and_mask_function"] = lambda b, h, q, kv: kv >= first_visible[b, q]
+        rows, starts, lengths = self.locate_images(image_slots)
+        # `block_sequence_ids`: k on the slots of image k, -1 elsewhere, by absolute position (cached prefix too).
+        image_index = torch.repeat_interleave(torch.arange(len(starts), device=starts.device), lengths)
+        block_ids = torch.full(inputs_embeds.shape[:2], -1, dtype=torch.long, device=starts.device)
+        block_ids[image_slots] = image_index  # nonzero order is reading order
+        block_ids = nn.functional.pad(block_ids, (past_length, 0), value=-1)
+        mask_kwargs["block_sequence_ids"] = block_ids
+        if unconditional_images is not None and unconditional_images.any():
+            # Slots of a dropped image see only that image: even its <boi> carries the caption in deeper layers.
+            image_of = block_ids.clamp(min=0)
+            dropped = (block_ids >= 0) & unconditional_images.to(block_ids.device)[image_of]
+            image_start = (starts + past_length)[image_of]
+            first_visible = torch.where(dropped, image_start, torch.zeros_like(block_ids))  # absolute positions
+            mask_kwargs["and_mask_function"] = lambda b, h, q, kv: kv >= first_visible[b, q]
         mask = create_causal_mask(**mask_kwargs)
         if "sliding_attention" not in (getattr(text_config, "layer_types", None) or []):
             return mask
@@ -471,18 +530,26 @@ class TransfusionModel(TransfusionPreTrainedModel):
     def get_image_features(
         self, latents: torch.Tensor, timesteps: torch.Tensor
     ) -> tuple[torch.Tensor, TransfusionUNetState | None]:
-        """Embeds latents `(num_images, latent_channels, latent_size, latent_size)` that are at `timesteps`
-        `(num_images,)` into the `(num_images, num_image_tokens, hidden_size)` embeddings of their slots. Also returns
-        what the patch decoder needs from the encoder (the U-Net's skips; `None` for the linear encoder)."""
-        return self.patch_encoder(latents, timesteps)
+        """Embeds latents of one size `(num_images, latent_channels, latent_height, latent_width)` that are at
+        `timesteps` `(num_images,)` into the `(num_images, num_slots, hidden_size)` embeddings of their slots (patches
+        in raster order, with their 2-D positions when the config has them). Also returns what the patch decoder needs
+        from the encoder (the U-Net's skips; `None` for the linear encoder)."""
+        embeddings, encoder_state = self.patch_encoder(latents, timesteps)
+        if self.patch_position_embedding is not None:
+            grid_size = (latents.shape[2] // self.config.patch_size, latents.shape[3] // self.config.patch_size)
+            embeddings = embeddings + self.patch_position_embedding(grid_size).to(embeddings.dtype)
+        return embeddings, encoder_state
 
     def get_image_prediction(
-        self, image_hidden_states: torch.Tensor, encoder_state: TransfusionUNetState | None
+        self,
+        image_hidden_states: torch.Tensor,
+        encoder_state: TransfusionUNetState | None,
+        grid_size: tuple[int, int] | None = None,
     ) -> torch.Tensor:
-        """Turns the backbone's outputs at the slots, `(num_images, num_image_tokens, hidden_size)`, into the
-        latent-shaped prediction `(num_images, latent_channels, latent_size, latent_size)`: noise for `ddpm`,
-        velocity for `flow`."""
-        return self.patch_decoder(image_hidden_states, encoder_state)
+        """Turns the backbone's outputs at the slots of images of one size, `(num_images, num_slots, hidden_size)`,
+        into the latent-shaped prediction `(num_images, latent_channels, latent_height, latent_width)`: noise for
+        `ddpm`, velocity for `flow`. `grid_size` is `(rows, columns)` of patches (square by default)."""
+        return self.patch_decoder(image_hidden_states, encoder_state, grid_size)
 
     def denoise_step(
         self,
@@ -494,13 +561,13 @@ class TransfusionModel(TransfusionPreTrainedModel):
         unconditional_images: torch.BoolTensor | None = None,
     ) -> torch.Tensor:
         """One denoising step of generation: every row of the batch holds one image at `latents`
-        `(batch_size, latent_channels, latent_size, latent_size)`, whose slots attend to the row's cached prefix
+        `(batch_size, latent_channels, latent_height, latent_width)`, whose slots attend to the row's cached prefix
         (which ends with `<boi>`) and to each other. Returns the prediction; the cache is left as it was.
 
         Args:
-            position_ids (`torch.LongTensor` of shape `(batch_size, num_image_tokens)`): positions of the slots.
+            position_ids (`torch.LongTensor` of shape `(batch_size, num_slots)`): positions of the slots.
             attention_mask (`torch.Tensor`, *optional*): the 2D padding mask of prefix and slots
-                `(batch_size, cache_length + num_image_tokens)`, or the 4D mask that
+                `(batch_size, cache_length + num_slots)`, or the 4D mask that
                 [`~TransfusionModel.get_attention_mask`] built for them (the same for every step of an image).
         """
         embeds, encoder_state = self.get_image_features(latents, timesteps)
@@ -513,8 +580,9 @@ class TransfusionModel(TransfusionPreTrainedModel):
         hidden = self.language_model(
             inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, cache=cache, use_cache=True
         ).last_hidden_state
-        cache.crop(-self.config.num_image_tokens)
-        return self.get_image_prediction(hidden, encoder_state)
+        cache.crop(-embeds.shape[1])
+        grid_size = (latents.shape[2] // self.config.patch_size, latents.shape[3] // self.config.patch_size)
+        return self.get_image_prediction(hidden, encoder_state, grid_size)
 
     def _check_text_inputs(self, input_ids, attention_mask, cache):
         """Turns the mistakes that would otherwise fail deep inside torch into errors that say what is wrong."""
@@ -548,25 +616,34 @@ class TransfusionModel(TransfusionPreTrainedModel):
         position_ids: torch.LongTensor | None = None,
         cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
-        pixel_values: torch.FloatTensor | None = None,
-        image_latents: torch.FloatTensor | None = None,
+        pixel_values: torch.FloatTensor | list[torch.FloatTensor] | None = None,
+        image_latents: torch.FloatTensor | list[torch.FloatTensor] | None = None,
+        image_sizes: torch.LongTensor | None = None,
         image_timesteps: torch.Tensor | None = None,
-        image_noise: torch.FloatTensor | None = None,
+        image_noise: torch.FloatTensor | list[torch.FloatTensor] | None = None,
         unconditional_images: torch.BoolTensor | None = None,
         use_cache: bool | None = None,
         **kwargs,
     ) -> TransfusionModelOutputWithPast:
         r"""
-        pixel_values (`torch.FloatTensor` of shape `(num_images, num_channels, image_size, image_size)`, *optional*):
+        pixel_values (`torch.FloatTensor` of shape `(num_images, num_channels, height, width)`, *optional*):
             Images in [-1, 1] (see `TransfusionImageProcessor`), one per run of `<image>` slots, in reading order.
-        image_latents (`torch.FloatTensor` of shape `(num_images, latent_channels, latent_size, latent_size)`):
-            Optional. Precomputed clean latents (`model.encode_images(pixel_values)`), instead of `pixel_values`.
+            Images of different sizes: padded to the largest height and width, with `image_sizes`; or a list of
+            `(num_channels, height, width)` tensors.
+        image_latents (`torch.FloatTensor` of shape `(num_images, latent_channels, latent_height, latent_width)`):
+            Optional. Precomputed clean latents (`model.encode_images(pixel_values)`), instead of `pixel_values`;
+            padded or a list as `pixel_values`.
+        image_sizes (`torch.LongTensor` of shape `(num_images, 2)`, *optional*):
+            Height and width in pixels of each image, when `pixel_values` / `image_latents` are padded.
         image_timesteps (`torch.Tensor` of shape `(num_images,)`, *optional*):
             Timestep of each image; 0 (clean) when not given.
-        image_noise (`torch.FloatTensor`, same shape as the latents, *optional*):
+        image_noise (`torch.FloatTensor`, laid out as the latents, *optional*):
             Noise added to the latents; drawn from a standard normal when not given and some timestep is not 0.
         unconditional_images (`torch.BoolTensor` of shape `(num_images,)`, *optional*):
             Images whose slots see only their own patches (the unconditional branch of guidance).
+
+        Each image occupies `rows x columns` slots, its patches in raster order: `(height / s) x (width / s)` with
+        `s = config.image_size_divisor`.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
@@ -577,50 +654,51 @@ class TransfusionModel(TransfusionPreTrainedModel):
             inputs_embeds = self.get_input_embeddings()(input_ids)
 
         image_slots = self.get_placeholder_mask(input_ids, inputs_embeds)
-        rows = starts = None
-        if image_slots.any():
-            rows, starts = self.locate_images(image_slots)
-        num_images = 0 if rows is None else rows.numel()
-        if pixel_values is not None:
-            image_latents = self.encode_images(pixel_values)
-        num_given = 0 if image_latents is None else image_latents.shape[0]
-        if num_given != num_images:
+        rows, starts, lengths = self.locate_images(image_slots)
+        num_images = rows.numel()
+        latents = self.get_image_latents(pixel_values, image_latents, image_sizes)
+        if len(latents) != num_images:
             raise ValueError(
-                f"The inputs hold {num_images} image(s) ({self.config.num_image_tokens} <image> slots each) but "
-                f"{num_given} image(s) were passed in pixel_values / image_latents."
+                f"The inputs hold {num_images} image(s) (runs of <image> slots) but {len(latents)} image(s) were "
+                "passed in pixel_values / image_latents."
             )
 
         diffusion_prediction = diffusion_target = None
         if num_images:
-            expected = (self.config.latent_channels, self.config.latent_size, self.config.latent_size)
-            if tuple(image_latents.shape[1:]) != expected:
-                raise ValueError(
-                    f"image_latents must have shape (num_images, {', '.join(map(str, expected))}), got "
-                    f"{tuple(image_latents.shape)}."
-                )
-            _check_finite(image_latents, "image_latents")
+            grids = self._check_image_slots(latents, lengths)
+            device = latents[0].device
             if image_timesteps is None:
-                image_timesteps = torch.zeros(num_images, dtype=torch.long, device=image_latents.device)
-            image_timesteps = image_timesteps.to(image_latents.device)
+                image_timesteps = torch.zeros(num_images, dtype=torch.long, device=device)
+            image_timesteps = image_timesteps.to(device)
             if image_timesteps.shape != (num_images,):
                 raise ValueError(
                     f"image_timesteps must have shape ({num_images},), got {tuple(image_timesteps.shape)}."
                 )
-            if image_noise is None and (image_timesteps != 0).any():
-                image_noise = torch.randn_like(image_latents)
-            noisy_latents = image_latents
+            noise = None
             if image_noise is not None:
-                noisy_latents, diffusion_target = noise_latents(
-                    self.noise_scheduler, image_latents, image_noise, image_timesteps
-                )
-            image_embeds, encoder_state = self.get_image_features(noisy_latents, image_timesteps)
-            slots = starts[:, None] + torch.arange(self.config.num_image_tokens, device=starts.device)
+                noise = self._unpad(image_noise, image_sizes, self.config.vae_downsample_factor, "image_noise")
+            draw_noise = image_noise is None and bool((image_timesteps != 0).any())
+            # Images of one size go through the patch encoder and decoder together.
             inputs_embeds = inputs_embeds.clone()
-            inputs_embeds[rows[:, None], slots] = image_embeds.to(inputs_embeds.dtype)
+            groups = []
+            for index in indices_by_shape(latents):
+                index = torch.tensor(index, device=device)
+                group = torch.stack([latents[i] for i in index.tolist()])
+                timesteps = image_timesteps[index]
+                group_noise = torch.stack([noise[i] for i in index.tolist()]) if noise is not None else None
+                if draw_noise:
+                    group_noise = torch.randn_like(group)
+                noisy, target = group, None
+                if group_noise is not None:
+                    noisy, target = noise_latents(self.noise_scheduler, group, group_noise, timesteps)
+                embeds, encoder_state = self.get_image_features(noisy, timesteps)
+                slots = starts[index, None] + torch.arange(embeds.shape[1], device=device)
+                inputs_embeds[rows[index, None], slots] = embeds.to(inputs_embeds.dtype)
+                groups.append((index, slots, encoder_state, target, grids[index[0]]))
 
         mask = self._hybrid_mask(
             inputs_embeds,
-            (rows, starts) if num_images else None,
+            image_slots if num_images else None,
             attention_mask,
             cache,
             position_ids,
@@ -634,9 +712,18 @@ class TransfusionModel(TransfusionPreTrainedModel):
             use_cache=use_cache,
             **kwargs,
         )
+        sizes = None
         if num_images:
-            image_hidden = outputs.last_hidden_state[rows[:, None], slots]  # [num_images, num_patches, hidden_size]
-            diffusion_prediction = self.get_image_prediction(image_hidden, encoder_state)
+            predictions, targets = [], []
+            for index, slots, encoder_state, target, grid_size in groups:
+                hidden = outputs.last_hidden_state[rows[index, None], slots]  # [group, num_slots, hidden_size]
+                predictions.append((index, self.get_image_prediction(hidden, encoder_state, grid_size)))
+                targets.append((index, target))
+            diffusion_prediction = _merge_groups(predictions, num_images)
+            if targets[0][1] is not None:
+                diffusion_target = _merge_groups(targets, num_images)
+            factor = self.config.vae_downsample_factor
+            sizes = torch.tensor([[side * factor for side in x.shape[1:]] for x in latents], device=device)
         return TransfusionModelOutputWithPast(
             last_hidden_state=outputs.last_hidden_state,
             cache=outputs.cache,
@@ -645,7 +732,71 @@ class TransfusionModel(TransfusionPreTrainedModel):
             diffusion_prediction=diffusion_prediction,
             diffusion_target=diffusion_target,
             image_timesteps=image_timesteps,
+            image_sizes=sizes,
         )
+
+    def _check_image_slots(self, latents: list[torch.Tensor], lengths: torch.LongTensor) -> list[tuple[int, int]]:
+        """The patch grid of each image, checking that its run of slots has its number of patches."""
+        grids = []
+        patch, factor = self.config.patch_size, self.config.vae_downsample_factor
+        for index, (image_latents, length) in enumerate(zip(latents, lengths.tolist())):
+            grid = (image_latents.shape[1] // patch, image_latents.shape[2] // patch)
+            if grid[0] * grid[1] != length:
+                height, width = (side * factor for side in image_latents.shape[1:])
+                raise ValueError(
+                    f"Image {index} occupies {length} <image> slots, but an image of {height}x{width} pixels needs "
+                    f"{grid[0] * grid[1]} ({grid[0]} x {grid[1]} patches). Build inputs with TransfusionProcessor, "
+                    "which expands each image marker to the slots of that image's size."
+                )
+            grids.append(grid)
+        return grids
+
+    def _unpad(self, images, image_sizes, scale: int, name: str) -> list[torch.Tensor]:
+        """Each image of `images` (a list of `(channels, height, width)` tensors, or a padded 4-d tensor) at its own
+        size: `image_sizes` (in pixels) divided by `scale`, or the tensor's size when `image_sizes` is not given."""
+        if isinstance(images, list | tuple):
+            for index, image in enumerate(images):
+                if not isinstance(image, torch.Tensor) or image.dim() != 3:
+                    raise ValueError(f"{name}[{index}] must be a (channels, height, width) tensor.")
+            return list(images)
+        if not isinstance(images, torch.Tensor) or images.dim() != 4:
+            shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+            raise ValueError(
+                f"{name} must be (num_images, channels, height, width), or a list of (channels, height, width) "
+                f"tensors; got {shape}."
+            )
+        if image_sizes is None:
+            return list(images)
+        image_sizes = torch.as_tensor(image_sizes)
+        if tuple(image_sizes.shape) != (images.shape[0], 2):
+            raise ValueError(
+                f"image_sizes must have shape ({images.shape[0]}, 2) (height and width of each image), got "
+                f"{tuple(image_sizes.shape)}."
+            )
+        unpadded = []
+        for index, (image, (height, width)) in enumerate(zip(images, image_sizes.tolist())):
+            self.config.check_image_size(height, width, f"image_sizes[{index}] =")
+            if height // scale > image.shape[1] or width // scale > image.shape[2]:
+                raise ValueError(
+                    f"image_sizes[{index}] = {height}x{width} is larger than {name} ({images.shape[2] * scale}x"
+                    f"{images.shape[3] * scale} pixels)."
+                )
+            unpadded.append(image[:, : height // scale, : width // scale])
+        return unpadded
+
+
+def _merge_groups(groups: list[tuple[torch.Tensor, torch.Tensor]], num_images: int) -> torch.Tensor:
+    """Per-group results `(index, (group, channels, height, width))` back in image order, in one tensor padded with
+    zeros to the largest height and width."""
+    if len(groups) == 1:
+        return groups[0][1]
+    channels = groups[0][1].shape[1]
+    height = max(values.shape[2] for _, values in groups)
+    width = max(values.shape[3] for _, values in groups)
+    merged = groups[0][1].new_zeros(num_images, channels, height, width)
+    for index, values in groups:
+        merged[index, :, : values.shape[2], : values.shape[3]] = values
+    return merged
 
 
 class TransfusionForConditionalGeneration(TransfusionPreTrainedModel, TransfusionGenerationMixin):
@@ -707,7 +858,7 @@ class TransfusionForConditionalGeneration(TransfusionPreTrainedModel, Transfusio
         """Draws a training timestep per image. Images followed, in the same document, by text that carries a loss
         (other than end-of-sequence) are capped at `config.max_conditioning_timestep` (the paper's noise limit for
         captioning)."""
-        rows, starts = self.model.locate_images(input_ids == self.config.image_token_id)
+        rows, starts, lengths = self.model.locate_images(input_ids == self.config.image_token_id)
         if position_ids is None:
             documents = torch.zeros_like(input_ids)
         else:
@@ -718,10 +869,7 @@ class TransfusionForConditionalGeneration(TransfusionPreTrainedModel, Transfusio
         # Only real text counts: an image followed by nothing but <eos> is generated, not captioned.
         supervised = (labels != -100) & ~torch.isin(labels, self._end_of_text_ids(labels.device))
         image_document = documents[rows, starts]
-        after_image = (
-            torch.arange(input_ids.shape[1], device=input_ids.device)[None]
-            >= (starts + self.config.num_image_tokens)[:, None]
-        )
+        after_image = torch.arange(input_ids.shape[1], device=input_ids.device)[None] >= (starts + lengths)[:, None]
         same_document = documents[rows] == image_document[:, None]
         capped = (supervised[rows] & after_image & same_document).any(-1)
         return sample_training_timesteps(self.noise_scheduler, capped, self.config.max_conditioning_timestep, generator)
@@ -749,12 +897,13 @@ class TransfusionForConditionalGeneration(TransfusionPreTrainedModel, Transfusio
         inputs_embeds: torch.FloatTensor | None = None,
         pixel_values: torch.FloatTensor | None = None,
         image_latents: torch.FloatTensor | None = None,
+        image_sizes: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         is_first_iteration: bool = False,
         **kwargs,
     ):
-        """As `GenerationMixin`'s; the prompt's images (`pixel_values`, `image_latents`) reach only the forward that
-        reads the prompt (after it they are in the cache), or every forward without a cache."""
+        """As `GenerationMixin`'s; the prompt's images (`pixel_values` or `image_latents`, with `image_sizes`) reach
+        only the forward that reads the prompt (after it they are in the cache), or every forward without a cache."""
         model_inputs = super().prepare_inputs_for_generation(
             input_ids,
             cache=cache,
@@ -765,6 +914,7 @@ class TransfusionForConditionalGeneration(TransfusionPreTrainedModel, Transfusio
         )
         if is_first_iteration or not kwargs.get("use_cache", True):
             model_inputs["pixel_values"], model_inputs["image_latents"] = pixel_values, image_latents
+            model_inputs["image_sizes"] = image_sizes
         return model_inputs
 
     @can_return_tuple
@@ -775,10 +925,11 @@ class TransfusionForConditionalGeneration(TransfusionPreTrainedModel, Transfusio
         position_ids: torch.LongTensor | None = None,
         cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
-        pixel_values: torch.FloatTensor | None = None,
-        image_latents: torch.FloatTensor | None = None,
+        pixel_values: torch.FloatTensor | list[torch.FloatTensor] | None = None,
+        image_latents: torch.FloatTensor | list[torch.FloatTensor] | None = None,
+        image_sizes: torch.LongTensor | None = None,
         image_timesteps: torch.Tensor | None = None,
-        image_noise: torch.FloatTensor | None = None,
+        image_noise: torch.FloatTensor | list[torch.FloatTensor] | None = None,
         unconditional_images: torch.BoolTensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -819,6 +970,7 @@ class TransfusionForConditionalGeneration(TransfusionPreTrainedModel, Transfusio
             inputs_embeds=inputs_embeds,
             pixel_values=pixel_values,
             image_latents=image_latents,
+            image_sizes=image_sizes,
             image_timesteps=image_timesteps,
             image_noise=image_noise,
             unconditional_images=unconditional_images,
@@ -834,7 +986,8 @@ class TransfusionForConditionalGeneration(TransfusionPreTrainedModel, Transfusio
             lm_loss = self._lm_loss(logits, input_ids, labels, shift_labels, attention_mask)
             diffusion_loss = lm_loss.new_zeros(())
             if outputs.diffusion_target is not None:
-                diffusion_loss = diffusion_mse(outputs.diffusion_prediction, outputs.diffusion_target)
+                latent_sizes = outputs.image_sizes // self.config.vae_downsample_factor
+                diffusion_loss = diffusion_mse(outputs.diffusion_prediction, outputs.diffusion_target, latent_sizes)
             for name, term in (("lm_loss", lm_loss), ("diffusion_loss", diffusion_loss)):
                 if not torch.isfinite(term):
                     raise FloatingPointError(
@@ -855,6 +1008,7 @@ class TransfusionForConditionalGeneration(TransfusionPreTrainedModel, Transfusio
             diffusion_prediction=outputs.diffusion_prediction,
             diffusion_target=outputs.diffusion_target,
             image_timesteps=outputs.image_timesteps,
+            image_sizes=outputs.image_sizes,
         )
 
     def _lm_loss(self, logits, input_ids, labels, shift_labels, attention_mask):

@@ -1,4 +1,5 @@
-"""Image processor for Transfusion: any image in, a square tensor in [-1, 1] out, and pixels back after generation."""
+"""Image processor for Transfusion: any image in, a tensor in [-1, 1] of an allowed size out, and pixels back after
+generation."""
 
 from collections.abc import Sequence
 
@@ -7,7 +8,7 @@ import PIL.Image
 import torch
 from transformers.image_processing_backends import PilBackend
 from transformers.image_processing_utils import BatchFeature
-from transformers.image_utils import ChannelDimension, PILImageResampling
+from transformers.image_utils import ChannelDimension, PILImageResampling, SizeDict
 from transformers.processing_utils import ImagesKwargs, Unpack
 from transformers.utils import TensorType
 
@@ -21,17 +22,30 @@ class TransfusionImageProcessorKwargs(ImagesKwargs, total=False):
     r"""
     num_channels (`int`, *optional*, defaults to 3):
         Channels of the output: 1 (grey) or 3 (RGB). Inputs are converted to this, whatever they hold.
+    size_divisor (`int`, *optional*):
+        With `size={"longest_edge": L}`: heights and widths come out as multiples of this (the model's
+        `config.image_size_divisor`).
     """
 
     num_channels: int
+    size_divisor: int
 
 
 class TransfusionImageProcessor(PilBackend):
     r"""
     Turns images into the `pixel_values` a Transfusion model reads: `(num_images, num_channels, height, width)` float32
     in [-1, 1]. Each image is converted to `num_channels` (RGBA and other transparent images are composited onto white),
-    resized so that its shorter side is `size["shortest_edge"]`, centre-cropped to `crop_size`, rescaled to [0, 1] and
-    normalised with mean 0.5 and std 0.5. [`~TransfusionImageProcessor.postprocess`] goes the other way.
+    resized, rescaled to [0, 1] and normalised with mean 0.5 and std 0.5.
+    [`~TransfusionImageProcessor.postprocess`] goes the other way.
+
+    Two resizing policies:
+    - one square size (the default, for a model of one image size): the shorter side is resized to
+      `size["shortest_edge"]`, then the centre is cropped to `crop_size`;
+    - any size (`size={"longest_edge": L}`, `size_divisor=s`, `do_center_crop=False`, for a model with
+      `max_image_size = L`): an image whose height and width are multiples of `s` and at most `L` is kept as it is;
+      any other is resized, keeping its aspect ratio, so that its longer side is at most `L`, then each side is rounded
+      to the nearest multiple of `s` (at least `s`). [`TransfusionProcessor.from_model_config`] picks this policy for
+      a model whose `max_image_size` is larger than its `image_size`.
 
     Inputs may be PIL images, numpy arrays or torch tensors, one or a (nested) list of them, or a 4-d batch. Arrays are
     `(height, width)`, `(height, width, channels)` or `(channels, height, width)` with 1, 3 or 4 channels; pass
@@ -49,6 +63,8 @@ class TransfusionImageProcessor(PilBackend):
             Channels of the output: 1 or 3 (the model's `config.num_channels`).
         resample (`PILImageResampling`, *optional*, defaults to `BICUBIC`):
             Resampling filter of the resize.
+        size_divisor (`int`, *optional*):
+            With `size={"longest_edge": L}`: the multiple that heights and widths are rounded to.
 
     Example:
 
@@ -72,6 +88,7 @@ class TransfusionImageProcessor(PilBackend):
     size = {"shortest_edge": 32}
     crop_size = {"height": 32, "width": 32}
     num_channels = 3
+    size_divisor = None
     do_resize = True
     do_center_crop = True
     do_rescale = True
@@ -89,6 +106,33 @@ class TransfusionImageProcessor(PilBackend):
         super().__init__(**kwargs)
         if self.num_channels not in (1, 3):
             raise ValueError(f"num_channels must be 1 (grey) or 3 (RGB), got {self.num_channels}.")
+        longest = self.size.get("longest_edge") if isinstance(self.size, dict) else None
+        if longest is not None:
+            if not isinstance(self.size_divisor, int) or self.size_divisor < 1:
+                raise ValueError(
+                    f"size={{'longest_edge': {longest}}} needs size_divisor, the multiple heights and widths are "
+                    f"rounded to (the model's config.image_size_divisor); got {self.size_divisor!r}."
+                )
+            if longest % self.size_divisor:
+                raise ValueError(f"longest_edge ({longest}) must be a multiple of size_divisor ({self.size_divisor}).")
+
+    def target_size(self, height: int, width: int) -> tuple[int, int]:
+        """The size an image of `height` x `width` comes out at under the any-size policy (see the class docstring)."""
+        longest, divisor = self.size["longest_edge"], self.size_divisor
+        if height % divisor == 0 and width % divisor == 0 and max(height, width) <= longest:
+            return height, width
+        scale = min(1.0, longest / max(height, width))
+        return tuple(min(max(divisor, round(side * scale / divisor) * divisor), longest) for side in (height, width))
+
+    def resize(self, image: np.ndarray, size: SizeDict, resample=None, **kwargs) -> np.ndarray:
+        """As the backend's `resize`; under the any-size policy (`size.longest_edge`), to [`target_size`]."""
+        if size.longest_edge is None or self.size_divisor is None:
+            return super().resize(image, size, resample=resample, **kwargs)
+        height, width = image.shape[-2:]
+        target = self.target_size(height, width)
+        if target == (height, width):
+            return image
+        return super().resize(image, SizeDict(height=target[0], width=target[1]), resample=resample, **kwargs)
 
     # Input: any image -> a channels-first uint8 array with `num_channels` channels
 
@@ -136,8 +180,8 @@ class TransfusionImageProcessor(PilBackend):
         shapes = {image.shape[1:] for image in pixel_values}
         if return_tensors is not None and len(shapes) > 1:
             raise ValueError(
-                f"Images of different sizes {sorted(shapes)} cannot be stacked into one tensor: keep do_resize and "
-                "do_center_crop on, or pass images of one size."
+                f"Images of different sizes {sorted(shapes)} cannot be stacked into one tensor: pass "
+                "return_tensors=None for a list, or let TransfusionProcessor pad them (it returns image_sizes)."
             )
         return BatchFeature(data={"pixel_values": pixel_values}, tensor_type=return_tensors)
 

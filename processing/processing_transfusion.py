@@ -86,9 +86,12 @@ class TransfusionProcessor(ProcessorMixin):
     r"""
     Prepares interleaved text and images for a Transfusion model, and turns its output back into text and images.
 
-    Each `<image>` marker in the text stands for one image and expands to `<boi>` + `num_image_tokens` x `<image>` +
-    `<eoi>`; the images become `pixel_values` `(num_images, num_channels, height, width)` in [-1, 1], flattened in
-    reading order (row by row, left to right), as the model wants them.
+    Each `<image>` marker in the text stands for one image and expands to `<boi>` + N x `<image>` + `<eoi>`, N the
+    number of patches of that image (`num_image_tokens` for a model of one image size; `(height / s) x (width / s)`
+    with `s = image_size_divisor` for a model of any size), preceded by the size as text (`" 32x64"`) when
+    `write_image_size` is on. The images become `pixel_values` `(num_images, num_channels, height, width)` in
+    [-1, 1], flattened in reading order (row by row, left to right), as the model wants them; images of different
+    sizes are padded (bottom and right) to the largest, and `image_sizes` gives each one's own height and width.
 
     Args:
         image_processor ([`TransfusionImageProcessor`]):
@@ -99,7 +102,15 @@ class TransfusionProcessor(ProcessorMixin):
             Jinja template for [`~ProcessorMixin.apply_chat_template`]. Defaults to a plain "Role: content" template
             that renders `{"type": "image"}` content as the image marker.
         num_image_tokens (`int`):
-            `<image>` slots per image: the model's `config.num_image_tokens`.
+            `<image>` slots of the default image: the model's `config.num_image_tokens`.
+        image_size_divisor (`int`, *optional*):
+            Pixels along the side of the square one slot covers (the model's `config.image_size_divisor`): an image
+            of `height` x `width` takes `(height / s) x (width / s)` slots. Without it, every image takes
+            `num_image_tokens` slots (a model of one image size).
+        write_image_size (`bool`, *optional*, defaults to `False`):
+            Write each image's size as text (`" {height}x{width}"`, see
+            [`~TransfusionProcessor.render_image_size`]) right before its `<boi>`, so that a model trained on it
+            writes the size of the image it is about to generate (read back by `generate(..., tokenizer=...)`).
         image_token (`str`, *optional*, defaults to `"<image>"`):
             The marker users write, and the slot token it expands to.
         boi_token (`str`, *optional*, defaults to `"<boi>"`):
@@ -136,6 +147,8 @@ class TransfusionProcessor(ProcessorMixin):
         eoi_token: str = "<eoi>",
         context_length: int | None = None,
         add_image_tokens: bool = True,
+        image_size_divisor: int | None = None,
+        write_image_size: bool = False,
     ):
         if image_processor is None or tokenizer is None:
             raise ValueError("TransfusionProcessor needs both an image_processor and a tokenizer.")
@@ -164,7 +177,11 @@ class TransfusionProcessor(ProcessorMixin):
                 f"The tokenizer lacks the image token(s) {missing} (each must be one special token). Build the "
                 "processor with add_image_tokens=True, or call add_image_tokens(tokenizer, model) first."
             )
+        if image_size_divisor is not None and (not isinstance(image_size_divisor, int) or image_size_divisor < 1):
+            raise ValueError(f"image_size_divisor must be a positive integer, got {image_size_divisor!r}.")
         self.num_image_tokens = num_image_tokens
+        self.image_size_divisor = image_size_divisor
+        self.write_image_size = bool(write_image_size)
         self.image_token = image_token
         self.boi_token = boi_token
         self.eoi_token = eoi_token
@@ -189,9 +206,23 @@ class TransfusionProcessor(ProcessorMixin):
             tokenizer ([`PreTrainedTokenizerBase`]): the tokenizer, with the image tokens (see [`add_image_tokens`]).
             kwargs: further arguments of [`TransfusionProcessor`] (`chat_template`, ...).
         """
-        image_processor = TransfusionImageProcessor(size=config.image_size, num_channels=config.num_channels)
+        if config.max_image_size > config.image_size:  # any size: keep each image's own size (see the policies)
+            image_processor = TransfusionImageProcessor(
+                size={"longest_edge": config.max_image_size},
+                size_divisor=config.image_size_divisor,
+                do_center_crop=False,
+                num_channels=config.num_channels,
+            )
+        else:
+            image_processor = TransfusionImageProcessor(size=config.image_size, num_channels=config.num_channels)
         kwargs.setdefault("context_length", getattr(config.get_text_config(), "max_position_embeddings", None))
-        processor = cls(image_processor, tokenizer, num_image_tokens=config.num_image_tokens, **kwargs)
+        processor = cls(
+            image_processor,
+            tokenizer,
+            num_image_tokens=config.num_image_tokens,
+            image_size_divisor=config.image_size_divisor,
+            **kwargs,
+        )
         for name in ("boi_token_id", "eoi_token_id", "image_token_id"):
             if getattr(processor, name) != getattr(config, name):
                 raise ValueError(
@@ -213,12 +244,30 @@ class TransfusionProcessor(ProcessorMixin):
 
     @property
     def image_sequence(self) -> str:
-        """What one `<image>` marker expands to: `<boi>` + `num_image_tokens` x `<image>` + `<eoi>`."""
+        """What one `<image>` marker of a default-size image expands to (see [`image_sequence_for`])."""
         return self.boi_token + self.image_token * self.num_image_tokens + self.eoi_token
+
+    def num_image_slots(self, height: int, width: int) -> int:
+        """The `<image>` slots of an image of `height` x `width` pixels."""
+        if self.image_size_divisor is None:
+            return self.num_image_tokens
+        return (height // self.image_size_divisor) * (width // self.image_size_divisor)
+
+    def render_image_size(self, height: int, width: int) -> str:
+        """The size text written before an image's `<boi>`: `" {height}x{width}"` with `write_image_size`, else `""`.
+        An image-mode prompt for a model that writes sizes ends with it: `prompt + render_image_size(32, 64)`."""
+        return f" {height}x{width}" if self.write_image_size else ""
+
+    def image_sequence_for(self, height: int, width: int) -> str:
+        """What the marker of an image of `height` x `width` expands to: its size text (with `write_image_size`),
+        `<boi>`, its slots and `<eoi>`."""
+        slots = self.image_token * self.num_image_slots(height, width)
+        return self.render_image_size(height, width) + self.boi_token + slots + self.eoi_token
 
     @property
     def model_input_names(self) -> list[str]:
-        return ["input_ids", "attention_mask", "pixel_values"]
+        names = ["input_ids", "attention_mask", "pixel_values"]
+        return names + ["image_sizes"] if self.image_size_divisor is not None else names
 
     def __call__(
         self,
@@ -266,21 +315,24 @@ class TransfusionProcessor(ProcessorMixin):
         if flat_images:
             images_kwargs["return_tensors"] = None
             pixel_values = self.image_processor(flat_images, **images_kwargs)["pixel_values"]
+        sizes = [tuple(image.shape[-2:]) for image in pixel_values]
+        self._check_image_sizes(sizes)
 
         # Spaces before a marker are dropped: "a seven <image>" must end like the prompt "a seven" that opens an image
         # at generation time, not with a stray space token.
         marker = re.compile(rf"[ \t]*{re.escape(self.image_token)}")
-        expanded = [marker.sub(lambda _: self.image_sequence, sample) for sample in texts]
+        next_size = iter(sizes)
+        expanded = [marker.sub(lambda _: self.image_sequence_for(*next(next_size)), sample) for sample in texts]
         input_ids = self.tokenizer(
             expanded, add_special_tokens=text_kwargs.get("add_special_tokens", True), padding=False, truncation=False
         )["input_ids"]
-        self._check_image_slots(input_ids, row_images)
+        self._check_image_slots(input_ids, row_images, sizes)
 
         max_length = text_kwargs.get("max_length") or self.context_length
         truncation = text_kwargs.get("truncation") not in (None, False, "do_not_truncate")
         kept_images = list(range(len(flat_images)))
         if max_length is not None:
-            input_ids, kept_images = self._fit_to_length(input_ids, max_length, truncation)
+            input_ids, kept_images = self._fit_to_length(input_ids, max_length, truncation, sizes)
 
         padding = text_kwargs.get("padding", False)
         if padding in (True, "longest") and len({len(ids) for ids in input_ids}) == 1:
@@ -295,7 +347,12 @@ class TransfusionProcessor(ProcessorMixin):
         )
         data = {"input_ids": padded["input_ids"], "attention_mask": padded["attention_mask"]}
         if kept_images:
-            data["pixel_values"] = [pixel_values[index] for index in kept_images]
+            kept = [pixel_values[index] for index in kept_images]
+            if self.image_size_divisor is not None:
+                data["image_sizes"] = [list(sizes[index]) for index in kept_images]
+                if return_tensors is not None:
+                    kept = _pad_images(kept)
+            data["pixel_values"] = kept
         return BatchFeature(data=data, tensor_type=return_tensors)
 
     # Steps of __call__
@@ -349,34 +406,53 @@ class TransfusionProcessor(ProcessorMixin):
         ends = np.cumsum(markers).tolist()
         return texts, [images[end - count : end] for count, end in zip(markers, ends)]
 
-    def _check_image_slots(self, input_ids: list[list[int]], row_images: list[list[Any]]) -> None:
+    def _check_image_sizes(self, sizes: list[tuple[int, int]]) -> None:
+        """Images the slots cannot hold (sides not multiples of `image_size_divisor`) are refused, naming the image."""
+        divisor = self.image_size_divisor
+        if divisor is None:
+            return
+        for index, (height, width) in enumerate(sizes):
+            if height % divisor or width % divisor:
+                raise ValueError(
+                    f"Image {index} is {height}x{width} pixels after preprocessing; heights and widths must be "
+                    f"multiples of {divisor}. Keep the image processor's resizing on (do_resize=True)."
+                )
+
+    def _check_image_slots(
+        self, input_ids: list[list[int]], row_images: list[list[Any]], sizes: list[tuple[int, int]]
+    ) -> None:
+        slot_counts = iter([self.num_image_slots(*size) for size in sizes])
         for index, (ids, row) in enumerate(zip(input_ids, row_images)):
-            found, expected = ids.count(self.image_token_id), len(row) * self.num_image_tokens
+            found, expected = ids.count(self.image_token_id), sum(next(slot_counts) for _ in row)
             if found != expected:
                 raise ValueError(
-                    f"Row {index} tokenized to {found} {self.image_token} slots, expected {expected} ({len(row)} "
-                    f"image(s) x {self.num_image_tokens}): the tokenizer splits {self.image_token} (turn off "
+                    f"Row {index} tokenized to {found} {self.image_token} slots, expected {expected} for its "
+                    f"{len(row)} image(s): the tokenizer splits {self.image_token} (turn off "
                     "tokenizer.split_special_tokens)."
                 )
 
     def _fit_to_length(
-        self, input_ids: list[list[int]], max_length: int, truncation: bool
+        self, input_ids: list[list[int]], max_length: int, truncation: bool, sizes: list[tuple[int, int]]
     ) -> tuple[list[list[int]], list[int]]:
         """Checks, or with `truncation` cuts, rows to `max_length` without cutting inside an image.
 
         Returns the rows and the flat indices of the images that are left."""
         fitted, kept_images, first_image = [], [], 0
         for index, ids in enumerate(input_ids):
-            # Each image is <boi> + slots + <eoi>: [start - 1, start + num_image_tokens + 1).
-            slots = [position for position, token in enumerate(ids) if token == self.image_token_id]
-            spans = [(start - 1, start + self.num_image_tokens + 1) for start in slots[:: self.num_image_tokens]]
+            # Each image is <boi> + its slots + <eoi>: [start - 1, start + slots + 1).
+            starts = [
+                p for p, token in enumerate(ids) if token == self.image_token_id and ids[p - 1] == self.boi_token_id
+            ]
+            lengths = [self.num_image_slots(*size) for size in sizes[first_image : first_image + len(starts)]]
+            spans = [(start - 1, start + length + 1) for start, length in zip(starts, lengths)]
             begin, end = 0, len(ids)
             if len(ids) > max_length:
                 if not truncation:
                     raise ValueError(
                         f"Row {index} is {len(ids)} tokens long with its {len(spans)} image(s) expanded to "
-                        f"{self.num_image_tokens + 2} tokens each, more than max_length/context_length {max_length}: "
-                        "shorten the text, pass fewer images, or pass truncation=True (which drops whole images)."
+                        f"{' + '.join(str(stop - start) for start, stop in spans) or 0} tokens, more than "
+                        f"max_length/context_length {max_length}: shorten the text, pass fewer or smaller images, or "
+                        "pass truncation=True (which drops whole images)."
                     )
                 if self.tokenizer.truncation_side == "left":
                     begin = len(ids) - max_length
@@ -460,6 +536,17 @@ class TransfusionProcessor(ProcessorMixin):
         if isinstance(template, str) and "image_token" in template:
             kwargs.setdefault("image_token", self.image_token)
         return super().apply_chat_template(conversation, chat_template=chat_template, **kwargs)
+
+
+def _pad_images(images: list[np.ndarray]) -> np.ndarray:
+    """Images `(channels, height, width)` of different sizes in one array, padded with zeros (bottom and right) to the
+    largest height and width; one size is stacked as it is."""
+    height = max(image.shape[1] for image in images)
+    width = max(image.shape[2] for image in images)
+    padded = np.zeros((len(images), images[0].shape[0], height, width), dtype=images[0].dtype)
+    for index, image in enumerate(images):
+        padded[index, :, : image.shape[1], : image.shape[2]] = image
+    return padded
 
 
 def _is_image(item: Any) -> bool:

@@ -26,7 +26,7 @@ def mixed_records(digit_images) -> list[dict]:
 def test_mixed_batch_to_model_loss(processor, tiny_config, digit_images):
     records = mixed_records(digit_images)
     batch = TransfusionDataCollator(processor)(records)
-    assert set(batch) == {"input_ids", "attention_mask", "pixel_values", "labels"}
+    assert set(batch) == {"input_ids", "attention_mask", "pixel_values", "image_sizes", "labels"}
     input_ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     assert batch["pixel_values"].shape == (4, 1, 8, 8)
 

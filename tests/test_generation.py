@@ -120,7 +120,7 @@ class Oracle:
             self.inputs = (latents.float(), timesteps)
             return self.encoder_forward(latents, timesteps)
 
-        def predict(hidden_states, encoder_state=None):
+        def predict(hidden_states, encoder_state=None, grid_size=None):
             latents, timesteps = self.inputs
             target = self.target.expand_as(latents)
             if self.model.config.objective == "flow":

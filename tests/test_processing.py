@@ -310,7 +310,7 @@ def test_mixed_batch(processor, digit_images):
     texts = ["a handwritten seven <image>", "<image> a handwritten two", "only text", "<image> and <image>"]
     nested = processor(text=texts, images=[[images[0]], [images[1]], [], images[2:]], return_tensors="pt")
     flat = processor(text=texts, images=images, return_tensors="pt")
-    assert nested.keys() == flat.keys() == {"input_ids", "attention_mask", "pixel_values"}
+    assert nested.keys() == flat.keys() == {"input_ids", "attention_mask", "pixel_values", "image_sizes"}
     for key in nested:
         assert torch.equal(nested[key], flat[key])
     assert nested["pixel_values"].shape == (4, 1, 8, 8)
