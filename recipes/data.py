@@ -7,6 +7,8 @@ Every dataset comes from a registry package the project installs itself (`transf
 Images are returned as `uint8` arrays `(num_images, height, width)` (grey) or `(num_images, height, width, 3)` (RGB).
 [`pad_images`] centres them on a square canvas of the model's size. Captions come from several templates per class, in
 two directions: a caption then the image (generation) and the image then a caption (captioning), plus text-only rows.
+Compositions put two padded MNIST digits side by side or one above the other ([`make_compositions`]); their captions
+always name the first digit (left, or on top) first.
 """
 
 import gzip
@@ -315,20 +317,25 @@ def caption_corpus(dataset: str, labels: Sequence[int | str] | None = None) -> l
     return [_fill(template, dataset, label) for label in labels for template in templates]
 
 
-def parse_class(text: str, dataset: str = "mnist") -> int | None:
-    """Reads a class back from a generated caption: the first class name (or, for MNIST, digit) that appears as a
-    word. Returns `None` when the text names no class."""
+def _class_mentions(text: str, dataset: str) -> list[int]:
+    """The classes `text` names, in order of appearance: each class name (or, for MNIST, digit) that appears as a
+    word."""
     lowered = text.lower()
-    best: tuple[int, int] | None = None
+    mentions = []
     for label, name in enumerate(class_names(dataset)):
         patterns = [rf"(?<![\w-]){re.escape(name)}(?![\w-])"]
         if dataset == "mnist":
             patterns.append(rf"(?<!\w){label}(?!\w)")
         for pattern in patterns:
-            match = re.search(pattern, lowered)
-            if match and (best is None or match.start() < best[0]):
-                best = (match.start(), label)
-    return None if best is None else best[1]
+            mentions.extend((match.start(), label) for match in re.finditer(pattern, lowered))
+    return [label for _, label in sorted(mentions)]
+
+
+def parse_class(text: str, dataset: str = "mnist") -> int | None:
+    """Reads a class back from a generated caption: the first class name (or, for MNIST, digit) that appears as a
+    word. Returns `None` when the text names no class."""
+    mentions = _class_mentions(text, dataset)
+    return mentions[0] if mentions else None
 
 
 @dataclass(frozen=True)
@@ -375,6 +382,130 @@ def load_dataset_images(dataset: str, split: str, image_size: int) -> tuple[np.n
     return pad_images(images, image_size), labels.tolist()
 
 
+# Compositions of two MNIST digits: side by side or stacked, the first digit left or on top
+
+COMPOSITION_LAYOUTS = {"side_by_side": (32, 64), "stacked": (64, 32)}  # (height, width) of two 32 x 32 digits
+
+# {first_name}, {second_name}: the digit names ("three"); {first_digit}, {second_digit}: the numerals ("3"). The first
+# digit (left, or on top) is always named first.
+COMPOSITION_GENERATION_TEMPLATES = {
+    "side_by_side": (
+        "a handwritten {first_digit} to the left of a {second_digit}",
+        "a handwritten {first_name} to the left of a {second_name}",
+        "the digits {first_name} and {second_name} side by side",
+        "a {first_name} next to a {second_name}, written by hand",
+        "the numbers {first_digit} and {second_digit} written side by side",
+    ),
+    "stacked": (
+        "a handwritten {first_digit} above a {second_digit}",
+        "a handwritten {first_name} above a {second_name}",
+        "a {first_name} on top of a {second_name}",
+        "the digit {first_name} written over the digit {second_name}",
+        "the number {first_digit} above the number {second_digit}, written by hand",
+    ),
+}
+COMPOSITION_CAPTION_TEMPLATES = {
+    "side_by_side": (
+        "this is a handwritten {first_name} to the left of a {second_name}",
+        "the digits {first_name} and {second_name}, side by side",
+        "it shows the number {first_digit} next to the number {second_digit}",
+    ),
+    "stacked": (
+        "this is a handwritten {first_name} above a {second_name}",
+        "the digit {first_name} on top of the digit {second_name}",
+        "it shows the number {first_digit} over the number {second_digit}",
+    ),
+}
+COMPOSITION_TEXT_TEMPLATES = {
+    "side_by_side": ("{first_name} to the left of {second_name} is written {first_digit} {second_digit}",),
+    "stacked": ("{first_name} above {second_name} is written {first_digit} over {second_digit}",),
+}
+
+
+def composition_size(layout: str) -> tuple[int, int]:
+    """`(height, width)` of a composition of `layout` (`"side_by_side"` or `"stacked"`)."""
+    if layout not in COMPOSITION_LAYOUTS:
+        raise ValueError(f"Unknown layout {layout!r}: choose one of {sorted(COMPOSITION_LAYOUTS)}.")
+    return COMPOSITION_LAYOUTS[layout]
+
+
+def layout_axis(layout: str) -> int:
+    """The axis along which a layout's two digits follow each other: -1 (width) side by side, -2 (height) stacked."""
+    height, width = composition_size(layout)
+    return -1 if width > height else -2
+
+
+def compose_digits(first: np.ndarray, second: np.ndarray, layout: str) -> np.ndarray:
+    """Puts two batches of 32 x 32 digits `(n, 32, 32)` side by side (`(n, 32, 64)`, `first` on the left) or stacked
+    (`(n, 64, 32)`, `first` on top)."""
+    axis = layout_axis(layout)
+    if first.shape != second.shape or first.shape[1:] != (32, 32):
+        raise ValueError(f"compose_digits needs two (n, 32, 32) batches, got {first.shape} and {second.shape}.")
+    return np.concatenate([first, second], axis=axis)
+
+
+def make_compositions(
+    images: np.ndarray, labels: Sequence[int] | np.ndarray, layout: str, num: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """`num` compositions of two digits drawn at random (numpy generator seeded with `seed`) from 32 x 32 `images`.
+
+    Returns:
+        `(compositions, pairs)`: `uint8` `(num, height, width)` and `int64` `(num, 2)`, the labels of the first and
+        second digit.
+    """
+    index = np.random.default_rng(seed).integers(len(images), size=(num, 2))
+    pairs = np.asarray(labels, dtype=np.int64)[index]
+    return compose_digits(images[index[:, 0]], images[index[:, 1]], layout), pairs
+
+
+def _fill_pair(template: str, pair: Sequence[int]) -> str:
+    first, second = (int(k) for k in pair)
+    return template.format(
+        first_name=DIGIT_NAMES[first], first_digit=first, second_name=DIGIT_NAMES[second], second_digit=second
+    )
+
+
+def composition_prompt(layout: str, pair: Sequence[int], variant: int = 0) -> str:
+    """The prompt for a composition of the digits `pair` (first, second): template number `variant`."""
+    templates = COMPOSITION_GENERATION_TEMPLATES[layout]
+    return _fill_pair(templates[variant % len(templates)], pair)
+
+
+def composition_corpus() -> list[str]:
+    """Every text the composition templates produce, for all 100 pairs and both layouts: add it to the tokenizer's
+    training corpus ([`caption_corpus`]) when the model sees compositions."""
+    return [
+        _fill_pair(template, (first, second))
+        for layout in COMPOSITION_LAYOUTS
+        for template in COMPOSITION_GENERATION_TEMPLATES[layout]
+        + COMPOSITION_CAPTION_TEMPLATES[layout]
+        + COMPOSITION_TEXT_TEMPLATES[layout]
+        for first in range(10)
+        for second in range(10)
+    ]
+
+
+def make_composition_record_text(
+    layout: str, pair: Sequence[int], rng: random.Random, mix: CaptionMix | None = None
+) -> str:
+    """One training text for a composition of the digits `pair`, as [`make_record_text`] writes them: `"caption
+    <image>"`, `"<image> caption"` or a text-only row."""
+    mix = mix or CaptionMix()
+    draw = rng.random()
+    if draw < mix.generation:
+        return _fill_pair(rng.choice(COMPOSITION_GENERATION_TEMPLATES[layout]), pair) + " <image>"
+    if draw < mix.generation + mix.captioning:
+        return "<image>" + _fill_pair(rng.choice(COMPOSITION_CAPTION_TEMPLATES[layout]), pair)
+    return _fill_pair(rng.choice(COMPOSITION_TEXT_TEMPLATES[layout] + COMPOSITION_CAPTION_TEMPLATES[layout]), pair)
+
+
+def parse_digit_pair(text: str) -> tuple[int, int] | None:
+    """Reads two digits back from a caption of a composition: the first two digit names or numerals, in order of
+    appearance (as [`parse_class`] matches them). Returns `None` when the text names fewer than two."""
+    mentions = _class_mentions(text, "mnist")
+    return (mentions[0], mentions[1]) if len(mentions) >= 2 else None
+
+
 __all__ = [
     "DataNotInstalledError",
     "INSTALL_COMMANDS",
@@ -394,4 +525,16 @@ __all__ = [
     "caption_corpus",
     "parse_class",
     "make_record_text",
+    "COMPOSITION_LAYOUTS",
+    "COMPOSITION_GENERATION_TEMPLATES",
+    "COMPOSITION_CAPTION_TEMPLATES",
+    "COMPOSITION_TEXT_TEMPLATES",
+    "composition_size",
+    "layout_axis",
+    "compose_digits",
+    "make_compositions",
+    "composition_prompt",
+    "composition_corpus",
+    "make_composition_record_text",
+    "parse_digit_pair",
 ]

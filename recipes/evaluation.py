@@ -5,7 +5,10 @@ Metrics (all computed offline; none is comparable to published FID, CIDEr or per
 - Frechet distance, in the judge's feature space, between the generated images and as many real test images, beside
   the real-vs-real floor (two disjoint sets of real test images of that size);
 - captioning accuracy: greedy captions of held-out real test images, parsed back to a class;
-- text perplexity of the model on held-out caption texts.
+- text perplexity of the model on held-out caption texts;
+- for two-digit compositions (side by side or stacked), composition accuracy: both halves of a generated composition
+  classified as the prompt's digits, in place; and composition captioning accuracy: both digits of a real test
+  composition named, in order.
 """
 
 import math
@@ -13,6 +16,7 @@ import random
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from modeling_transfusion import TransfusionForConditionalGeneration, TransfusionProcessor
@@ -21,9 +25,18 @@ from modeling_transfusion.recipes.data import (
     CAPTION_TEMPLATES,
     TEXT_TEMPLATES,
     class_names,
+    composition_prompt,
+    composition_size,
     generation_prompt,
+    layout_axis,
+    make_compositions,
     parse_class,
+    parse_digit_pair,
+    to_model_range,
 )
+
+# Seed of the real test compositions that evaluate_compositions captions (plus its `seed`), apart from every other seed.
+CAPTIONED_COMPOSITIONS_SEED = 7_700_417
 
 
 @torch.no_grad()
@@ -33,17 +46,25 @@ def generate_images(
     prompts: list[str],
     seeds: list[int],
     batch_size: int = 50,
+    height: int | None = None,
+    width: int | None = None,
     **generate_kwargs,
 ) -> torch.Tensor:
     """Generates one image per prompt (row `i` seeded with `seeds[i]`), returned as `(n, c, h, w)` in [-1, 1].
-    Further keyword arguments (scheduler, num_inference_steps, image_guidance_scale) go to `model.generate`; the
-    model's generation config supplies the rest."""
+    `height` and `width`, where given, and further keyword arguments (scheduler, num_inference_steps,
+    image_guidance_scale) go to `model.generate`; the model's generation config supplies the rest."""
+    size = {name: value for name, value in (("height", height), ("width", width)) if value is not None}
     images = []
     for i in range(0, len(prompts), batch_size):
         batch = processor(text=prompts[i : i + batch_size], padding_side="left", return_tensors="pt")
         generators = [torch.Generator().manual_seed(seed) for seed in seeds[i : i + batch_size]]
         out = model.generate(
-            **batch, generation_mode="image", generator=generators, return_dict_in_generate=True, **generate_kwargs
+            **batch,
+            generation_mode="image",
+            generator=generators,
+            return_dict_in_generate=True,
+            **size,
+            **generate_kwargs,
         )
         images.extend(row[0].float() for row in out.images)
     return torch.stack(images).clamp(-1, 1)
@@ -57,12 +78,20 @@ def caption_images(
     batch_size: int = 100,
     max_new_tokens: int = 16,
 ) -> list[str]:
-    """Greedy captions of images `(n, c, h, w)` in [-1, 1] (prompt: the image alone, `<image>`)."""
+    """Greedy captions of images `(n, c, h, w)` in [-1, 1] (prompt: the image alone, `<image>`). The images go to the
+    model at their own size, neither resized nor cropped."""
     captions = []
     for i in range(0, len(images), batch_size):
         chunk = images[i : i + batch_size]
         pictures = processor.postprocess_images(chunk)
-        batch = processor(text=["<image>"] * len(chunk), images=pictures, padding_side="left", return_tensors="pt")
+        batch = processor(
+            text=["<image>"] * len(chunk),
+            images=pictures,
+            padding_side="left",
+            return_tensors="pt",
+            do_resize=False,
+            do_center_crop=False,
+        )
         out = model.generate(**batch, generation_mode="text", max_new_tokens=max_new_tokens, do_sample=False)
         captions.extend(processor.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True))
     return [caption.strip() for caption in captions]
@@ -233,6 +262,101 @@ def evaluate(
     return report, generated
 
 
+def split_composition(images: torch.Tensor, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cuts compositions `(n, c, height, width)` of `layout` into their two 32 x 32 digits `(n, c, 32, 32)`: the
+    first (left, or top) and the second."""
+    if tuple(images.shape[-2:]) != composition_size(layout):
+        raise ValueError(
+            f"A {layout} composition is {composition_size(layout)} (height, width), got images of shape "
+            f"{tuple(images.shape)}."
+        )
+    first, second = images.chunk(2, dim=layout_axis(layout))
+    return first, second
+
+
+def composition_accuracy(
+    judge: JudgeCNN, images: torch.Tensor, pairs: np.ndarray | list[tuple[int, int]], layout: str
+) -> float:
+    """The fraction of compositions `(n, c, height, width)` in [-1, 1] whose two halves the judge classifies as their
+    `pairs` `(n, 2)` (first digit, second digit)."""
+    first, second = split_composition(images, layout)
+    pairs = torch.as_tensor(np.ascontiguousarray(pairs))
+    hits = (predict(judge, first)[0] == pairs[:, 0]) & (predict(judge, second)[0] == pairs[:, 1])
+    return float(hits.float().mean())
+
+
+def balanced_composition_prompts(layout: str, num_images: int) -> tuple[list[tuple[int, int]], list[str]]:
+    """Digit pairs and prompts of `num_images` generated compositions, cycling over the 100 pairs with the template
+    varied per cycle: image `i` shows the pair `divmod(i % 100, 10)` with template `i // 100`."""
+    pairs = [divmod(i % 100, 10) for i in range(num_images)]
+    return pairs, [composition_prompt(layout, pair, variant=i // 100) for i, pair in enumerate(pairs)]
+
+
+def evaluate_compositions(
+    model: TransfusionForConditionalGeneration,
+    processor: TransfusionProcessor,
+    judge: JudgeCNN,
+    test_digits: np.ndarray,
+    test_labels: list[int] | np.ndarray,
+    layout: str,
+    num_generated: int = 500,
+    num_captioned: int = 500,
+    scheduler: str = "dpmsolver++",
+    num_inference_steps: int = 20,
+    image_guidance_scale: float = 3.0,
+    seed: int = 0,
+    batch_size: int = 50,
+) -> tuple[dict, torch.Tensor]:
+    """Composition accuracy and composition captioning accuracy of a model for one `layout`.
+
+    Generated compositions follow [`balanced_composition_prompts`], each prompt followed by the size text the model
+    writes before an image (`processor.render_image_size`). The captioned compositions are drawn from the MNIST test
+    digits `test_digits` (`uint8` `(n, 32, 32)`, padded to 32) with [`make_compositions`]; the judge's accuracy on them
+    is reported too.
+
+    Returns the metrics (a dict) and the generated images.
+    """
+    if num_generated < 1 or num_captioned < 1:
+        raise ValueError(
+            f"num_generated and num_captioned must be at least 1 (got {num_generated} and {num_captioned}): the "
+            "metrics are means over the generated and the captioned compositions."
+        )
+    height, width = composition_size(layout)
+    start = time.perf_counter()
+    model.eval()
+    pairs, prompts = balanced_composition_prompts(layout, num_generated)
+    size_text = processor.render_image_size(height, width)
+    generated = generate_images(
+        model,
+        processor,
+        [prompt + size_text for prompt in prompts],
+        seeds=[seed * 100_003 + i for i in range(num_generated)],
+        batch_size=batch_size,
+        height=height,
+        width=width,
+        scheduler=scheduler,
+        num_inference_steps=num_inference_steps,
+        image_guidance_scale=image_guidance_scale,
+    )
+
+    real, real_pairs = make_compositions(
+        test_digits, test_labels, layout, num_captioned, seed=CAPTIONED_COMPOSITIONS_SEED + seed
+    )
+    real = to_model_range(real)
+    captions = caption_images(model, processor, real, batch_size=2 * batch_size)
+    caption_hits = [parse_digit_pair(caption) == tuple(pair) for caption, pair in zip(captions, real_pairs.tolist())]
+    metrics = {
+        "layout": layout,
+        "composition_accuracy": composition_accuracy(judge, generated, pairs, layout),
+        "composition_captioning_accuracy": sum(caption_hits) / len(caption_hits),
+        "judge_composition_accuracy_on_real": composition_accuracy(judge, real, real_pairs, layout),
+        "num_generated": num_generated,
+        "num_captioned": num_captioned,
+        "seconds": time.perf_counter() - start,
+    }
+    return metrics, generated
+
+
 __all__ = [
     "generate_images",
     "caption_images",
@@ -241,4 +365,8 @@ __all__ = [
     "generated_image_metrics",
     "EvaluationReport",
     "evaluate",
+    "split_composition",
+    "composition_accuracy",
+    "balanced_composition_prompts",
+    "evaluate_compositions",
 ]
