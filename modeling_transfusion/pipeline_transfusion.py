@@ -32,6 +32,9 @@ class TransfusionTextToImagePipeline(Pipeline):
             Classifier-free guidance for the image: `uncond + scale * (cond - uncond)`; 1 means no guidance. It is
             passed to `generate` as `image_guidance_scale`.
         num_inference_steps (`int`, defaults to the generation config's, else 50): denoising steps.
+        height (`int`), width (`int`): the size of the images in pixels (defaults: the model's `image_size`): multiples
+            of `config.image_size_divisor`, at most `config.max_image_size`. For a model that writes sizes (its
+            processor has `write_image_size`), the prompt ends with the size text, as in training.
         scheduler (`str` or diffusers `SchedulerMixin`): the sampler, as in `generate` (`"ddim"`, `"ddpm"`,
             `"dpmsolver++"`, `"flow_euler"` or an instance).
         seed (`int`): every prompt is generated as it would be alone with `torch.Generator().manual_seed(seed)`, so
@@ -83,6 +86,8 @@ class TransfusionTextToImagePipeline(Pipeline):
         self,
         guidance_scale: float | None = None,
         num_inference_steps: int | None = None,
+        height: int | None = None,
+        width: int | None = None,
         scheduler=None,
         seed: int | None = None,
         generator: torch.Generator | None = None,
@@ -101,6 +106,12 @@ class TransfusionTextToImagePipeline(Pipeline):
             num_inference_steps = _integer(num_inference_steps, "num_inference_steps", 1)
         if seed is not None:
             seed = _integer(seed, "seed", 0)
+        preprocess_params = {}
+        if height is not None or width is not None:
+            default = self.model.config.image_size
+            size = (default if height is None else height, default if width is None else width)
+            height, width = self.model.config.check_image_size(*size, name="height x width")
+            preprocess_params = {"height": height, "width": width}
         forward_params = {}
         image_kwargs = {
             "image_guidance_scale": guidance_scale,
@@ -115,7 +126,7 @@ class TransfusionTextToImagePipeline(Pipeline):
         if generate_kwargs is not None:
             forward_params["generate_kwargs"] = generate_kwargs
         postprocess_params = {} if output_type is None else {"output_type": output_type}
-        return {}, forward_params, postprocess_params
+        return preprocess_params, forward_params, postprocess_params
 
     def __call__(self, prompts: str | list[str], **kwargs) -> dict[str, Any] | list[dict[str, Any]]:
         """
@@ -123,8 +134,9 @@ class TransfusionTextToImagePipeline(Pipeline):
 
         Args:
             prompts (`str` or `list[str]`): the text each image is generated from.
-            kwargs: the call arguments documented on the class (`guidance_scale`, `num_inference_steps`, `seed`,
-                `generator`, `scheduler`, `output_type`, `progress_bar`, `generate_kwargs`), and `batch_size`.
+            kwargs: the call arguments documented on the class (`guidance_scale`, `num_inference_steps`, `height`,
+                `width`, `seed`, `generator`, `scheduler`, `output_type`, `progress_bar`, `generate_kwargs`), and
+                `batch_size`.
 
         Returns:
             `{"image": image}` for a string, a list of them for a list of strings.
@@ -144,11 +156,14 @@ class TransfusionTextToImagePipeline(Pipeline):
             prompts = list(prompts)
         return super().__call__(prompts, **kwargs)
 
-    def preprocess(self, prompt: str) -> dict[str, Any]:
+    def preprocess(self, prompt: str, height: int | None = None, width: int | None = None) -> dict[str, Any]:
         if not isinstance(prompt, str):
             raise ValueError(f"A prompt must be a string, got {type(prompt).__name__}.")
-        inputs = self.processor(text=[prompt], return_tensors="pt")
-        return {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"]}
+        default = self.model.config.image_size
+        height, width = height or default, width or default
+        inputs = self.processor(text=[prompt + self.processor.render_image_size(height, width)], return_tensors="pt")
+        size = torch.tensor([[height, width]])  # a tensor, so that batching collates it
+        return {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"], "image_size": size}
 
     def _forward(self, model_inputs: dict[str, Any], seed: int | None = None, generate_kwargs=None, **image_kwargs):
         # Batches are padded on the tokenizer's side; generation needs the padding on the left.
@@ -162,10 +177,13 @@ class TransfusionTextToImagePipeline(Pipeline):
         generate_kwargs = self._prepare_generate_kwargs(dict(generate_kwargs or {}), **overrides)
         if self.model.generation_config.pad_token_id is None and "pad_token_id" not in generate_kwargs:
             generate_kwargs["pad_token_id"] = self.processor.tokenizer.pad_token_id
+        height, width = model_inputs["image_size"][0].tolist()  # one size per call
         outputs = self.model.generate(
             input_ids=input_ids,
             attention_mask=attention_mask,
             generation_mode="image",
+            height=height,
+            width=width,
             **image_kwargs,
             **generate_kwargs,
         )

@@ -147,14 +147,22 @@ def command_classifier(args: argparse.Namespace) -> None:
 
 
 def command_train(args: argparse.Namespace) -> None:
-    """Trains a Transfusion model with `Trainer` on precomputed latents, then saves a complete checkpoint."""
+    """Trains a Transfusion model with `Trainer` on precomputed latents, then saves a complete checkpoint. With
+    `--compositions N`, N two-digit compositions of each layout join the single MNIST digits (images of three sizes);
+    with `--init-from DIR`, training continues from a trained checkpoint instead of a fresh model."""
     _threads(args.threads)
     import torch
     from diffusers import AutoencoderKL
-    from safetensors.torch import load_file, save_file
+    from transformers import AutoProcessor
 
     from modeling_transfusion import TransfusionProcessor
-    from modeling_transfusion.recipes.data import CaptionMix, load_dataset_images, to_model_range
+    from modeling_transfusion.recipes.data import (
+        COMPOSITION_LAYOUTS,
+        CaptionMix,
+        composition_corpus,
+        load_dataset_images,
+        make_compositions,
+    )
     from modeling_transfusion.recipes.training import (
         LatentCaptionDataset,
         LatentDataCollator,
@@ -162,52 +170,67 @@ def command_train(args: argparse.Namespace) -> None:
         TransfusionTrainer,
         build_model,
         build_tokenizer,
+        init_from_checkpoint,
         save_checkpoint,
         training_arguments,
     )
-    from modeling_transfusion.recipes.vae import encode_latents
 
+    if args.compositions and args.dataset != "mnist":
+        raise ValueError("--compositions builds two-digit compositions of MNIST: use --dataset mnist.")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     images, labels = load_dataset_images(args.dataset, "train", args.image_size)
     if args.limit:
         images, labels = images[: args.limit], labels[: args.limit]
-    vae = AutoencoderKL.from_pretrained(args.vae).eval() if args.vae else None
-    cache = out / "latents.safetensors"
-    if cache.is_file():
-        latents = load_file(cache)["latents"]
-    else:  # encoded once; training reads the cache, also on resume
-        pixels = to_model_range(images)
-        if vae is None:
-            latents = pixels
-        else:
-            shift = vae.config.shift_factor or 0.0
-            latents = (encode_latents(vae, pixels) - shift) * vae.config.scaling_factor
-        save_file({"latents": latents.contiguous()}, cache)
-    print(f"latents {tuple(latents.shape)}, std {latents.std():.3f}")
-
-    size = ModelSize(
-        hidden_size=args.hidden_size,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        intermediate_size=args.intermediate_size,
-        patch_encoder=args.patch_encoder,
-        unet_block_out_channels=list(args.unet_channels),
+    config_changes = {
+        "max_image_size": max(args.max_image_size or args.image_size, 64 if args.compositions else 0),
+        "image_position_embedding": None if args.position_embedding == "none" else args.position_embedding,
+    }
+    if args.init_from:
+        model = init_from_checkpoint(args.init_from, **config_changes)
+        trained_processor = AutoProcessor.from_pretrained(args.init_from)
+        tokenizer, chat_template = trained_processor.tokenizer, trained_processor.chat_template
+        vae = model.model.vae
+    else:
+        vae = AutoencoderKL.from_pretrained(args.vae).eval() if args.vae else None
+        size = ModelSize(
+            hidden_size=args.hidden_size,
+            num_hidden_layers=args.layers,
+            num_attention_heads=args.heads,
+            intermediate_size=args.intermediate_size,
+            patch_encoder=args.patch_encoder,
+            unet_block_out_channels=list(args.unet_channels),
+        )
+        extra = composition_corpus() if args.compositions else []
+        tokenizer = build_tokenizer(args.dataset, sorted(set(labels)) if args.dataset == "emoji" else None, extra)
+        num_channels = images.shape[-1] if images.ndim == 4 else 1
+        model = build_model(
+            tokenizer,
+            vae,
+            args.image_size,
+            num_channels,
+            size,
+            patch_size=args.patch_size,
+            objective=args.objective,
+            seed=args.seed,
+            **config_changes,
+        )
+        chat_template = None
+    processor = TransfusionProcessor.from_model_config(
+        model.config, tokenizer, chat_template=chat_template, write_image_size=bool(args.compositions)
     )
-    tokenizer = build_tokenizer(args.dataset, sorted(set(labels)) if args.dataset == "emoji" else None)
-    model = build_model(
-        tokenizer,
-        vae,
-        args.image_size,
-        images.shape[-1] if images.ndim == 4 else 1,
-        size,
-        patch_size=args.patch_size,
-        objective=args.objective,
-        seed=args.seed,
-    )
-    processor = TransfusionProcessor.from_model_config(model.config, tokenizer)
     mix = CaptionMix(generation=args.mix[0], captioning=args.mix[1], text_only=args.mix[2])
-    dataset = LatentCaptionDataset(latents, labels, args.dataset, mix, seed=args.seed)
+    parts = [
+        LatentCaptionDataset(
+            _cached_latents(out / "latents.safetensors", images, vae), labels, args.dataset, mix, seed=args.seed
+        )
+    ]
+    print(f"single images: {len(labels)}")
+    for number, layout in enumerate(COMPOSITION_LAYOUTS if args.compositions else ()):
+        composed, pairs = make_compositions(images, labels, layout, args.compositions, seed=args.seed + 1 + number)
+        latents = _cached_latents(out / f"latents_{layout}.safetensors", composed, vae)
+        parts.append(LatentCaptionDataset(latents, pairs.tolist(), args.dataset, mix, seed=args.seed, layout=layout))
+        print(f"{layout} compositions: {len(pairs)}, latents {tuple(latents.shape[1:])}")
     training_args = training_arguments(
         out,
         max_steps=args.max_steps,
@@ -217,8 +240,9 @@ def command_train(args: argparse.Namespace) -> None:
         logging_steps=args.logging_steps,
         seed=args.seed,
     )
+    collator = LatentDataCollator(processor, vae_downsample_factor=model.config.vae_downsample_factor)
     trainer = TransfusionTrainer(
-        model=model, args=training_args, train_dataset=dataset, data_collator=LatentDataCollator(processor)
+        model=model, args=training_args, train_dataset=torch.utils.data.ConcatDataset(parts), data_collator=collator
     )
     start = time.perf_counter()
     trainer.train(resume_from_checkpoint=True if args.resume else None)
@@ -227,6 +251,26 @@ def command_train(args: argparse.Namespace) -> None:
     save_checkpoint(model, processor, final, dtype=torch.bfloat16 if args.bf16 else None)
     trainer.state.save_to_json(str(final / "trainer_state.json"))
     print(f"saved the checkpoint to {final}")
+
+
+def _cached_latents(cache: Path, images, vae):
+    """The scaled latents of uint8 `images`, encoded once and kept in `cache` (training reads it, also on resume)."""
+    from safetensors.torch import load_file, save_file
+
+    from modeling_transfusion.recipes.data import to_model_range
+    from modeling_transfusion.recipes.vae import encode_latents
+
+    if cache.is_file():
+        return load_file(cache)["latents"]
+    pixels = to_model_range(images)
+    if vae is None:
+        latents = pixels
+    else:
+        shift = vae.config.shift_factor or 0.0
+        latents = (encode_latents(vae, pixels.to(vae.dtype)) - shift) * vae.config.scaling_factor
+    save_file({"latents": latents.contiguous()}, cache)
+    print(f"latents {tuple(latents.shape)}, std {latents.std():.3f}")
+    return latents
 
 
 # evaluation
@@ -259,12 +303,39 @@ def command_eval(args: argparse.Namespace) -> None:
     )
     print(report.table())
     print(f"({report.seconds:.0f} s)")
+    results = vars(report)
+    grids = {"": generated}
+    if args.compositions:
+        from modeling_transfusion.recipes.data import COMPOSITION_LAYOUTS
+        from modeling_transfusion.recipes.evaluation import composition_table, evaluate_compositions
+
+        results["compositions"] = []
+        for layout in COMPOSITION_LAYOUTS:
+            metrics, grids[f"_{layout}"] = evaluate_compositions(
+                model,
+                processor,
+                judge,
+                images,
+                labels,
+                layout,
+                num_generated=args.num_generated,
+                num_captioned=args.num_captioned,
+                scheduler=args.scheduler,
+                num_inference_steps=args.steps,
+                image_guidance_scale=args.guidance,
+                seed=args.seed,
+            )
+            results["compositions"].append(metrics)
+        print(composition_table(results["compositions"]))
     if args.json:
-        Path(args.json).write_text(json.dumps(vars(report), indent=2) + "\n")
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     if args.grid:
-        pictures = [row[0] for row in processor.postprocess_images(generated[:100])]
-        image_grid(pictures, columns=10, scale=2).save(args.grid)
-        print(f"wrote {args.grid}")
+        grid = Path(args.grid)
+        for suffix, pictures in grids.items():
+            path = grid.with_name(grid.stem + suffix + grid.suffix)
+            pictures = [row[0] for row in processor.postprocess_images(pictures[:100])]
+            image_grid(pictures, columns=10, scale=2).save(path)
+            print(f"wrote {path}")
 
 
 # study
@@ -310,38 +381,50 @@ def _bundled_examples(model_dir: Path) -> list[Path]:
 
 
 def command_generate(args: argparse.Namespace) -> None:
-    """Generates images for a prompt (default: one per digit class), writes a PNG grid, and captions a real test
-    image bundled with the checkpoint."""
+    """Generates images for a prompt (default: one per digit class and, for a model of any size, two-digit
+    compositions in both layouts), writes a PNG sheet (one row per image size), and captions the real test images
+    bundled with the checkpoint."""
     _threads(args.threads)
+    import PIL.Image
     import torch
 
     from modeling_transfusion.recipes.evaluation import caption_images, generate_images
-    from modeling_transfusion.recipes.figures import image_grid
+    from modeling_transfusion.recipes.figures import image_grid, stack_sheets
 
     start = time.perf_counter()
     model, processor = load_checkpoint(args.model)
+    config = model.config
     if args.prompt:
-        prompts = [args.prompt] * args.num_images
+        requests = [([args.prompt] * args.num_images, (args.height, args.width))]
     else:
-        from modeling_transfusion.recipes.data import DIGIT_NAMES
+        from modeling_transfusion.recipes.data import COMPOSITION_LAYOUTS, DIGIT_NAMES, composition_prompt
 
-        prompts = [f"a handwritten digit {name}" for name in DIGIT_NAMES]
+        requests = [([f"a handwritten digit {name}" for name in DIGIT_NAMES], (None, None))]
+        if config.max_image_size >= max(max(size) for size in COMPOSITION_LAYOUTS.values()):
+            pairs = [(3, 7), (0, 5), (8, 1), (2, 9), (6, 4)]
+            for layout, size in COMPOSITION_LAYOUTS.items():
+                requests.append(([composition_prompt(layout, pair) for pair in pairs], size))
     kwargs = {}
     if args.steps is not None:
         kwargs["num_inference_steps"] = args.steps
     if args.guidance is not None:
         kwargs["image_guidance_scale"] = args.guidance
-    images = generate_images(model, processor, prompts, seeds=[args.seed + i for i in range(len(prompts))], **kwargs)
-    pictures = [row[0] for row in processor.postprocess_images(images)]
-    image_grid(pictures, columns=min(len(pictures), 10), scale=2).save(args.out)
-    print(f"wrote {args.out}: {len(pictures)} images for {sorted(set(prompts))}")
+    sheets = []
+    for prompts, (height, width) in requests:
+        seeds = [args.seed + i for i in range(len(prompts))]
+        images = generate_images(model, processor, prompts, seeds=seeds, height=height, width=width, **kwargs)
+        pictures = [row[0] for row in processor.postprocess_images(images)]
+        sheets.append(image_grid(pictures, columns=min(len(pictures), 10), scale=2))
+        print(f"{len(pictures)} images of {images.shape[2]}x{images.shape[3]} for {sorted(set(prompts))}")
+    stack_sheets(sheets).save(args.out)
+    print(f"wrote {args.out}")
     examples = _bundled_examples(Path(args.model))
-    if examples and not args.no_caption:
-        import PIL.Image
-
-        pixels = processor.image_processor(PIL.Image.open(examples[0]), return_tensors="pt")["pixel_values"]
-        caption = caption_images(model, processor, torch.as_tensor(pixels))[0]
-        print(f"caption of the real test image {examples[0].name}: {caption!r}")
+    if not args.no_caption:
+        for example in examples:
+            with PIL.Image.open(example) as picture:
+                pixels = processor.image_processor(picture, return_tensors="pt")["pixel_values"]
+            caption = caption_images(model, processor, torch.as_tensor(pixels))[0]
+            print(f"caption of the real test image {example.name}: {caption!r}")
     print(f"({time.perf_counter() - start:.1f} s)")
 
 
@@ -374,6 +457,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=str(DEFAULT_MODEL))
     p.add_argument("--out", default="transfusion_samples.png")
     p.add_argument("--num-images", type=int, default=10)
+    p.add_argument("--height", type=int, default=None, help="image height for PROMPT (default: the model's)")
+    p.add_argument("--width", type=int, default=None, help="image width for PROMPT (default: the model's)")
     p.add_argument("--steps", type=int, default=None, help="default: the checkpoint's generation config")
     p.add_argument("--guidance", type=float, default=None, help="default: the checkpoint's generation config")
     p.add_argument("--seed", type=int, default=0)
@@ -437,6 +522,10 @@ def build_parser() -> argparse.ArgumentParser:
         default=[0.65, 0.25, 0.10],
         help="fractions of generation, captioning and text-only rows",
     )
+    p.add_argument("--init-from", default=None, help="continue from a trained checkpoint (its tokenizer and VAE)")
+    p.add_argument("--compositions", type=int, default=0, help="two-digit compositions per layout (MNIST)")
+    p.add_argument("--position-embedding", default="none", choices=["none", "learned_2d"])
+    p.add_argument("--max-image-size", type=int, default=None, help="largest image side (64 with --compositions)")
     p.add_argument("--resume", action="store_true", help="resume from the last checkpoint in OUT")
     p.add_argument("--bf16", action="store_true", help="save the final weights in bfloat16 (the VAE stays float32)")
     p.set_defaults(func=command_train)
@@ -453,6 +542,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="also write the report as JSON")
     p.add_argument("--grid", default=None, help="also write a PNG grid of (up to 100) generated images")
+    p.add_argument("--compositions", action="store_true", help="also measure two-digit compositions (both layouts)")
     p.set_defaults(func=command_eval)
 
     p = sub.add_parser("study", help="run a study (the equal-compute comparison with a discrete-token baseline)")

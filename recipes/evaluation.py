@@ -50,20 +50,25 @@ def generate_images(
     width: int | None = None,
     **generate_kwargs,
 ) -> torch.Tensor:
-    """Generates one image per prompt (row `i` seeded with `seeds[i]`), returned as `(n, c, h, w)` in [-1, 1].
-    `height` and `width`, where given, and further keyword arguments (scheduler, num_inference_steps,
-    image_guidance_scale) go to `model.generate`; the model's generation config supplies the rest."""
-    size = {name: value for name, value in (("height", height), ("width", width)) if value is not None}
+    """Generates one image of `height` x `width` (the model's `image_size` by default) per prompt (row `i` seeded with
+    `seeds[i]`), returned as `(n, c, h, w)` in [-1, 1]. Each prompt is followed by the size text the model writes
+    before an image (`processor.render_image_size`, empty for a model that writes none), as in training. Further
+    keyword arguments (scheduler, num_inference_steps, image_guidance_scale) go to `model.generate`; the model's
+    generation config supplies the rest."""
+    height, width = height or model.config.image_size, width or model.config.image_size
+    size_text = processor.render_image_size(height, width)
     images = []
     for i in range(0, len(prompts), batch_size):
-        batch = processor(text=prompts[i : i + batch_size], padding_side="left", return_tensors="pt")
+        texts = [prompt + size_text for prompt in prompts[i : i + batch_size]]
+        batch = processor(text=texts, padding_side="left", return_tensors="pt")
         generators = [torch.Generator().manual_seed(seed) for seed in seeds[i : i + batch_size]]
         out = model.generate(
             **batch,
             generation_mode="image",
             generator=generators,
             return_dict_in_generate=True,
-            **size,
+            height=height,
+            width=width,
             **generate_kwargs,
         )
         images.extend(row[0].float() for row in out.images)
@@ -292,6 +297,19 @@ def balanced_composition_prompts(layout: str, num_images: int) -> tuple[list[tup
     return pairs, [composition_prompt(layout, pair, variant=i // 100) for i, pair in enumerate(pairs)]
 
 
+def composition_table(results: list[dict]) -> str:
+    """A Markdown table of [`evaluate_compositions`] results, one column per layout."""
+    rows = [
+        ("composition accuracy (both digits, in place)", "composition_accuracy"),
+        ("captioning of real test compositions (both digits, in order)", "composition_captioning_accuracy"),
+        ("judge's composition accuracy on those real compositions", "judge_composition_accuracy_on_real"),
+    ]
+    header = "| metric | " + " | ".join(f"{r['layout']} ({r['num_generated']} / {r['num_captioned']})" for r in results)
+    lines = [header + " |", "|---|" + "---|" * len(results)]
+    lines += [f"| {name} | " + " | ".join(f"{r[key]:.3f}" for r in results) + " |" for name, key in rows]
+    return "\n".join(lines)
+
+
 def evaluate_compositions(
     model: TransfusionForConditionalGeneration,
     processor: TransfusionProcessor,
@@ -309,10 +327,9 @@ def evaluate_compositions(
 ) -> tuple[dict, torch.Tensor]:
     """Composition accuracy and composition captioning accuracy of a model for one `layout`.
 
-    Generated compositions follow [`balanced_composition_prompts`], each prompt followed by the size text the model
-    writes before an image (`processor.render_image_size`). The captioned compositions are drawn from the MNIST test
-    digits `test_digits` (`uint8` `(n, 32, 32)`, padded to 32) with [`make_compositions`]; the judge's accuracy on them
-    is reported too.
+    Generated compositions follow [`balanced_composition_prompts`] (see [`generate_images`]). The captioned
+    compositions are drawn from the MNIST test digits `test_digits` (`uint8` `(n, 32, 32)`, padded to 32) with
+    [`make_compositions`]; the judge's accuracy on them is reported too.
 
     Returns the metrics (a dict) and the generated images.
     """
@@ -325,11 +342,10 @@ def evaluate_compositions(
     start = time.perf_counter()
     model.eval()
     pairs, prompts = balanced_composition_prompts(layout, num_generated)
-    size_text = processor.render_image_size(height, width)
     generated = generate_images(
         model,
         processor,
-        [prompt + size_text for prompt in prompts],
+        prompts,
         seeds=[seed * 100_003 + i for i in range(num_generated)],
         batch_size=batch_size,
         height=height,
@@ -369,4 +385,5 @@ __all__ = [
     "composition_accuracy",
     "balanced_composition_prompts",
     "evaluate_compositions",
+    "composition_table",
 ]

@@ -21,6 +21,18 @@ def image_grid(images: list[PIL.Image.Image], columns: int, scale: int = 1, gap:
     return sheet
 
 
+def stack_sheets(sheets: list[PIL.Image.Image], gap: int = 2) -> PIL.Image.Image:
+    """Stacks sheets (e.g. [`image_grid`]s of images of different sizes) top to bottom, left-aligned."""
+    width = max(sheet.size[0] for sheet in sheets)
+    height = sum(sheet.size[1] for sheet in sheets) + gap * (len(sheets) - 1)
+    canvas = PIL.Image.new("RGB", (width, height), (128, 128, 128))
+    top = 0
+    for sheet in sheets:
+        canvas.paste(sheet, (0, top))
+        top += sheet.size[1] + gap
+    return canvas
+
+
 def plot_curves(
     panels: dict[str, dict[str, list[tuple[float, float]]]],
     size: tuple[int, int] = (640, 360),
@@ -87,4 +99,4 @@ def training_curves_from_checkpoint(checkpoint_dir: str | Path) -> PIL.Image.Ima
     return plot_training_curves(state["log_history"])
 
 
-__all__ = ["image_grid", "plot_curves", "plot_training_curves", "training_curves_from_checkpoint"]
+__all__ = ["image_grid", "stack_sheets", "plot_curves", "plot_training_curves", "training_curves_from_checkpoint"]

@@ -24,7 +24,12 @@ from modeling_transfusion import (
     TransfusionProcessor,
     train_caption_tokenizer,
 )
-from modeling_transfusion.recipes.data import CaptionMix, caption_corpus, make_record_text
+from modeling_transfusion.recipes.data import (
+    CaptionMix,
+    caption_corpus,
+    make_composition_record_text,
+    make_record_text,
+)
 
 
 @dataclass
@@ -40,9 +45,15 @@ class ModelSize:
     max_position_embeddings: int = 128
 
 
-def build_tokenizer(dataset: str, labels: Sequence[int | str] | None = None, vocab_size: int = 400):
-    """A byte-level BPE tokenizer trained (offline, about a second) on every caption the templates produce."""
-    return train_caption_tokenizer(caption_corpus(dataset, labels) * 4, vocab_size=vocab_size)
+def build_tokenizer(
+    dataset: str,
+    labels: Sequence[int | str] | None = None,
+    extra_texts: Sequence[str] = (),
+    vocab_size: int = 400,
+):
+    """A byte-level BPE tokenizer trained (offline, about a second) on every caption the templates produce, plus
+    `extra_texts` (e.g. the composition captions)."""
+    return train_caption_tokenizer((caption_corpus(dataset, labels) + list(extra_texts)) * 4, vocab_size=vocab_size)
 
 
 def build_model(
@@ -54,9 +65,10 @@ def build_model(
     patch_size: int = 2,
     objective: str = "ddpm",
     seed: int = 0,
+    **config_kwargs,
 ) -> TransfusionForConditionalGeneration:
     """A freshly initialised model for `tokenizer`, holding (a copy of) the trained `vae`, or the identity autoencoder
-    on pixels when `vae` is None."""
+    on pixels when `vae` is None. `config_kwargs` go to the config (`max_image_size`, `image_position_embedding`)."""
     size = size or ModelSize()
     ids = tokenizer.convert_tokens_to_ids(["<boi>", "<eoi>", "<image>"])
     text_config = {
@@ -85,11 +97,27 @@ def build_model(
         boi_token_id=ids[0],
         eoi_token_id=ids[1],
         image_token_id=ids[2],
+        **config_kwargs,
     )
     torch.manual_seed(seed)
     model = TransfusionForConditionalGeneration(config)
     if vae is not None:
         model.vae.load_state_dict(vae.state_dict())
+    return model
+
+
+def init_from_checkpoint(directory: str | Path, **config_changes) -> TransfusionForConditionalGeneration:
+    """A model with the config of the checkpoint in `directory` changed by `config_changes` (e.g.
+    `max_image_size=64, image_position_embedding="learned_2d"`), holding that checkpoint's weights in float32.
+    Parameters the checkpoint lacks (such as the 2-D position embedding) keep their fresh initialisation; any other
+    mismatch is an error."""
+    trained = TransfusionForConditionalGeneration.from_pretrained(directory, dtype=torch.float32)
+    config = TransfusionConfig(**{**trained.config.to_dict(), **config_changes, "dtype": "float32"})
+    model = TransfusionForConditionalGeneration(config)
+    missing, unexpected = model.load_state_dict(trained.state_dict(), strict=False)
+    new = [name for name in missing if "patch_position_embedding" not in name]
+    if new or unexpected:
+        raise ValueError(f"{directory} does not fit the changed config: missing {new}, unexpected {unexpected}.")
     return model
 
 
@@ -116,31 +144,35 @@ class LatentCaptionDataset(torch.utils.data.Dataset):
     `seed` and `i`) from the caption mix; a text-only item carries no latent.
 
     Args:
-        latents (`torch.Tensor` of shape `(num_images, latent_channels, latent_size, latent_size)`): scaled latents.
-        labels: class index (or emoji name) of each image.
+        latents (`torch.Tensor` of shape `(num_images, latent_channels, latent_height, latent_width)`): scaled latents.
+        labels: class index (or emoji name) of each image; with `layout`, the pair of digits of each composition.
         dataset: `"mnist"`, `"fashion_mnist"` or `"emoji"` (selects the caption templates).
+        layout: `None` for single images, or a two-digit composition layout (`"side_by_side"`, `"stacked"`).
     """
 
     def __init__(
         self,
         latents: torch.Tensor,
-        labels: Sequence[int | str],
+        labels: Sequence,
         dataset: str,
         mix: CaptionMix | None = None,
         seed: int = 0,
+        layout: str | None = None,
     ):
         if len(latents) != len(labels):
             raise ValueError(f"Got {len(latents)} latents but {len(labels)} labels.")
         self.latents, self.labels, self.dataset, self.seed = latents, list(labels), dataset, seed
-        self.mix = mix or CaptionMix()
+        self.mix, self.layout = mix or CaptionMix(), layout
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, index: int) -> dict:
-        text = make_record_text(
-            self.dataset, self.labels[index], random.Random(self.seed * 1_000_003 + index), self.mix
-        )
+        rng = random.Random(self.seed * 1_000_003 + index)
+        if self.layout is None:
+            text = make_record_text(self.dataset, self.labels[index], rng, self.mix)
+        else:
+            text = make_composition_record_text(self.layout, self.labels[index], rng, self.mix)
         record = {"text": text}
         if "<image>" in text:
             record["latents"] = self.latents[index : index + 1]
@@ -150,14 +182,22 @@ class LatentCaptionDataset(torch.utils.data.Dataset):
 @dataclass
 class LatentDataCollator:
     """Collates records `{"text": "caption <image>", "latents": (1, c, h, w)}` into model inputs with `image_latents`
-    (instead of pixels), padded on the right, with `labels` (-100 on padding and image slots) and EOS appended."""
+    (instead of pixels; a list when their sizes differ), padded on the right, with `labels` (-100 on padding and image
+    slots) and EOS appended. Each marker expands as the processor expands it for an image of that size."""
 
     processor: TransfusionProcessor
+    vae_downsample_factor: int = 1
 
     def __call__(self, records: Sequence[dict]) -> dict[str, torch.Tensor]:
         tokenizer = self.processor.tokenizer
         marker = re.compile(r"[ \t]*" + re.escape(self.processor.image_token))
-        texts = [marker.sub(lambda _: self.processor.image_sequence, r["text"]) + tokenizer.eos_token for r in records]
+        texts = []
+        for record in records:
+            sequence = ""  # a text-only record has no marker
+            if "latents" in record:
+                height, width = (side * self.vae_downsample_factor for side in record["latents"].shape[2:])
+                sequence = self.processor.image_sequence_for(height, width)
+            texts.append(marker.sub(lambda _, sequence=sequence: sequence, record["text"]) + tokenizer.eos_token)
         rows = tokenizer(texts, add_special_tokens=True)["input_ids"]
         length = max(len(row) for row in rows)
         input_ids = torch.full((len(rows), length), tokenizer.pad_token_id, dtype=torch.long)
@@ -167,9 +207,9 @@ class LatentDataCollator:
             attention_mask[i, : len(row)] = 1
         labels = input_ids.masked_fill((attention_mask == 0) | (input_ids == self.processor.image_token_id), -100)
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-        latents = [r["latents"] for r in records if "latents" in r]
+        latents = [r["latents"][0] for r in records if "latents" in r]
         if latents:
-            batch["image_latents"] = torch.cat(latents)
+            batch["image_latents"] = latents if len({x.shape for x in latents}) > 1 else torch.stack(latents)
         return batch
 
 
@@ -259,6 +299,7 @@ __all__ = [
     "ModelSize",
     "build_tokenizer",
     "build_model",
+    "init_from_checkpoint",
     "default_generation_config",
     "LatentCaptionDataset",
     "LatentDataCollator",

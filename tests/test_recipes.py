@@ -337,11 +337,13 @@ def test_judge_reads_real_compositions(test_digits):
 
 
 def test_generate_and_caption_pass_the_image_size(tiny_recipe):
-    """generate_images asks the model for `height` x `width` only when given; caption_images passes images as they
-    are, neither resized nor cropped."""
+    """generate_images asks the model for `height` x `width` (its default size when not given); caption_images passes
+    images as they are, neither resized nor cropped."""
     _, processor = tiny_recipe
 
     class SizeRecorder:
+        config = SimpleNamespace(image_size=8)
+
         def __init__(self):
             self.calls = []
 
@@ -356,7 +358,7 @@ def test_generate_and_caption_pass_the_image_size(tiny_recipe):
     images = generate_images(model, processor, ["a 1 above a 2"] * 3, seeds=[0, 1, 2], batch_size=2, height=16, width=8)
     assert images.shape == (3, 1, 16, 8) and [(c["height"], c["width"]) for c in model.calls] == [(16, 8)] * 2
     generate_images(model, processor, ["a 1"], seeds=[0])
-    assert "height" not in model.calls[-1] and "width" not in model.calls[-1]
+    assert (model.calls[-1]["height"], model.calls[-1]["width"]) == (8, 8)  # the model's default size
     assert caption_images(model, processor, images) == [""] * 3
     assert model.calls[-1]["pixel_values"].shape == (3, 1, 16, 8)
 

@@ -242,10 +242,8 @@ def test_config_from_a_newer_version_is_refused(saved, tmp_path):
     config = json.loads((newer / "config.json").read_text())
     config["format_version"] = mt.configuration_transfusion.FORMAT_VERSION + 1
     (newer / "config.json").write_text(json.dumps(config))
-    with pytest.raises(
-        ValueError,
-        match=rf"format_version={mt.configuration_transfusion.FORMAT_VERSION + 1}, written by a newer release .* Upgrade",
-    ):
+    newer_version = mt.configuration_transfusion.FORMAT_VERSION + 1
+    with pytest.raises(ValueError, match=rf"format_version={newer_version}, written by a newer release .* Upgrade"):
         AutoModel.from_pretrained(newer)
 
 
