@@ -34,12 +34,13 @@ PEER_PYTHON = Path(os.environ.get("TRANSFUSION_PEER_PYTHON", "~/.cache/transfusi
 BENCH_DIR = Path(__file__).resolve().parent
 
 
-def build_model() -> TransfusionForConditionalGeneration:
+def build_model(image_size: int = 16) -> TransfusionForConditionalGeneration:
     """A random Transfusion model of the peer's shape, in eval mode. The patch decoder, zero-initialised for
-    training, gets random weights so that sampling does real arithmetic."""
+    training, gets random weights so that sampling does real arithmetic. `image_size` is the side of the identity
+    autoencoder's latents: `(image_size // 2) ** 2` image slots (64 at the peer's 16)."""
     config = TransfusionConfig(
         text_config=PEER_TEXT_CONFIG,
-        image_size=16,
+        image_size=image_size,
         num_channels=4,
         latent_channels=4,
         patch_size=2,
@@ -191,10 +192,10 @@ class PeerWorker:
         self.process.wait()
 
 
-def phase_memory(script: str, phase: str) -> dict[str, float]:
-    """Memory of a fresh process running `script --phase phase`, which calls `report_phase_memory`."""
+def phase_memory(script: str, phase: str, *args: str) -> dict[str, float]:
+    """Memory of a fresh process running `script --phase phase [args]`, which calls `report_phase_memory`."""
     out = subprocess.run(
-        [sys.executable, str(BENCH_DIR / script), "--phase", phase], capture_output=True, text=True, check=True
+        [sys.executable, str(BENCH_DIR / script), "--phase", phase, *args], capture_output=True, text=True, check=True
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
 

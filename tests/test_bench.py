@@ -57,3 +57,32 @@ def test_text_decoding_bench(tmp_path):
     median = report["summary"]["median_wall"]
     for name in ("transfusion", "lm_only"):
         assert report["tokens_per_second"][name] == pytest.approx(report["new_tokens"] / median[name])
+
+
+def test_scaling_bench(tmp_path):
+    report = run_bench(
+        "bench_scaling.py",
+        tmp_path / "scaling.json",
+        *("--slots", "16", "256", "--batch", "2", "--steps", "2", "--repeats", "3"),
+    )
+    rows = report["results"]
+    assert [(row["slots"], row["image_size"], row["training_sequence_length"]) for row in rows] == [
+        (16, 8, 50),  # 32 text tokens + <boi> + 16 slots + <eoi>
+        (256, 32, 290),
+    ]
+    for row in rows:
+        median, ratios = row["median_wall"], row["ratios_of_median_wall"]
+        assert set(median) == {"transfusion_step", "lm_only_step", "sample", "backbone_floor"}
+        assert ratios["training_over_lm_only"] == pytest.approx(median["transfusion_step"] / median["lm_only_step"])
+        assert ratios["sampling_over_floor"] == pytest.approx(median["sample"] / median["backbone_floor"])
+        extra = row["parameters"]["transfusion"] - row["parameters"]["lm_only"]
+        assert 0 < extra < 0.05 * row["parameters"]["lm_only"]
+        assert set(row["memory_mb"]) == {"transfusion_step", "lm_only_step", "sample"}
+        for memory in row["memory_mb"].values():
+            assert 100 < memory["before_mb"] <= memory["peak_rss_mb"] < 4000
+    # 5.8 times the training tokens, 16 times the slots denoised: several times the work of every variant, beyond
+    # what the noise of a shared machine does to a median of 3 interleaved repeats.
+    small, large = rows
+    for name, seconds in small["median_wall"].items():
+        assert large["median_wall"][name] > seconds, name
+    assert large["memory_mb"]["transfusion_step"]["peak_rss_mb"] > small["memory_mb"]["transfusion_step"]["peak_rss_mb"]
