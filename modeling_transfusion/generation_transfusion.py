@@ -786,7 +786,7 @@ class TransfusionGenerationMixin(GenerationMixin):
                 `"interleaved"`: the model opens images by sampling `<boi>`; `"text"`: transformers' own decoding, with
                 `<boi>` never sampled (e.g. captioning an image given in the prompt; beam search and `use_cache=False`
                 work here only); `"image"`: one image is opened right after the prompt and generation ends with its
-                `<eoi>` (then `max_new_tokens` defaults to N + 2, N the slots of the image).
+                `<eoi>` (then `max_new_tokens`, unless given in the call, is N + 2, N the slots of the image).
             max_new_images (`int`, *optional*):
                 Most images a row may open; `<boi>` is suppressed afterwards. No limit by default.
             scheduler (`str` or diffusers `SchedulerMixin`, *optional*):
@@ -847,10 +847,9 @@ class TransfusionGenerationMixin(GenerationMixin):
             # turned into a criterion.
             tokenizer = kwargs.pop("tokenizer", None)
             custom_generate = functools.partial(transfusion_decode, streamer=streamer, tokenizer=tokenizer)
-            length_set = any(kwargs.get(k) is not None for k in ("max_new_tokens", "max_length")) or any(
-                getattr(defaults, k, None) is not None for k in ("max_new_tokens", "max_length")
-            )
-            if mode == "image" and not length_set:
+            # Image mode ends with the image's <eoi>: unless the call sets a length, it gets exactly the image's room
+            # (a generation config's max_new_tokens is meant for text).
+            if mode == "image" and all(kwargs.get(k) is None for k in ("max_new_tokens", "max_length")):
                 kwargs["max_new_tokens"] = image_tokens
             if kwargs.get("stop_strings") is not None and tokenizer is not None:
                 stop = StopStringCriteria(tokenizer=tokenizer, stop_strings=kwargs.pop("stop_strings"))
