@@ -184,18 +184,22 @@ class LatentCaptionDataset(torch.utils.data.Dataset):
 class LatentDataCollator:
     """Collates records `{"text": "caption <image>", "latents": (1, c, h, w)}` into model inputs with `image_latents`
     (instead of pixels; a list when their sizes differ), padded on the right, with `labels` (-100 on padding and image
-    slots) and EOS appended. Each marker expands as the processor expands it for an image of that size."""
+    slots) and EOS appended.
+
+    With `vae_downsample_factor` (the model's `config.vae_downsample_factor`), each marker expands as the processor
+    expands it for an image of that latent's size (images of any size); without it, every image is of the default size
+    (`processor.image_sequence`)."""
 
     processor: TransfusionProcessor
-    vae_downsample_factor: int = 1
+    vae_downsample_factor: int | None = None
 
     def __call__(self, records: Sequence[dict]) -> dict[str, torch.Tensor]:
         tokenizer = self.processor.tokenizer
         marker = re.compile(r"[ \t]*" + re.escape(self.processor.image_token))
         texts = []
         for record in records:
-            sequence = ""  # a text-only record has no marker
-            if "latents" in record:
+            sequence = self.processor.image_sequence  # (a text-only record has no marker)
+            if "latents" in record and self.vae_downsample_factor is not None:
                 height, width = (side * self.vae_downsample_factor for side in record["latents"].shape[2:])
                 sequence = self.processor.image_sequence_for(height, width)
             texts.append(marker.sub(lambda _, sequence=sequence: sequence, record["text"]) + tokenizer.eos_token)
