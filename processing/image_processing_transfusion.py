@@ -199,10 +199,15 @@ class TransfusionImageProcessor(PilBackend):
                 channels.
             output_type (`str`, *optional*, defaults to `"pil"`):
                 `"pil"`: a list of PIL images (mode `"L"` or `"RGB"`). `"np"`: one uint8 array
-                `(num_images, height, width, channels)`.
+                `(num_images, height, width, channels)`, or a list of `(height, width, channels)` arrays when the
+                images differ in size.
         """
         if output_type not in ("pil", "np"):
             raise ValueError(f"output_type must be 'pil' or 'np', got {output_type!r}.")
+        if isinstance(images, (list, tuple)) and len({tuple(np.shape(image)[-2:]) for image in images}) > 1:
+            # Images of different sizes: each on its own (a list of arrays for "np").
+            converted = [self.postprocess(image, output_type) for image in images]
+            return [item for items in converted for item in items]
         batch = _stack_model_images(images)  # [num_images, channels, height, width]
         mean = np.asarray(self.image_mean, dtype=np.float64).reshape(-1, 1, 1)
         std = np.asarray(self.image_std, dtype=np.float64).reshape(-1, 1, 1)

@@ -390,3 +390,14 @@ def test_interleaved_images_take_the_size_the_row_wrote(writer, written, asked, 
         return_dict_in_generate=True,
     )
     assert tuple(out.images[0][0].shape[1:]) == (8, 8)
+
+
+def test_images_of_different_sizes_in_one_row_become_pictures():
+    from modeling_transfusion import TransfusionImageProcessor
+
+    image_processor = TransfusionImageProcessor(size={"longest_edge": 16}, size_divisor=2, do_center_crop=False)
+    row = [torch.full((1, 8, 16), -1.0), torch.full((1, 16, 8), 1.0)]
+    pictures = image_processor.postprocess(row)
+    assert [picture.size for picture in pictures] == [(16, 8), (8, 16)]  # PIL sizes are (width, height)
+    arrays = image_processor.postprocess(row, output_type="np")
+    assert [a.shape for a in arrays] == [(8, 16, 1), (16, 8, 1)] and arrays[0].max() == 0 and arrays[1].min() == 255

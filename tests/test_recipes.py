@@ -224,6 +224,49 @@ def test_latent_collator_matches_the_processor(tiny_recipe):
     assert out.lm_loss is not None and out.diffusion_loss > 0
 
 
+def test_latent_collator_mixes_image_sizes_as_the_processor_does():
+    """Single digits and both composition layouts in one batch: each marker expands to its image's slots (after the
+    size text), exactly as the processor expands it for pixels of that size, and the model takes the batch."""
+    tokenizer = build_tokenizer("mnist", extra_texts=data.composition_corpus(), vocab_size=300)
+    size = ModelSize(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        patch_encoder="linear",
+        max_position_embeddings=128,
+    )
+    model = build_model(
+        tokenizer,
+        vae=None,
+        image_size=8,
+        num_channels=1,
+        size=size,
+        max_image_size=16,
+        image_position_embedding="learned_2d",
+    ).eval()
+    processor = TransfusionProcessor.from_model_config(model.config, tokenizer, write_image_size=True)
+    mix = data.CaptionMix(0.5, 0.5, 0.0)
+    parts = [
+        LatentCaptionDataset(torch.rand(2, 1, 8, 8), [3, 4], "mnist", mix, seed=1),
+        LatentCaptionDataset(torch.rand(2, 1, 8, 16), [(3, 7), (1, 2)], "mnist", mix, seed=1, layout="side_by_side"),
+        LatentCaptionDataset(torch.rand(2, 1, 16, 8), [(4, 9), (0, 5)], "mnist", mix, seed=1, layout="stacked"),
+    ]
+    records = [part[i] for part in parts for i in range(2)]
+    batch = LatentDataCollator(processor, vae_downsample_factor=1)(records)
+    assert [tuple(x.shape) for x in batch["image_latents"]] == [(1, 8, 8)] * 2 + [(1, 8, 16)] * 2 + [(1, 16, 8)] * 2
+    texts = [r["text"] + "</s>" for r in records]
+    pictures = [[np.zeros(tuple(r["latents"].shape[2:]), dtype=np.uint8)] for r in records]
+    reference = processor(text=texts, images=pictures, padding_side="right")
+    for row, ids in zip(batch["input_ids"].tolist(), reference["input_ids"]):
+        assert row[: len(ids)] == ids
+    assert [(row == processor.image_token_id).sum().item() for row in batch["input_ids"]] == [16, 16, 32, 32, 32, 32]
+    decoded = processor.batch_decode(batch["input_ids"][2:3])[0]
+    assert " 8x16<boi>" in decoded
+    out = model(**batch)
+    assert torch.isfinite(out.loss) and out.image_sizes.tolist() == [[8, 8]] * 2 + [[8, 16]] * 2 + [[16, 8]] * 2
+
+
 # Judge and Frechet distance
 
 
