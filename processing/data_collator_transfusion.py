@@ -14,7 +14,9 @@ class TransfusionDataCollator:
     r"""
     Collates records such as `{"text": "a handwritten seven <image>", "images": [image]}` into a batch for
     `TransfusionForConditionalGeneration` (and `Trainer`, with `remove_unused_columns=False`): `input_ids`,
-    `attention_mask`, `pixel_values` (when the batch holds images) and `labels`.
+    `attention_mask`, `pixel_values` (when the batch holds images), `image_sizes` (with them, when the processor has
+    an `image_size_divisor`, as `from_model_config` gives it) and `labels`. Images of different sizes are padded into
+    one `pixel_values` (see [`TransfusionProcessor`]).
 
     `labels` is a copy of `input_ids` with -100 on padding and on image slots. The model itself also takes no text loss
     on the `<eoi>` after an image's last slot, and draws the diffusion loss from the images.
@@ -85,13 +87,18 @@ class TransfusionDataCollator:
             pad_to_multiple_of=self.pad_to_multiple_of,
             max_length=self.max_length,
             truncation=self.max_length is not None,
+            return_tensors=self.return_tensors,  # the processor pads images of different sizes into one tensor
         )
         image_token_id = self.processor.image_token_id
         batch["labels"] = [
             [token if attended and token != image_token_id else -100 for token, attended in zip(ids, mask)]
-            for ids, mask in zip(batch["input_ids"], batch["attention_mask"])
+            for ids, mask in zip(_as_lists(batch["input_ids"]), _as_lists(batch["attention_mask"]))
         ]
         return BatchFeature(data=dict(batch), tensor_type=self.return_tensors)
+
+
+def _as_lists(rows) -> list[list[int]]:
+    return rows.tolist() if hasattr(rows, "tolist") else rows
 
 
 __all__ = ["TransfusionDataCollator"]

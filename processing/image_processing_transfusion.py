@@ -44,8 +44,9 @@ class TransfusionImageProcessor(PilBackend):
     - any size (`size={"longest_edge": L}`, `size_divisor=s`, `do_center_crop=False`, for a model with
       `max_image_size = L`): an image whose height and width are multiples of `s` and at most `L` is kept as it is;
       any other is resized, keeping its aspect ratio, so that its longer side is at most `L`, then each side is rounded
-      to the nearest multiple of `s` (at least `s`). [`TransfusionProcessor.from_model_config`] picks this policy for
-      a model whose `max_image_size` is larger than its `image_size`.
+      to the nearest multiple of `s` (at least `s`). Nothing is cropped: `do_center_crop` defaults to `False` with
+      `longest_edge`, and `True` is refused. [`TransfusionProcessor.from_model_config`] picks this policy for a model
+      whose `max_image_size` is larger than its `image_size`.
 
     Inputs may be PIL images, numpy arrays or torch tensors, one or a (nested) list of them, or a 4-d batch. Arrays are
     `(height, width)`, `(height, width, channels)` or `(channels, height, width)` with 1, 3 or 4 channels; pass
@@ -103,11 +104,19 @@ class TransfusionImageProcessor(PilBackend):
             side = side.get("shortest_edge")
         if isinstance(side, int) and kwargs.get("crop_size") is None:
             kwargs["crop_size"] = {"height": side, "width": side}
+        if isinstance(kwargs.get("size"), dict) and kwargs["size"].get("longest_edge") is not None:
+            kwargs.setdefault("do_center_crop", False)  # the any-size policy keeps each image's shape
         super().__init__(**kwargs)
         if self.num_channels not in (1, 3):
             raise ValueError(f"num_channels must be 1 (grey) or 3 (RGB), got {self.num_channels}.")
-        longest = self.size.get("longest_edge") if isinstance(self.size, dict) else None
+        # `self.size` is a SizeDict here (attributes, no `.get`).
+        longest = getattr(self.size, "longest_edge", None)
         if longest is not None:
+            if self.do_center_crop:
+                raise ValueError(
+                    f"size={{'longest_edge': {longest}}} keeps each image's aspect ratio, which a centre crop to "
+                    "crop_size would undo: pass do_center_crop=False (the default with longest_edge)."
+                )
             if not isinstance(self.size_divisor, int) or self.size_divisor < 1:
                 raise ValueError(
                     f"size={{'longest_edge': {longest}}} needs size_divisor, the multiple heights and widths are "

@@ -436,15 +436,18 @@ class TransfusionProcessor(ProcessorMixin):
     ) -> tuple[list[list[int]], list[int]]:
         """Checks, or with `truncation` cuts, rows to `max_length` without cutting inside an image.
 
-        Returns the rows and the flat indices of the images that are left."""
+        An image's span includes its size text, so that a cut drops the text with the image. Returns the rows and the
+        flat indices of the images that are left."""
         fitted, kept_images, first_image = [], [], 0
         for index, ids in enumerate(input_ids):
-            # Each image is <boi> + its slots + <eoi>: [start - 1, start + slots + 1).
+            # Each image is its size text (with write_image_size) + <boi> + its slots + <eoi>.
             starts = [
                 p for p, token in enumerate(ids) if token == self.image_token_id and ids[p - 1] == self.boi_token_id
             ]
-            lengths = [self.num_image_slots(*size) for size in sizes[first_image : first_image + len(starts)]]
-            spans = [(start - 1, start + length + 1) for start, length in zip(starts, lengths)]
+            spans = [
+                (start - 1 - self._size_text_length(ids, start - 1, size), start + self.num_image_slots(*size) + 1)
+                for start, size in zip(starts, sizes[first_image : first_image + len(starts)])
+            ]
             begin, end = 0, len(ids)
             if len(ids) > max_length:
                 if not truncation:
@@ -464,6 +467,15 @@ class TransfusionProcessor(ProcessorMixin):
             kept_images += [first_image + k for k, (start, stop) in enumerate(spans) if begin <= start and stop <= end]
             first_image += len(spans)
         return fitted, kept_images
+
+    def _size_text_length(self, ids: list[int], boi: int, size: tuple[int, int]) -> int:
+        """How many tokens right before the `<boi>` at `boi` are the image's size text: 0 without `write_image_size`
+        (or where the text tokenized differently in its context)."""
+        text = self.render_image_size(*size)
+        if not text:
+            return 0
+        size_ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return len(size_ids) if ids[max(boi - len(size_ids), 0) : boi] == size_ids else 0
 
     # Output: ids -> text, model images -> PIL
 

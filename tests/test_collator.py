@@ -1,14 +1,15 @@
 """Tests of TransfusionDataCollator, from records to a model loss (and through Trainer)."""
 
+import numpy as np
 import PIL.Image
 import pytest
 import torch
 from torch.utils.data import Dataset
 from transformers import Trainer, TrainingArguments
 
-from modeling_transfusion import TransfusionDataCollator, TransfusionForConditionalGeneration
+from modeling_transfusion import TransfusionDataCollator, TransfusionForConditionalGeneration, TransfusionProcessor
 
-from conftest import DIGIT_NAMES
+from conftest import DIGIT_NAMES, build_tiny_config, build_tiny_tokenizer
 
 N = 16  # image slots of the tiny config
 
@@ -179,3 +180,87 @@ def test_trainer_runs_with_the_collator(processor, tiny_config, digit_images, tm
     result = trainer.train()
     assert result.global_step == 2 and torch.isfinite(torch.tensor(result.training_loss))
     assert not torch.equal(model.lm_head.weight, before)
+
+
+# Images of any size: a tiny model with max_image_size 16 > image_size 8 (identity VAE, patch 2: an image of h x w
+# takes (h / 2) * (w / 2) slots).
+
+
+def grey_noise(height: int, width: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (height, width), dtype=np.uint8)
+
+
+def any_size_setup(**config_kwargs):
+    tokenizer = build_tiny_tokenizer()
+    config = build_tiny_config(tokenizer, image_size=8, max_image_size=16, **config_kwargs)
+    return config, TransfusionProcessor.from_model_config(config, tokenizer)
+
+
+def mixed_size_records() -> list[dict]:
+    return [
+        {"text": "a seven <image>", "images": [grey_noise(8, 8, 1)]},  # 16 slots
+        {"text": "<image> a tall two", "images": [grey_noise(16, 8, 2)]},  # 32 slots
+        {"text": "a wide <image> and a big <image>", "images": [grey_noise(8, 16, 3), grey_noise(16, 16, 4)]},
+        {"text": "only text"},
+    ]
+
+
+def test_records_of_different_image_sizes(tmp_path):
+    config, processor = any_size_setup(image_position_embedding="learned_2d")
+    records = mixed_size_records()
+    batch = TransfusionDataCollator(processor)(records)
+    assert set(batch) == {"input_ids", "attention_mask", "pixel_values", "image_sizes", "labels"}
+    assert batch["image_sizes"].tolist() == [[8, 8], [16, 8], [8, 16], [16, 16]]
+    assert batch["pixel_values"].shape == (4, 1, 16, 16)  # padded to the largest height and width
+    input_ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    is_pad, is_slot = mask == 0, input_ids == processor.image_token_id
+    assert is_slot.sum(-1).tolist() == [16, 32, 32 + 64, 0]
+    assert torch.equal(labels == -100, is_pad | is_slot)  # -100 on every slot of every size, and on padding
+    assert int((labels == -100).sum()) == int(is_pad.sum()) + 16 + 32 + 32 + 64
+    assert torch.equal(labels[labels != -100], input_ids[labels != -100])
+
+    # The loss of the padded batch is the loss of the same batch with the images as a list of unpadded tensors.
+    image_processor = processor.image_processor
+    flat = [image for record in records for image in record.get("images", [])]
+    as_list = [torch.from_numpy(image_processor(image)["pixel_values"][0]) for image in flat]
+    assert [tuple(image.shape) for image in as_list] == [(1, 8, 8), (1, 16, 8), (1, 8, 16), (1, 16, 16)]
+    torch.manual_seed(0)
+    model = TransfusionForConditionalGeneration(config).eval()
+    with torch.no_grad():  # the diffusion head starts at zero: perturb it so that the prediction depends on the input
+        model.model.patch_decoder.proj.weight.normal_(std=0.2)
+    timesteps = torch.tensor([100, 300, 600, 900])
+    noise = [torch.randn_like(image) for image in as_list]  # identity VAE: latents are the pixels
+    fixed = {"image_timesteps": timesteps, "image_noise": noise}
+    padded = model(**batch, **fixed)
+    listed = model(**{**batch, "pixel_values": as_list}, **fixed)
+    without_sizes = {key: value for key, value in batch.items() if key not in ("pixel_values", "image_sizes")}
+    listed_alone = model(**without_sizes, pixel_values=as_list, **fixed)
+    for output in (padded, listed, listed_alone):
+        assert torch.isfinite(output.loss) and output.diffusion_loss > 0
+    for name in ("loss", "lm_loss", "diffusion_loss"):
+        torch.testing.assert_close(getattr(padded, name), getattr(listed, name), atol=1e-6, rtol=0)
+        torch.testing.assert_close(getattr(padded, name), getattr(listed_alone, name), atol=1e-6, rtol=0)
+    torch.testing.assert_close(padded.loss, padded.lm_loss + config.diffusion_loss_weight * padded.diffusion_loss)
+
+    # With the timesteps and noise drawn by the model (same seed), too, and in training mode.
+    model.train()
+    losses = []
+    for inputs in ({**batch}, {**batch, "pixel_values": as_list}):
+        torch.manual_seed(1)
+        losses.append(model(**inputs).loss)
+    assert torch.isfinite(losses[0])
+    torch.testing.assert_close(losses[0], losses[1], atol=1e-6, rtol=0)
+    losses[0].backward()
+    assert model.model.patch_position_embedding.row_embedding.weight.grad.abs().sum() > 0
+
+
+def test_max_length_drops_a_whole_image_of_another_size():
+    config, processor = any_size_setup()
+    records = mixed_size_records()
+    # Row 2 is "a wide <image> and a big <image>" + EOS: its 16x16 image (66 tokens) does not fit in 60.
+    batch = TransfusionDataCollator(processor, max_length=60)(records)
+    assert batch["attention_mask"].sum(-1).max() <= 60
+    assert (batch["input_ids"] == processor.image_token_id).sum(-1).tolist() == [16, 32, 32, 0]
+    assert batch["image_sizes"].tolist() == [[8, 8], [16, 8], [8, 16]]
+    assert batch["pixel_values"].shape == (3, 1, 16, 16)
+    assert torch.isfinite(TransfusionForConditionalGeneration(config)(**batch).loss)

@@ -135,3 +135,114 @@ def test_text_generation_pipeline(checkpoint):
     ids = model.generate(**inputs, generation_mode="text", max_new_tokens=6, do_sample=False)
     expected = processor.decode(ids[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     assert result[0]["generated_text"] == expected
+
+
+# height= and width=: a tiny model of any size, max_image_size 16 > image_size 8 (identity VAE, patch 2: sides are
+# multiples of 2, at most 16).
+
+
+@pytest.fixture(scope="module")
+def any_size_model():
+    tokenizer = build_tiny_tokenizer()
+    config = build_tiny_config(tokenizer, image_size=8, max_image_size=16, image_position_embedding="learned_2d")
+    torch.manual_seed(0)
+    model = mt.TransfusionForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        model.model.patch_decoder.proj.weight.normal_(std=0.2)
+    return model, tokenizer
+
+
+def any_size_pipeline(any_size_model, write_image_size=False):
+    model, tokenizer = any_size_model
+    processor = mt.TransfusionProcessor.from_model_config(model.config, tokenizer, write_image_size=write_image_size)
+    return pipeline("text-to-image", model=model, processor=processor, num_inference_steps=2, progress_bar=False)
+
+
+class GenerateSpy:
+    """Stands in for `model.generate`: records the calls, then runs the real one."""
+
+    def __init__(self, model):
+        self.generate, self.calls = model.generate, []
+
+    def __call__(self, **kwargs):
+        self.calls.append(kwargs)
+        return self.generate(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("size", "expected"),
+    [
+        ({}, (8, 8)),
+        ({"height": 8, "width": 16}, (8, 16)),
+        ({"height": 16, "width": 8}, (16, 8)),
+        ({"height": 16}, (16, 8)),
+        ({"width": 4}, (8, 4)),
+        ({"height": 16, "width": 16}, (16, 16)),
+    ],
+)
+def test_text_to_image_height_and_width(any_size_model, monkeypatch, size, expected):
+    generator = any_size_pipeline(any_size_model)
+    spy = GenerateSpy(generator.model)
+    monkeypatch.setattr(generator.model, "generate", spy)
+    result = generator(PROMPTS[0], seed=0, **size)
+    height, width = expected
+    assert result["image"].size == (width, height)  # PIL sizes are (width, height)
+    assert [(call["height"], call["width"]) for call in spy.calls] == [expected]
+    array = generator(PROMPTS[0], seed=0, output_type="np", **size)["image"]
+    assert array.shape == (height, width, 1)
+    np.testing.assert_array_equal(array[..., 0], np.asarray(result["image"]))
+    # A batch of prompts: each image has the size asked for.
+    batched = generator(PROMPTS, seed=0, batch_size=2, **size)
+    assert [item["image"].size for item in batched] == [(width, height)] * 2
+
+
+@pytest.mark.parametrize(
+    ("size", "rule"),
+    [
+        ({"height": 7, "width": 8}, "must be multiples of 2"),
+        ({"height": 8, "width": 3}, "must be multiples of 2"),
+        ({"height": 18}, "at most 16x16 pixels"),
+        ({"height": 16, "width": 32}, "at most 16x16 pixels"),
+        ({"height": 0}, "must be positive integers"),
+        ({"height": -2}, "must be positive integers"),
+        ({"width": -8}, "must be positive integers"),
+        ({"height": 8.5}, "must be positive integers"),
+    ],
+)
+def test_bad_height_or_width_raises_before_generating(any_size_model, monkeypatch, size, rule):
+    generator = any_size_pipeline(any_size_model)
+    spy = GenerateSpy(generator.model)
+    monkeypatch.setattr(generator.model, "generate", spy)
+    height, width = size.get("height", 8), size.get("width", 8)
+    with pytest.raises(ValueError, match=rf"^height x width {height}x{width}: .*{rule}"):
+        generator(PROMPTS[0], seed=0, **size)
+    with pytest.raises(ValueError, match=rf"^height x width {height}x{width}: .*{rule}"):  # when building it, too
+        pipeline("text-to-image", model=generator.model, processor=generator.processor, **size)
+    assert spy.calls == []
+
+
+def test_one_size_model_refuses_other_sizes(checkpoint):
+    generator = pipeline("text-to-image", model=checkpoint)
+    with pytest.raises(ValueError, match=r"height x width 8x16: this model takes images of at most 8x8 pixels"):
+        generator(PROMPTS[0], width=16)
+
+
+@pytest.mark.parametrize(
+    ("size", "text"), [({}, " 8x8"), ({"height": 8, "width": 16}, " 8x16"), ({"height": 16}, " 16x8")]
+)
+def test_prompt_ends_with_the_size_text(any_size_model, monkeypatch, size, text):
+    writer, plain = any_size_pipeline(any_size_model, write_image_size=True), any_size_pipeline(any_size_model)
+    spy = GenerateSpy(writer.model)  # the two pipelines share the model
+    monkeypatch.setattr(writer.model, "generate", spy)
+    result = writer(PROMPTS[0], seed=0, **size)
+    plain(PROMPTS[0], seed=0, **size)
+    written, unwritten = spy.calls
+    ids = written["input_ids"][0][written["attention_mask"][0] == 1].tolist()
+    processor = writer.processor
+    assert ids == processor(text=[PROMPTS[0] + text])["input_ids"][0]
+    size_ids = processor.tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert ids[-len(size_ids) :] == size_ids and processor.decode(ids, skip_special_tokens=True) == PROMPTS[0] + text
+    assert result["image"].size == (written["width"], written["height"])
+    # A processor that does not write sizes leaves the prompt as it is.
+    assert unwritten["input_ids"][0].tolist() == processor(text=[PROMPTS[0]])["input_ids"][0]
+    assert (unwritten["height"], unwritten["width"]) == (written["height"], written["width"])

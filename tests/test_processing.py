@@ -1,7 +1,9 @@
 """Tests of the image processor, the image tokens and TransfusionProcessor."""
 
 import json
+import math
 import re
+from pathlib import Path
 
 import numpy as np
 import PIL.Image
@@ -653,3 +655,365 @@ def test_docstring_examples():
     for module in (image_processing_transfusion, processing_transfusion):
         result = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
         assert result.failed == 0 and (module is processing_transfusion or result.attempted > 0)
+
+
+# Images of any size: a tiny model with max_image_size 16 > image_size 8, identity VAE and patch 2, so that
+# image_size_divisor is 2 and an image of h x w takes (h / 2) * (w / 2) slots (8x8: 16, 8x16 and 16x8: 32, 16x16: 64).
+
+BUNDLED = Path(__file__).resolve().parent.parent / "checkpoints" / "transfusion-mnist"
+
+
+def any_size_config(tokenizer, **kwargs):
+    kwargs.setdefault("image_position_embedding", "learned_2d")
+    return build_tiny_config(tokenizer, image_size=8, max_image_size=16, **kwargs)
+
+
+def grey_noise(height: int, width: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (height, width), dtype=np.uint8)
+
+
+def normalised(pixels: np.ndarray) -> torch.Tensor:
+    """What the image processor makes of a kept uint8 image: [0, 255] -> [-1, 1], with a channel axis."""
+    return torch.from_numpy((pixels.astype(np.float32) / 255 - 0.5) / 0.5)[None]
+
+
+def slot_runs(ids: list[int], processor: TransfusionProcessor) -> list[int]:
+    """The length of each run of `<image>` slots in `ids`, checking that each is enclosed by `<boi>` and `<eoi>`."""
+    runs, position = [], 0
+    while position < len(ids):
+        if ids[position] != processor.image_token_id:
+            position += 1
+            continue
+        end = position
+        while end < len(ids) and ids[end] == processor.image_token_id:
+            end += 1
+        assert ids[position - 1] == processor.boi_token_id and ids[end] == processor.eoi_token_id
+        runs.append(end - position)
+        position = end
+    return runs
+
+
+ANY_SIZE_TABLE = [  # (input height, width) -> output with longest_edge 32, size_divisor 8
+    ((8, 16), (8, 16)),  # multiples of 8 and at most 32: kept
+    ((16, 8), (16, 8)),
+    ((32, 32), (32, 32)),
+    ((24, 8), (24, 8)),
+    ((30, 60), (16, 32)),  # scale 32 / 60: 16 x 32, the aspect ratio kept
+    ((60, 30), (32, 16)),
+    ((64, 64), (32, 32)),
+    ((33, 10), (32, 8)),  # 32 x 9.7: 9.7 rounds to 8
+    ((100, 20), (32, 8)),  # 32 x 6.4: 6.4 rounds to 8
+    ((28, 9), (32, 8)),  # not larger than 32, only rounded: 28 -> 32, 9 -> 8
+    ((3, 5), (8, 8)),  # tiny: at least one multiple
+    ((1, 1), (8, 8)),
+]
+
+
+@pytest.mark.parametrize(("size", "expected"), ANY_SIZE_TABLE, ids=[f"{h}x{w}" for (h, w), _ in ANY_SIZE_TABLE])
+def test_any_size_policy_output_sizes(size, expected):
+    image_processor = TransfusionImageProcessor(size={"longest_edge": 32}, size_divisor=8, num_channels=1)
+    assert image_processor.target_size(*size) == expected
+    pixel_values = image_processor(grey_noise(*size))["pixel_values"]
+    assert [tuple(image.shape) for image in pixel_values] == [(1, *expected)]
+
+
+def test_any_size_policy_keeps_or_resizes_the_pixels():
+    image_processor = TransfusionImageProcessor(size={"longest_edge": 32}, size_divisor=8, num_channels=1)
+    assert image_processor.do_center_crop is False  # the default with longest_edge
+    # Kept: exactly the normalised input, in any of the accepted layouts, and back to the same pixels.
+    pixels = grey_noise(8, 16)
+    for image in (pixels, PIL.Image.fromarray(pixels), torch.from_numpy(pixels)[None]):
+        kept = image_processor(image, return_tensors="pt")["pixel_values"]
+        assert torch.equal(kept[0], normalised(pixels))
+    assert np.array_equal(image_processor.postprocess(kept, output_type="np")[0, :, :, 0], pixels)
+    # Resized: the whole image (no crop) at 16 x 32, as PIL resizes it.
+    image = PIL.Image.fromarray(grey_noise(30, 60, seed=1))
+    resized = image_processor.postprocess(image_processor(image, return_tensors="pt")["pixel_values"], "np")[0]
+    expected = np.array(image.resize((32, 16), PIL.Image.BICUBIC))
+    assert resized.shape == (16, 32, 1) and np.abs(resized[:, :, 0].astype(int) - expected.astype(int)).max() <= 1
+    # Different sizes make a list; one tensor only through TransfusionProcessor, which pads them.
+    both = image_processor([grey_noise(8, 16), grey_noise(16, 8)])["pixel_values"]
+    assert [image.shape for image in both] == [(1, 8, 16), (1, 16, 8)]
+    with pytest.raises(ValueError, match=r"Images of different sizes \[\(8, 16\), \(16, 8\)\] cannot be stacked"):
+        image_processor([grey_noise(8, 16), grey_noise(16, 8)], return_tensors="pt")
+
+
+def test_square_policy_is_unchanged():
+    image_processor = TransfusionImageProcessor(size=8, num_channels=1)
+    assert image_processor.size_divisor is None and image_processor.do_center_crop is True
+    image = PIL.Image.fromarray(grey_noise(16, 32, seed=2))
+    pixels = image_processor.postprocess(image_processor(image, return_tensors="pt")["pixel_values"], "np")[0]
+    expected = np.array(image.resize((16, 8), PIL.Image.BICUBIC).crop((4, 0, 12, 8)))  # shorter side 8, centre crop
+    assert pixels.shape == (8, 8, 1) and np.abs(pixels[:, :, 0].astype(int) - expected.astype(int)).max() <= 1
+    outputs = image_processor([grey_noise(8, 16), grey_noise(30, 60), grey_noise(3, 5)], return_tensors="pt")
+    assert outputs["pixel_values"].shape == (3, 1, 8, 8)
+
+
+def test_any_size_image_processor_save_load(tmp_path):
+    image_processor = TransfusionImageProcessor(size={"longest_edge": 32}, size_divisor=8, num_channels=1)
+    image_processor.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "preprocessor_config.json").read_text())
+    assert (saved["size"], saved["size_divisor"], saved["do_center_crop"]) == ({"longest_edge": 32}, 8, False)
+    loaded = TransfusionImageProcessor.from_pretrained(tmp_path)
+    assert (loaded.size.longest_edge, loaded.size_divisor, loaded.do_center_crop) == (32, 8, False)
+    for size, expected in ANY_SIZE_TABLE:
+        assert loaded.target_size(*size) == expected
+    image = grey_noise(30, 60, seed=3)
+    assert np.array_equal(loaded(image)["pixel_values"][0], image_processor(image)["pixel_values"][0])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"size": {"longest_edge": 32}}, r"size=\{'longest_edge': 32\} needs size_divisor, .* got None"),
+        ({"size": {"longest_edge": 32}, "size_divisor": 0}, r"needs size_divisor, .* got 0"),
+        ({"size": {"longest_edge": 30}, "size_divisor": 8}, r"longest_edge \(30\) must be a multiple of size_divisor"),
+        ({"size": {"longest_edge": 32}, "size_divisor": 8, "do_center_crop": True}, "pass do_center_crop=False"),
+    ],
+)
+def test_any_size_policy_arguments_are_checked(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        TransfusionImageProcessor(num_channels=1, **kwargs)
+
+
+def test_from_model_config_picks_the_policy(tokenizer):
+    any_size = TransfusionProcessor.from_model_config(any_size_config(tokenizer), tokenizer)
+    image_processor = any_size.image_processor
+    assert (image_processor.size.longest_edge, image_processor.size_divisor) == (16, 2)
+    assert any_size.image_size_divisor == 2 and any_size.num_image_tokens == N and not any_size.write_image_size
+    square = TransfusionProcessor.from_model_config(build_tiny_config(tokenizer), tokenizer)
+    assert square.image_processor.size.shortest_edge == 8 and square.image_processor.do_center_crop
+    assert square(images=grey_noise(8, 16), return_tensors="pt")["pixel_values"].shape == (1, 1, 8, 8)
+
+
+def test_slots_and_size_text_per_image_size(tokenizer):
+    config = any_size_config(tokenizer)
+    processor = TransfusionProcessor.from_model_config(config, tokenizer)
+    sizes = {(8, 8): 16, (8, 16): 32, (16, 8): 32, (16, 16): 64, (2, 2): 1, (4, 16): 16}
+    for (height, width), slots in sizes.items():
+        assert processor.num_image_slots(height, width) == slots == math.prod(config.grid_size(height, width))
+        assert processor.render_image_size(height, width) == ""
+        assert processor.image_sequence_for(height, width) == "<boi>" + "<image>" * slots + "<eoi>"
+    writer = TransfusionProcessor.from_model_config(config, build_tiny_tokenizer(), write_image_size=True)
+    assert writer.render_image_size(8, 16) == " 8x16" and writer.render_image_size(16, 8) == " 16x8"
+    assert writer.image_sequence_for(8, 16) == " 8x16<boi>" + "<image>" * 32 + "<eoi>"
+    # Without image_size_divisor (a model of one size): every image takes num_image_tokens slots.
+    legacy = TransfusionProcessor(TransfusionImageProcessor(size=8, num_channels=1), tokenizer, num_image_tokens=N)
+    assert legacy.num_image_slots(8, 16) == legacy.num_image_slots(16, 16) == N
+    assert legacy.model_input_names == ["input_ids", "attention_mask", "pixel_values"]
+    assert processor.model_input_names == ["input_ids", "attention_mask", "pixel_values", "image_sizes"]
+
+
+def mixed_size_call(processor, **kwargs):
+    """Three rows: an 8x8 image; an 8x16 and a 16x8 image; text only."""
+    images = [grey_noise(8, 8, seed=1), grey_noise(8, 16, seed=2), grey_noise(16, 8, seed=3)]
+    texts = ["a seven <image>", "<image> and <image> two", "only text"]
+    return images, processor(text=texts, images=[images[:1], images[1:], []], **kwargs)
+
+
+def test_batch_of_mixed_sizes(tokenizer):
+    processor = TransfusionProcessor.from_model_config(any_size_config(tokenizer), tokenizer)
+    images, batch = mixed_size_call(processor, return_tensors="pt")
+    assert set(batch) == {"input_ids", "attention_mask", "pixel_values", "image_sizes"}
+    assert [slot_runs(row, processor) for row in batch["input_ids"].tolist()] == [[16], [32, 32], []]
+    assert batch["image_sizes"].tolist() == [[8, 8], [8, 16], [16, 8]]
+    assert batch["image_sizes"].dtype == torch.long
+    # Padded with zeros, bottom and right, to the largest height and width: 16 x 16.
+    pixel_values = batch["pixel_values"]
+    assert pixel_values.shape == (3, 1, 16, 16)
+    for padded, image in zip(pixel_values, images):
+        height, width = image.shape
+        assert torch.equal(padded[:, :height, :width], normalised(image))
+        assert (padded[:, height:] == 0).all() and (padded[:, :, width:] == 0).all()
+    assert int((pixel_values != 0).sum()) == 8 * 8 + 8 * 16 + 16 * 8  # no pixel of the noise is exactly grey 127.5
+    # Each row is the row alone, padded on the left.
+    for row, mask, text, row_images in zip(
+        batch["input_ids"].tolist(),
+        batch["attention_mask"].tolist(),
+        ["a seven <image>", "<image> and <image> two", "only text"],
+        [images[:1], images[1:], None],
+    ):
+        alone = processor(text=text, images=row_images)["input_ids"][0]
+        assert [token for token, keep in zip(row, mask) if keep] == alone
+    # Without return_tensors: lists, each image at its own size.
+    _, lists = mixed_size_call(processor)
+    assert lists["image_sizes"] == [[8, 8], [8, 16], [16, 8]]
+    assert [image.shape for image in lists["pixel_values"]] == [(1, 8, 8), (1, 8, 16), (1, 16, 8)]
+    # One size: stacked as it is, nothing padded.
+    same = processor(text=["<image>", "<image>"], images=[grey_noise(8, 16), grey_noise(8, 16, 1)], return_tensors="pt")
+    assert same["pixel_values"].shape == (2, 1, 8, 16) and same["image_sizes"].tolist() == [[8, 16], [8, 16]]
+
+
+def test_resized_images_take_the_slots_of_their_new_size(tokenizer):
+    processor = TransfusionProcessor.from_model_config(any_size_config(tokenizer), tokenizer)
+    # 28x28 -> 16x16 (64 slots); 10x30 -> 5.3x16 -> 6x16 (24 slots); 40x4 -> 16x1.6 -> 16x2 (8 slots)
+    images = [grey_noise(28, 28), grey_noise(10, 30), grey_noise(40, 4)]
+    batch = processor(images=[images], return_tensors="pt")
+    assert batch["image_sizes"].tolist() == [[16, 16], [6, 16], [16, 2]]
+    assert slot_runs(batch["input_ids"][0].tolist(), processor) == [64, 24, 8]
+    assert batch["input_ids"].shape == (1, 1 + (64 + 2) + (24 + 2) + (8 + 2))
+    assert batch["pixel_values"].shape == (3, 1, 16, 16)
+
+
+def test_written_image_sizes(tokenizer):
+    processor = TransfusionProcessor.from_model_config(any_size_config(tokenizer), tokenizer, write_image_size=True)
+    _, batch = mixed_size_call(processor, return_tensors="pt")
+    assert [slot_runs(row, processor) for row in batch["input_ids"].tolist()] == [[16], [32, 32], []]
+    decoded = processor.batch_decode(batch["input_ids"], skip_special_tokens=True)
+    assert decoded == ["a seven 8x8", " 8x16 and 16x8 two", "only text"]
+    with_markers = [text.replace("<pad>", "") for text in processor.batch_decode(batch["input_ids"])]
+    assert with_markers == ["<s>a seven 8x8<boi><eoi>", "<s> 8x16<boi><eoi> and 16x8<boi><eoi> two", "<s>only text"]
+    # The size is text: its tokens stand right before <boi>, as tokenizing the written-out text gives them.
+    row = batch["input_ids"][0][batch["attention_mask"][0] == 1].tolist()
+    assert row == processor.tokenizer("a seven" + processor.image_sequence_for(8, 8))["input_ids"]
+    size_ids = processor.tokenizer(" 8x8", add_special_tokens=False)["input_ids"]
+    boi = row.index(processor.boi_token_id)
+    assert row[boi - len(size_ids) : boi] == size_ids
+
+
+def test_any_size_processor_save_load(tokenizer, tmp_path):
+    config = any_size_config(tokenizer)
+    processor = TransfusionProcessor.from_model_config(config, tokenizer, write_image_size=True)
+    processor.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "processor_config.json").read_text())
+    assert (saved["image_size_divisor"], saved["write_image_size"]) == (2, True)
+    config.save_pretrained(tmp_path)
+    loaded = AutoProcessor.from_pretrained(tmp_path)
+    assert type(loaded) is TransfusionProcessor
+    assert (loaded.image_size_divisor, loaded.write_image_size, loaded.num_image_tokens) == (2, True, N)
+    assert (loaded.image_processor.size.longest_edge, loaded.image_processor.size_divisor) == (16, 2)
+    (_, expected), (_, actual) = (
+        mixed_size_call(processor, return_tensors="pt"),
+        mixed_size_call(loaded, return_tensors="pt"),
+    )
+    assert expected.keys() == actual.keys()
+    for key in expected:
+        assert torch.equal(expected[key], actual[key])
+
+
+def test_bundled_processor_without_the_new_keys_keeps_the_old_behaviour(digit_images):
+    """checkpoints/transfusion-mnist was saved before images of any size: its processor_config.json has neither
+    image_size_divisor nor write_image_size. It loads as a processor of one size: 16 slots per image whatever the
+    input size, no image_sizes, and the ids the code before images of any size made (written out below)."""
+    saved = json.loads((BUNDLED / "processor_config.json").read_text())
+    assert "image_size_divisor" not in saved and "write_image_size" not in saved
+    processor = AutoProcessor.from_pretrained(BUNDLED)
+    assert (processor.image_size_divisor, processor.write_image_size, processor.num_image_tokens) == (None, False, 16)
+    images = [image for image, _ in digit_images[:4]]
+    batch = processor(
+        text=["a handwritten seven <image>", "<image> a two", "<image> and <image>"], images=images, return_tensors="pt"
+    )
+    assert set(batch) == {"input_ids", "attention_mask", "pixel_values"}
+    image = [360] + [361] * 16 + [362]  # <boi>, 16 slots, <eoi>
+    assert batch["input_ids"].tolist() == [
+        [0] * 18 + [1, 67, 285, 341] + image,
+        [0] * 19 + [1] + image + [289, 336],
+        [1] + image + [223, 268, 70] + image,
+    ]
+    square = TransfusionImageProcessor(size=32, num_channels=1)
+    assert torch.equal(batch["pixel_values"], square(images, return_tensors="pt")["pixel_values"])
+    # Any input size becomes 32x32 and 16 slots; an image-only row is <s> + 16 slots + <boi>, <eoi>.
+    for size in [(28, 28), (32, 64), (10, 30)]:
+        alone = processor(images=grey_noise(*size), return_tensors="pt")
+        assert alone["input_ids"].tolist() == [[1] + image] and alone["pixel_values"].shape == (1, 1, 32, 32)
+        assert alone["input_ids"].shape[1] == 1 + 16 + 2
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("write_image_size", [False, True])
+def test_truncation_drops_a_whole_image_of_another_size(tokenizer, side, write_image_size):
+    config = any_size_config(tokenizer)
+    processor = TransfusionProcessor.from_model_config(config, tokenizer, write_image_size=write_image_size)
+    processor.tokenizer.truncation_side = side
+    # The 16x8 image (32 slots) is cut into: on the right, the second one; on the left, the first one.
+    small, tall = grey_noise(8, 8, seed=1), grey_noise(16, 8, seed=2)
+    images = [small, tall] if side == "right" else [tall, small]
+    text = "one <image> two <image> three"
+    full = processor(text=text, images=images)["input_ids"][0]
+    starts = [start for start, run in zip(*_run_starts(full, processor)) if run == 32]
+    assert slot_runs(full, processor) == ([16, 32] if side == "right" else [32, 16]) and len(starts) == 1
+    start = starts[0]
+    max_length = start + 16 if side == "right" else len(full) - (start + 16)  # the cut falls in the middle of it
+    out = processor(text=text, images=images, max_length=max_length, truncation=True, return_tensors="pt")
+    ids = out["input_ids"][0].tolist()
+    assert len(ids) <= max_length
+    assert slot_runs(ids, processor) == [16]
+    assert out["image_sizes"].tolist() == [[8, 8]]
+    assert out["pixel_values"].shape == (1, 1, 8, 8)  # padded to the largest image left, not the dropped one
+    assert torch.equal(out["pixel_values"][0], normalised(small))
+    # The cut falls before the dropped image (after it, on the left), with its size text: never inside.
+    size_text = len(processor.tokenizer(" 16x8", add_special_tokens=False)["input_ids"]) if write_image_size else 0
+    expected = full[: start - 1 - size_text] if side == "right" else full[start + 32 + 1 :]
+    assert ids == expected
+    decoded = processor.decode(ids)
+    assert "16x8" not in decoded and ("8x8" in decoded) == write_image_size
+
+
+@pytest.mark.parametrize("cut", [1, 2])
+def test_left_truncation_never_keeps_part_of_a_size_text(tokenizer, cut):
+    processor = TransfusionProcessor.from_model_config(any_size_config(tokenizer), tokenizer, write_image_size=True)
+    processor.tokenizer.truncation_side = "left"
+    images = [grey_noise(8, 8, seed=1), grey_noise(16, 8, seed=2)]
+    text = "one <image> two <image> three"
+    full = processor(text=text, images=images)["input_ids"][0]
+    size_ids = processor.tokenizer(" 8x8", add_special_tokens=False)["input_ids"]  # " 8", "x", "8"
+    boi = full.index(processor.boi_token_id)
+    assert full[boi - len(size_ids) : boi] == size_ids and len(size_ids) == 3
+    # A cut `cut` tokens into " 8x8" would keep the 8x8 image behind a piece of its size: the image goes, whole.
+    max_length = len(full) - (boi - len(size_ids) + cut)
+    out = processor(text=text, images=images, max_length=max_length, truncation=True, return_tensors="pt")
+    ids = out["input_ids"][0].tolist()
+    assert ids == full[boi + 16 + 2 :]  # from after the 8x8 image's <eoi>
+    assert out["image_sizes"].tolist() == [[16, 8]] and processor.decode(ids) == " two 16x8<boi><eoi> three"
+
+
+def _run_starts(ids, processor):
+    """The start and the length of each run of slots in `ids`."""
+    starts = [p for p, token in enumerate(ids) if token == processor.image_token_id and ids[p - 1] != token]
+    return starts, slot_runs(ids, processor)
+
+
+def test_too_long_row_names_each_image_length(tokenizer):
+    processor = TransfusionProcessor.from_model_config(any_size_config(tokenizer), tokenizer)
+    images = [grey_noise(8, 8), grey_noise(16, 16)]
+    with pytest.raises(ValueError, match=r"Row 0 is 88 tokens long with its 2 image\(s\) expanded to 18 \+ 66 tokens"):
+        processor(text="a <image> b <image>", images=images, max_length=80)
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_mixed_size_batch_equals_each_row_alone_through_the_model(tokenizer, padding_side):
+    """The processor's padded batch (pixel_values + image_sizes) through a model with learned 2-D positions: each
+    image's diffusion_prediction is the one of its row run alone, with the same timesteps and noise."""
+    config = any_size_config(tokenizer)
+    processor = TransfusionProcessor.from_model_config(config, tokenizer)
+    torch.manual_seed(0)
+    model = TransfusionForConditionalGeneration(config).eval()
+    with torch.no_grad():  # the diffusion head starts at zero (predicts nothing): perturb it
+        model.model.patch_decoder.proj.weight.normal_(std=0.2)
+    # The two-image row is not the longest, so that it is padded too.
+    texts = ["a seven <image>", "<image> and <image> two", "a handwritten digit three written by hand <image>"]
+    rows = [[grey_noise(8, 8, 1)], [grey_noise(8, 16, 2), grey_noise(16, 8, 3)], [grey_noise(16, 16, 4)]]
+    batch = processor(text=texts, images=rows, padding_side=padding_side, return_tensors="pt")
+    assert (batch["attention_mask"] == 0).any(-1).tolist() == [True, True, False]
+    sizes = batch["image_sizes"].tolist()
+    assert sizes == [[8, 8], [8, 16], [16, 8], [16, 16]]
+    timesteps = torch.tensor([100, 400, 700, 900])
+    noise = torch.randn(4, 1, 16, 16)  # laid out as the padded latents (identity VAE: as the pixels)
+    with torch.no_grad():
+        together = model(**batch, image_timesteps=timesteps, image_noise=noise).diffusion_prediction
+    assert together.shape == (4, 1, 16, 16)
+
+    first = 0
+    for text, row in zip(texts, rows):
+        index = list(range(first, first + len(row)))
+        alone = processor(text=[text], images=[row], return_tensors="pt")
+        unpadded_noise = [noise[i, :, : sizes[i][0], : sizes[i][1]] for i in index]
+        with torch.no_grad():
+            prediction = model(**alone, image_timesteps=timesteps[index], image_noise=unpadded_noise)
+        for k, i in enumerate(index):
+            height, width = sizes[i]
+            own = together[i, :, :height, :width]
+            assert own.abs().mean() > 0.1  # a real prediction, not the zero of an untrained head
+            torch.testing.assert_close(own, prediction.diffusion_prediction[k, :, :height, :width], atol=1e-5, rtol=0)
+            assert (together[i, :, height:] == 0).all() and (together[i, :, :, width:] == 0).all()
+        first += len(row)
