@@ -67,6 +67,8 @@ def convert_from_vae(
         "image_size": old_config.image_size if image_size is None else image_size,
         "patch_size": old_config.patch_size if patch_size is None else patch_size,
     }
+    # The largest image keeps its ratio to the default one (a model of one size stays one size).
+    changes["max_image_size"] = old_config.max_image_size * changes["image_size"] // old_config.image_size
     fields = old_config.to_diff_dict()
     for name in ("auto_map", "custom_pipelines"):  # remote code of an exported folder is not carried over
         fields.pop(name, None)

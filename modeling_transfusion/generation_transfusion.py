@@ -165,8 +165,8 @@ class ImageSamplingOptions:
     guidance_scale: float
     generator: GeneratorArg
     progress_bar: bool
-    sizes: list[tuple[int, int] | None]  # per row: the size asked for (height, width), or None
-    default_size: tuple[int, int]
+    sizes: list[tuple[int, int] | None] | None = None  # per row: the size asked for (height, width), or None
+    default_size: tuple[int, int] | None = None  # the config's image_size when None
     tokenizer: object | None = None  # reads the size a row wrote before <boi>
 
     @classmethod
@@ -202,18 +202,23 @@ class ImageSamplingOptions:
     def image_size(self, row: int, written: str | None, room: int, config) -> tuple[int, int]:
         """The size of the image `row` opens: the one asked for, else the one the row wrote before `<boi>` (`written`,
         when it is a valid size whose slots fit in `room` tokens), else the default."""
-        if self.sizes[row] is not None:
-            return self.sizes[row]
+        if self.asked_size(row) is not None:
+            return self.asked_size(row)
+        default = self.default_size or (config.image_size, config.image_size)
         match = WRITTEN_IMAGE_SIZE.search(written or "")
         if match:
             height, width = int(match.group(1)), int(match.group(2))
             try:
                 config.check_image_size(height, width)
             except ValueError:
-                return self.default_size
+                return default
             if _num_slots(config, (height, width)) + 1 <= room:
                 return height, width
-        return self.default_size
+        return default
+
+    def asked_size(self, row: int) -> tuple[int, int] | None:
+        """The `(height, width)` asked for `row` with `generate(height=, width=)`, or `None`."""
+        return self.sizes[row] if self.sizes is not None else None
 
     def generators_for(self, rows: list[int]) -> GeneratorArg:
         """The generator(s) that draw the noise of `rows`: one per row for a list, the shared one otherwise."""
@@ -528,8 +533,10 @@ class InterleavedDecoding:
         self.images_opened = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.row_latents = [[] for _ in range(batch_size)]
         # <boi>, the slots and <eoi> of the smallest image a row may open: the size asked for, else the default.
+        default_size = options.default_size or (config.image_size, config.image_size)
         self.least_image_tokens = torch.tensor(
-            [_num_slots(config, size or options.default_size) + 2 for size in options.sizes], device=device
+            [_num_slots(config, options.asked_size(row) or default_size) + 2 for row in range(batch_size)],
+            device=device,
         )
         self.cache = self.outputs = self.next_logits = None
 
@@ -639,7 +646,7 @@ class InterleavedDecoding:
         """The size of the image `row` opens now (see [`ImageSamplingOptions.image_size`]): the text it wrote since its
         last image is read back with the tokenizer, when one was given."""
         written = None
-        if self.options.tokenizer is not None and self.options.sizes[row] is None:
+        if self.options.tokenizer is not None and self.options.asked_size(row) is None:
             tokens = self.batch.input_ids[row][self.batch.keep[row]][:-1]  # without the <boi> just sampled
             after_image = (tokens == self.config.eoi_token_id).nonzero()
             if len(after_image):
