@@ -95,7 +95,7 @@ def test_lora_targets_only_backbone_projections():
         "norm_num_groups": 32,
     }
     tiny = build_tiny_config(tokenizer).to_diff_dict()
-    tiny.update(vae_config=vae_config, image_size=16, num_channels=3, latent_channels=4)
+    tiny.update(vae_config=vae_config, image_size=16, max_image_size=16, num_channels=3, latent_channels=4)
     config = mt.TransfusionConfig.from_dict(tiny)
     model = get_peft_model(mt.TransfusionForConditionalGeneration(config), lora_config())
     lora_modules = {name.rsplit(".lora_A", 1)[0] for name, _ in model.named_parameters() if ".lora_A." in name}
