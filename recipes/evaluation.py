@@ -81,7 +81,7 @@ def caption_images(
     processor: TransfusionProcessor,
     images: torch.Tensor,
     batch_size: int = 100,
-    max_new_tokens: int = 16,
+    max_new_tokens: int = 32,
 ) -> list[str]:
     """Greedy captions of images `(n, c, h, w)` in [-1, 1] (prompt: the image alone, `<image>`). The images go to the
     model at their own size, neither resized nor cropped."""
