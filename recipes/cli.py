@@ -1,16 +1,18 @@
 """The `transfusion` command: install data, train the VAE, the judge and the model, evaluate, generate, caption.
 
-    transfusion generate [PROMPT] [--model DIR] [--out samples.png]   images for a prompt (default: one per digit)
+    transfusion generate [PROMPT] [--model DIR] [--out samples.png]   images for a prompt (default: one per digit,
+                                                                       and two-digit compositions in both layouts)
     transfusion caption IMAGE [IMAGE ...] [--model DIR]                captions of image files
     transfusion data install [--only NAME ...] [--yes]                 installs the datasets (asks first, unless --yes)
     transfusion vae --out DIR                                          trains the AutoencoderKL
     transfusion classifier --out DIR                                   trains the judge CNN
     transfusion train --vae DIR --out DIR [--max-steps N] [--resume]   trains Transfusion with Trainer
-    transfusion eval [--model DIR] [--judge DIR]                       metrics of the recipe (docs/results.md)
+    transfusion eval [--model DIR] [--judge DIR] [--compositions]      metrics of the recipe (docs/results.md)
     transfusion study discrete-vs-continuous --budgets F [F ...] --out DIR [--resume]
                                                                        equal-compute study vs discrete image tokens
 
-`--model` defaults to the bundled checkpoint `checkpoints/transfusion-mnist` of this repository.
+`--model` defaults to the bundled checkpoint `checkpoints/transfusion-mnist-compose` of this repository (images of
+any size); `checkpoints/transfusion-mnist` is the first, 32x32-only checkpoint.
 """
 
 import argparse
@@ -23,7 +25,7 @@ import time
 from pathlib import Path
 
 REPOSITORY = Path(__file__).resolve().parent.parent
-DEFAULT_MODEL = REPOSITORY / "checkpoints" / "transfusion-mnist"
+DEFAULT_MODEL = REPOSITORY / "checkpoints" / "transfusion-mnist-compose"
 DEFAULT_JUDGE = REPOSITORY / "checkpoints" / "judge-mnist"
 EXAMPLES_DIR = "examples"  # real test images bundled inside a checkpoint folder, for the main job's caption
 

@@ -252,7 +252,7 @@ def test_a_plain_llm_and_a_pre_composition_checkpoint_load_without_a_step(tmp_pa
     ids = tester.text_inputs()["input_ids"]
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, llm(input_ids=ids).logits)
-    # The bundled checkpoint was written before the composition (`model.layers.*`, `patch_encoder.*`, `vae.*`).
-    bundled, info = AutoModel.from_pretrained(DEFAULT_MODEL, output_loading_info=True)
+    # The first bundled checkpoint was written before the composition (`model.layers.*`, `patch_encoder.*`, `vae.*`).
+    bundled, info = AutoModel.from_pretrained(DEFAULT_MODEL.parent / "transfusion-mnist", output_loading_info=True)
     assert not any(info.values()), info
     assert type(bundled.model.language_model).__name__ == "LlamaModel" and bundled.vae is not None
