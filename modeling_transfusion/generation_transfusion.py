@@ -843,7 +843,7 @@ class TransfusionGenerationMixin(GenerationMixin):
             1 if prompt is None else prompt.shape[0],
         )
         size = (self.config.image_size, self.config.image_size)
-        image_tokens = max(math.prod(self.config.grid_size(*(s or size))) for s in sizes) + 2
+        image_tokens = max(_num_slots(self.config, s or size) for s in sizes) + 2
         self._check_prompt_length(prompt, image_tokens if mode == "image" else 0)
         if custom_generate is None and mode == "text":
             return self._generate_text(

@@ -536,8 +536,7 @@ class TransfusionModel(TransfusionPreTrainedModel):
         from the encoder (the U-Net's skips; `None` for the linear encoder)."""
         embeddings, encoder_state = self.patch_encoder(latents, timesteps)
         if self.patch_position_embedding is not None:
-            grid_size = (latents.shape[2] // self.config.patch_size, latents.shape[3] // self.config.patch_size)
-            embeddings = embeddings + self.patch_position_embedding(grid_size).to(embeddings.dtype)
+            embeddings = embeddings + self.patch_position_embedding(self._grid_size(latents)).to(embeddings.dtype)
         return embeddings, encoder_state
 
     def get_image_prediction(
@@ -581,8 +580,7 @@ class TransfusionModel(TransfusionPreTrainedModel):
             inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, cache=cache, use_cache=True
         ).last_hidden_state
         cache.crop(-embeds.shape[1])
-        grid_size = (latents.shape[2] // self.config.patch_size, latents.shape[3] // self.config.patch_size)
-        return self.get_image_prediction(hidden, encoder_state, grid_size)
+        return self.get_image_prediction(hidden, encoder_state, self._grid_size(latents))
 
     def _check_text_inputs(self, input_ids, attention_mask, cache):
         """Turns the mistakes that would otherwise fail deep inside torch into errors that say what is wrong."""
@@ -738,9 +736,9 @@ class TransfusionModel(TransfusionPreTrainedModel):
     def _check_image_slots(self, latents: list[torch.Tensor], lengths: torch.LongTensor) -> list[tuple[int, int]]:
         """The patch grid of each image, checking that its run of slots has its number of patches."""
         grids = []
-        patch, factor = self.config.patch_size, self.config.vae_downsample_factor
+        factor = self.config.vae_downsample_factor
         for index, (image_latents, length) in enumerate(zip(latents, lengths.tolist())):
-            grid = (image_latents.shape[1] // patch, image_latents.shape[2] // patch)
+            grid = self._grid_size(image_latents)
             if grid[0] * grid[1] != length:
                 height, width = (side * factor for side in image_latents.shape[1:])
                 raise ValueError(
@@ -750,6 +748,10 @@ class TransfusionModel(TransfusionPreTrainedModel):
                 )
             grids.append(grid)
         return grids
+
+    def _grid_size(self, latents: torch.Tensor) -> tuple[int, int]:
+        """Patch rows and columns of latents `(..., latent_height, latent_width)`."""
+        return latents.shape[-2] // self.config.patch_size, latents.shape[-1] // self.config.patch_size
 
     def _unpad(self, images, image_sizes, scale: int, name: str) -> list[torch.Tensor]:
         """Each image of `images` (a list of `(channels, height, width)` tensors, or a padded 4-d tensor) at its own
