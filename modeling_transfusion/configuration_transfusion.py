@@ -231,7 +231,7 @@ class TransfusionConfig(PreTrainedConfig):
     @property
     def num_image_tokens(self) -> int:
         """Number of `<image>` slots (patches) that the default image occupies in the sequence."""
-        return (self.latent_size // self.patch_size) ** 2
+        return self.num_image_slots(self.image_size, self.image_size)
 
     @property
     def max_grid_size(self) -> int:
@@ -260,6 +260,11 @@ class TransfusionConfig(PreTrainedConfig):
     def grid_size(self, height: int, width: int) -> tuple[int, int]:
         """Patch rows and columns of an image of `height` x `width` pixels; it occupies their product in slots."""
         return height // self.image_size_divisor, width // self.image_size_divisor
+
+    def num_image_slots(self, height: int, width: int) -> int:
+        """Number of `<image>` slots (patches) that an image of `height` x `width` pixels occupies in the sequence."""
+        rows, columns = self.grid_size(height, width)
+        return rows * columns
 
     @property
     def patch_dim(self) -> int:

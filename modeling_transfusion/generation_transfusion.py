@@ -212,7 +212,7 @@ class ImageSamplingOptions:
                 config.check_image_size(height, width)
             except ValueError:
                 return default
-            if _num_slots(config, (height, width)) + 1 <= room:
+            if config.num_image_slots(height, width) + 1 <= room:
                 return height, width
         return default
 
@@ -241,11 +241,6 @@ def requested_image_sizes(config, height, width, batch_size: int) -> list[tuple[
 
     heights, widths = per_row(height, "height"), per_row(width, "width")
     return [config.check_image_size(h, w, name="height x width") for h, w in zip(heights, widths)]
-
-
-def _num_slots(config, size: tuple[int, int]) -> int:
-    rows, columns = config.grid_size(*size)
-    return rows * columns
 
 
 def indices_by_shape(tensors: list[torch.Tensor]) -> list[list[int]]:
@@ -283,7 +278,7 @@ def denoise_images(
     """
     config, transfusion = model.config, model.model
     height, width = size if size is not None else (config.image_size, config.image_size)
-    num_slots, num_rows = _num_slots(config, (height, width)), len(rows)
+    num_slots, num_rows = config.num_image_slots(height, width), len(rows)
     device = positions.device
     guided = options.guidance_scale != 1.0
     # Classifier-free guidance doubles the rows: conditional first, then unconditional (slots that see only their
@@ -370,7 +365,7 @@ def commit_images(
     factor = config.vae_downsample_factor
     lengths = torch.zeros(batch_size, dtype=torch.long, device=device)  # slots + <eoi> per row
     for row, row_latents in zip(rows, latents):
-        lengths[row] = _num_slots(config, tuple(side * factor for side in row_latents.shape[1:])) + 1
+        lengths[row] = config.num_image_slots(*(side * factor for side in row_latents.shape[1:])) + 1
     width = int(lengths.max())
     columns = torch.arange(width, device=device)
     written = columns[None] < lengths[:, None]
@@ -535,7 +530,7 @@ class InterleavedDecoding:
         # <boi>, the slots and <eoi> of the smallest image a row may open: the size asked for, else the default.
         default_size = options.default_size or (config.image_size, config.image_size)
         self.least_image_tokens = torch.tensor(
-            [_num_slots(config, options.asked_size(row) or default_size) + 2 for row in range(batch_size)],
+            [config.num_image_slots(*(options.asked_size(row) or default_size)) + 2 for row in range(batch_size)],
             device=device,
         )
         self.cache = self.outputs = self.next_logits = None
@@ -743,7 +738,7 @@ def transfusion_decode(
         raise ValueError("Streamers take one sequence: stream with a batch of one prompt.")
     if generation_mode == "image" and max_new_images == 0:
         raise ValueError("generation_mode='image' generates one image, which max_new_images=0 forbids.")
-    num_slots = max(_num_slots(model.config, size or options.default_size) for size in options.sizes)
+    num_slots = max(model.config.num_image_slots(*(size or options.default_size)) for size in options.sizes)
     room = generation_config.max_length - input_ids.shape[1]
     if generation_mode == "image" and room < num_slots + 2:
         raise ValueError(
@@ -843,7 +838,7 @@ class TransfusionGenerationMixin(GenerationMixin):
             1 if prompt is None else prompt.shape[0],
         )
         size = (self.config.image_size, self.config.image_size)
-        image_tokens = max(_num_slots(self.config, s or size) for s in sizes) + 2
+        image_tokens = max(self.config.num_image_slots(*(s or size)) for s in sizes) + 2
         self._check_prompt_length(prompt, image_tokens if mode == "image" else 0)
         if custom_generate is None and mode == "text":
             return self._generate_text(

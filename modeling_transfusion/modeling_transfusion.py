@@ -760,6 +760,14 @@ class TransfusionModel(TransfusionPreTrainedModel):
             for index, image in enumerate(images):
                 if not isinstance(image, torch.Tensor) or image.dim() != 3:
                     raise ValueError(f"{name}[{index}] must be a (channels, height, width) tensor.")
+            if image_sizes is not None:
+                sizes = [tuple(size) for size in torch.as_tensor(image_sizes).tolist()]
+                actual = [(image.shape[1] * scale, image.shape[2] * scale) for image in images]
+                if sizes != actual:
+                    raise ValueError(
+                        f"image_sizes {sizes} do not match the sizes of the {name} list {actual} (in pixels); a list "
+                        "needs no image_sizes."
+                    )
             return list(images)
         if not isinstance(images, torch.Tensor) or images.dim() != 4:
             shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__

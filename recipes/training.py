@@ -130,7 +130,7 @@ def default_generation_config(model: TransfusionForConditionalGeneration) -> Gen
         eos_token_id=text_config.eos_token_id,
         pad_token_id=text_config.pad_token_id,
         # a caption, or a short text and one image of the largest size the model was configured for
-        max_new_tokens=24 + math.prod(model.config.grid_size(model.config.max_image_size, model.config.image_size)) + 2,
+        max_new_tokens=24 + model.config.num_image_slots(model.config.max_image_size, model.config.image_size) + 2,
         do_sample=False,
     )
     config.scheduler = "dpmsolver++" if model.config.objective == "ddpm" else "flow_euler"

@@ -143,9 +143,11 @@ def test_padded_latents_with_image_sizes_equal_a_list(model):
         padded_noise[i, :, : x.shape[1], : x.shape[2]] = n
     common = {"input_ids": input_ids, "attention_mask": attention_mask, "image_timesteps": timesteps}
     as_list = model(**common, image_latents=latents, image_noise=noise, labels=input_ids)
-    as_padded = model(
-        **common, image_latents=padded, image_noise=padded_noise, image_sizes=torch.tensor([[8, 8], [8, 16], [16, 8]])
+    sizes = torch.tensor([[8, 8], [8, 16], [16, 8]])
+    assert torch.equal(
+        as_list.logits, model(**common, image_latents=latents, image_noise=noise, image_sizes=sizes).logits
     )
+    as_padded = model(**common, image_latents=padded, image_noise=padded_noise, image_sizes=sizes)
     assert torch.equal(as_list.logits, as_padded.logits)
     assert torch.equal(as_list.diffusion_prediction, as_padded.diffusion_prediction)
 
@@ -163,6 +165,8 @@ def test_wrong_sizes_are_named(model):
             image_latents=torch.zeros(3, 1, 16, 16),
             image_sizes=torch.tensor([[8, 8], [8, 18], [16, 8]]),
         )
+    with pytest.raises(ValueError, match=r"image_sizes \[\(8, 8\), \(16, 8\), \(8, 16\)\] do not match .* list "):
+        model(input_ids=input_ids, image_latents=latents, image_sizes=torch.tensor([[8, 8], [16, 8], [8, 16]]))
     with pytest.raises(ValueError, match=r"image_sizes must have shape \(3, 2\)"):
         model(input_ids=input_ids, image_latents=torch.zeros(3, 1, 16, 16), image_sizes=torch.tensor([8, 8]))
     with pytest.raises(ValueError, match=r"pixel_values of size 16x24: this model takes images of at most 16x16"):
