@@ -256,23 +256,46 @@ def command_train(args: argparse.Namespace) -> None:
 
 
 def _cached_latents(cache: Path, images, vae):
-    """The scaled latents of uint8 `images`, encoded once and kept in `cache` (training reads it, also on resume)."""
+    """The scaled latents of uint8 `images`, encoded once and kept in `cache` (training reads it, also on resume). The
+    cache records a fingerprint of the images and the VAE: one made from other images (another `--compositions N`,
+    another dataset) or another VAE is encoded again, never read as if it matched."""
+    from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
     from modeling_transfusion.recipes.data import to_model_range
     from modeling_transfusion.recipes.vae import encode_latents
 
+    fingerprint = _latent_fingerprint(images, vae)
     if cache.is_file():
-        return load_file(cache)["latents"]
+        with safe_open(cache, framework="pt") as stored:
+            if (stored.metadata() or {}).get("fingerprint") == fingerprint:
+                return load_file(cache)["latents"]
+        print(f"{cache} holds the latents of other images or of another VAE: encoding again")
     pixels = to_model_range(images)
     if vae is None:
         latents = pixels
     else:
         shift = vae.config.shift_factor or 0.0
         latents = (encode_latents(vae, pixels.to(vae.dtype)) - shift) * vae.config.scaling_factor
-    save_file({"latents": latents.contiguous()}, cache)
+    save_file({"latents": latents.contiguous()}, cache, metadata={"fingerprint": fingerprint})
     print(f"latents {tuple(latents.shape)}, std {latents.std():.3f}")
     return latents
+
+
+def _latent_fingerprint(images, vae) -> str:
+    """SHA-256 of the images (shape and bytes) and of the VAE (config and weights; "identity" without one)."""
+    import hashlib
+
+    import numpy as np
+
+    digest = hashlib.sha256(repr(images.shape).encode() + np.ascontiguousarray(images).tobytes())
+    if vae is None:
+        digest.update(b"identity")
+    else:
+        digest.update(json.dumps(dict(vae.config), sort_keys=True, default=str).encode())
+        for name, tensor in sorted(vae.state_dict().items()):
+            digest.update(name.encode() + tensor.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()
 
 
 # evaluation

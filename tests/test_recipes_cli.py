@@ -4,6 +4,7 @@ saves a loadable checkpoint and resumes from its Trainer checkpoint."""
 import json
 from pathlib import Path
 
+import numpy as np
 import PIL.Image
 import pytest
 import torch
@@ -83,3 +84,28 @@ def test_tiny_train_run_saves_a_checkpoint_and_resumes(tmp_path):
     model, processor = cli.load_checkpoint(out / "final")
     assert model.config.image_size == 32 and processor.num_image_tokens == 16
     assert Path(out / "final" / "generation_config.json").is_file()
+
+
+def test_the_latent_cache_is_only_read_for_the_images_and_vae_it_was_made_from(tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from modeling_transfusion.recipes.vae import build_vae
+
+    torch.manual_seed(0)
+    vae = build_vae(1, 4, (8, 16, 16)).eval()
+    images = np.random.default_rng(0).integers(0, 256, size=(6, 32, 32), dtype=np.uint8)
+    cache = tmp_path / "latents.safetensors"
+    first = cli._cached_latents(cache, images, vae)
+    assert first.shape == (6, 4, 8, 8)
+    assert torch.equal(cli._cached_latents(cache, images, vae), first)  # read back, not encoded again
+    assert "encoding again" not in capsys.readouterr().out
+
+    fewer = cli._cached_latents(cache, images[:4], vae)  # e.g. another --compositions N with the same --out
+    assert fewer.shape[0] == 4 and torch.allclose(fewer, first[:4], atol=1e-6)
+    assert "encoding again" in capsys.readouterr().out
+    assert load_file(cache)["latents"].shape[0] == 4
+
+    other = build_vae(1, 4, (8, 16, 16)).eval()  # same config, other weights
+    assert not torch.equal(cli._cached_latents(cache, images[:4], other), fewer)
+    assert "encoding again" in capsys.readouterr().out
+    assert torch.equal(cli._cached_latents(cache, images[:4], None), cli._cached_latents(cache, images[:4], None))
