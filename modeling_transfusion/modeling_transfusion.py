@@ -756,20 +756,12 @@ class TransfusionModel(TransfusionPreTrainedModel):
     def _unpad(self, images, image_sizes, scale: int, name: str) -> list[torch.Tensor]:
         """Each image of `images` (a list of `(channels, height, width)` tensors, or a padded 4-d tensor) at its own
         size: `image_sizes` (in pixels) divided by `scale`, or the tensor's size when `image_sizes` is not given."""
-        if isinstance(images, list | tuple):
+        is_list = isinstance(images, list | tuple)
+        if is_list:
             for index, image in enumerate(images):
                 if not isinstance(image, torch.Tensor) or image.dim() != 3:
                     raise ValueError(f"{name}[{index}] must be a (channels, height, width) tensor.")
-            if image_sizes is not None:
-                sizes = [tuple(size) for size in torch.as_tensor(image_sizes).tolist()]
-                actual = [(image.shape[1] * scale, image.shape[2] * scale) for image in images]
-                if sizes != actual:
-                    raise ValueError(
-                        f"image_sizes {sizes} do not match the sizes of the {name} list {actual} (in pixels); a list "
-                        "needs no image_sizes."
-                    )
-            return list(images)
-        if not isinstance(images, torch.Tensor) or images.dim() != 4:
+        elif not isinstance(images, torch.Tensor) or images.dim() != 4:
             shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
             raise ValueError(
                 f"{name} must be (num_images, channels, height, width), or a list of (channels, height, width) "
@@ -778,11 +770,20 @@ class TransfusionModel(TransfusionPreTrainedModel):
         if image_sizes is None:
             return list(images)
         image_sizes = torch.as_tensor(image_sizes)
-        if tuple(image_sizes.shape) != (images.shape[0], 2):
+        if tuple(image_sizes.shape) != (len(images), 2):
             raise ValueError(
-                f"image_sizes must have shape ({images.shape[0]}, 2) (height and width of each image), got "
+                f"image_sizes must have shape ({len(images)}, 2) (height and width of each image), got "
                 f"{tuple(image_sizes.shape)}."
             )
+        if is_list:
+            sizes = [tuple(size) for size in image_sizes.tolist()]
+            actual = [(image.shape[1] * scale, image.shape[2] * scale) for image in images]
+            if sizes != actual:
+                raise ValueError(
+                    f"image_sizes {sizes} do not match the sizes of the {name} list {actual} (in pixels); a list "
+                    "needs no image_sizes."
+                )
+            return list(images)
         unpadded = []
         for index, (image, (height, width)) in enumerate(zip(images, image_sizes.tolist())):
             self.config.check_image_size(height, width, f"image_sizes[{index}] =")

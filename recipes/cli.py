@@ -288,7 +288,8 @@ def _latent_fingerprint(images, vae) -> str:
 
     import numpy as np
 
-    digest = hashlib.sha256(repr(images.shape).encode() + np.ascontiguousarray(images).tobytes())
+    digest = hashlib.sha256(repr(images.shape).encode())
+    digest.update(np.ascontiguousarray(images).data)
     if vae is None:
         digest.update(b"identity")
     else:

@@ -169,6 +169,8 @@ def test_wrong_sizes_are_named(model):
         model(input_ids=input_ids, image_latents=latents, image_sizes=torch.tensor([[8, 8], [16, 8], [8, 16]]))
     with pytest.raises(ValueError, match=r"image_sizes must have shape \(3, 2\)"):
         model(input_ids=input_ids, image_latents=torch.zeros(3, 1, 16, 16), image_sizes=torch.tensor([8, 8]))
+    with pytest.raises(ValueError, match=r"image_sizes must have shape \(3, 2\)"):
+        model(input_ids=input_ids, image_latents=latents, image_sizes=torch.tensor([8, 8]))
     with pytest.raises(ValueError, match=r"pixel_values of size 16x24: this model takes images of at most 16x16"):
         model(input_ids=torch.tensor([image((8, 8))]), pixel_values=torch.zeros(1, 1, 16, 24))
 
