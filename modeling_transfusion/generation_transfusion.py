@@ -39,6 +39,7 @@ IMAGE_ARGUMENTS = (
     "scheduler",
     "num_inference_steps",
     "image_guidance_scale",
+    "image_guidance_interval",
     "progress_bar",
     "height",
     "width",
@@ -140,6 +141,25 @@ NUMERIC_ARGUMENTS = {
 TOKEN_ID_ARGUMENTS = ("pad_token_id", "bos_token_id", "eos_token_id")
 
 
+def guidance_interval(value, num_train_timesteps: int) -> tuple[float, float] | None:
+    """Checks `image_guidance_interval`: `None`, or two finite timesteps `(low, high)` with
+    `0 <= low <= high <= num_train_timesteps`, returned as floats."""
+    if value is None:
+        return None
+    if not isinstance(value, list | tuple) or len(value) != 2:
+        raise TypeError(
+            f"image_guidance_interval must be two timesteps (low, high), got {value!r}: guidance applies at the "
+            "denoising steps whose timestep t has low <= t <= high."
+        )
+    low, high = (_finite_float(bound, "image_guidance_interval", 0.0) for bound in value)
+    if not low <= high <= num_train_timesteps:
+        raise ValueError(
+            f"image_guidance_interval ({low:g}, {high:g}) must have 0 <= low <= high <= {num_train_timesteps} (the "
+            "model's num_train_timesteps)."
+        )
+    return low, high
+
+
 def _check_numeric_arguments(kwargs: dict, generation_config) -> None:
     """Checks the type and value of every numeric argument of `generate` in `kwargs` (else in `generation_config`),
     raising `TypeError` / `ValueError` naming it; integral floats in `kwargs` (4.0) are replaced by ints."""
@@ -168,6 +188,15 @@ class ImageSamplingOptions:
     sizes: list[tuple[int, int] | None] | None = None  # per row: the size asked for (height, width), or None
     default_size: tuple[int, int] | None = None  # the config's image_size when None
     tokenizer: object | None = None  # reads the size a row wrote before <boi>
+    guidance_interval: tuple[float, float] | None = None  # timesteps (low, high) where guidance applies; None: all
+
+    def guidance_at(self, timestep: torch.Tensor) -> float:
+        """The guidance scale of the denoising step at `timestep`: 1 (the conditional prediction alone) outside
+        `guidance_interval`."""
+        if self.guidance_interval is None:
+            return self.guidance_scale
+        low, high = self.guidance_interval
+        return self.guidance_scale if low <= float(timestep) <= high else 1.0
 
     @classmethod
     def resolve(cls, model, generation_config, batch_size: int, generator: GeneratorArg = None, **arguments):
@@ -197,6 +226,7 @@ class ImageSamplingOptions:
             sizes,
             default_size,
             arguments.get("tokenizer"),
+            guidance_interval(value("image_guidance_interval", None), model.config.num_train_timesteps),
         )
 
     def image_size(self, row: int, written: str | None, room: int, config) -> tuple[int, int]:
@@ -337,7 +367,8 @@ def denoise_images(
         ).float()  # [branch_rows, C, h, w]
         if guided:
             conditional, unconditional_prediction = prediction.chunk(2)
-            prediction = unconditional_prediction + options.guidance_scale * (conditional - unconditional_prediction)
+            scale = options.guidance_at(timestep)
+            prediction = unconditional_prediction + scale * (conditional - unconditional_prediction)
         latents = scheduler.step(prediction, timestep, latents, **step_kwargs).prev_sample
     return latents
 
@@ -694,6 +725,7 @@ def transfusion_decode(
     scheduler: str | SchedulerMixin | None = None,
     num_inference_steps: int | None = None,
     image_guidance_scale: float | None = None,
+    image_guidance_interval: tuple[float, float] | None = None,
     generator: GeneratorArg = None,
     progress_bar: bool | None = None,
     height: int | list[int] | None = None,
@@ -720,6 +752,7 @@ def transfusion_decode(
         scheduler=scheduler,
         num_inference_steps=num_inference_steps,
         image_guidance_scale=image_guidance_scale,
+        image_guidance_interval=image_guidance_interval,
         progress_bar=progress_bar,
         height=height,
         width=width,
@@ -799,6 +832,11 @@ class TransfusionGenerationMixin(GenerationMixin):
             image_guidance_scale (`float`, *optional*, defaults to 1.0):
                 Classifier-free guidance for images, `uncond + scale * (cond - uncond)`; 1 means no guidance (and no
                 extra compute). `guidance_scale` is transformers' guidance of text and is refused for images.
+            image_guidance_interval (`tuple[float, float]`, *optional*):
+                Timesteps `(low, high)` of the training schedule (0 to `config.num_train_timesteps`, high is noisy):
+                guidance applies only at denoising steps whose timestep lies in `[low, high]`, the conditional
+                prediction alone elsewhere (limited-interval guidance, Kynkaenniemi et al. 2024: guidance at the
+                noisiest steps costs diversity). All steps by default.
             generator (`torch.Generator` or `list[torch.Generator]`, *optional*):
                 Source of the image noise and, with `do_sample=True`, of the text samples. With a list, one per row,
                 every row is generated exactly as it would be alone with its generator.

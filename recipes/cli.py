@@ -313,6 +313,8 @@ def command_eval(args: argparse.Namespace) -> None:
     model, processor = load_checkpoint(args.model)
     judge = JudgeCNN.load(args.judge)
     images, labels = load_dataset_images(args.dataset, "test", model.config.image_size)
+    interval = args.guidance_interval or getattr(model.generation_config, "image_guidance_interval", None)
+    interval = tuple(interval) if interval else None
     report, generated = evaluate(
         model,
         processor,
@@ -325,6 +327,7 @@ def command_eval(args: argparse.Namespace) -> None:
         scheduler=args.scheduler,
         num_inference_steps=args.steps,
         image_guidance_scale=args.guidance,
+        image_guidance_interval=interval,
         seed=args.seed,
     )
     print(report.table())
@@ -349,6 +352,7 @@ def command_eval(args: argparse.Namespace) -> None:
                 scheduler=args.scheduler,
                 num_inference_steps=args.steps,
                 image_guidance_scale=args.guidance,
+                image_guidance_interval=interval,
                 seed=args.seed,
             )
             results["compositions"].append(metrics)
@@ -435,6 +439,8 @@ def command_generate(args: argparse.Namespace) -> None:
         kwargs["num_inference_steps"] = args.steps
     if args.guidance is not None:
         kwargs["image_guidance_scale"] = args.guidance
+    if args.guidance_interval is not None:
+        kwargs["image_guidance_interval"] = tuple(args.guidance_interval)
     sheets = []
     for prompts, (height, width) in requests:
         seeds = [args.seed + i for i in range(len(prompts))]
@@ -472,6 +478,18 @@ def command_caption(args: argparse.Namespace) -> None:
         print(f"{path}: {caption}")
 
 
+def _add_guidance_interval(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--guidance-interval",
+        type=float,
+        nargs=2,
+        default=None,
+        metavar=("LOW", "HIGH"),
+        help="guide only the denoising steps with LOW <= timestep <= HIGH (default: the checkpoint's generation "
+        "config; none: every step)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the `transfusion` command."""
     parser = argparse.ArgumentParser(prog="transfusion", description=__doc__.splitlines()[0])
@@ -487,6 +505,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, default=None, help="image width for PROMPT (default: the model's)")
     p.add_argument("--steps", type=int, default=None, help="default: the checkpoint's generation config")
     p.add_argument("--guidance", type=float, default=None, help="default: the checkpoint's generation config")
+    _add_guidance_interval(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-caption", action="store_true")
     p.set_defaults(func=command_generate)
@@ -565,6 +584,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scheduler", default="dpmsolver++")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=3.0)
+    _add_guidance_interval(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="also write the report as JSON")
     p.add_argument("--grid", default=None, help="also write a PNG grid of (up to 100) generated images")

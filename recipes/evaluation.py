@@ -133,6 +133,7 @@ class EvaluationReport:
     scheduler: str
     num_inference_steps: int
     image_guidance_scale: float
+    image_guidance_interval: tuple[float, float] | None
     prompt_accuracy: float
     frechet_distance: float
     frechet_floor: float
@@ -146,7 +147,9 @@ class EvaluationReport:
         rows = [
             ("judge accuracy on the real images used here", f"{self.judge_accuracy_on_real:.3f}"),
             (
-                f"prompt accuracy ({self.num_generated} images, guidance {self.image_guidance_scale})",
+                f"prompt accuracy ({self.num_generated} images, guidance {self.image_guidance_scale}"
+                + (f" at timesteps {self.image_guidance_interval}" if self.image_guidance_interval else "")
+                + ")",
                 f"{self.prompt_accuracy:.3f}",
             ),
             (
@@ -206,6 +209,7 @@ def evaluate(
     scheduler: str = "dpmsolver++",
     num_inference_steps: int = 20,
     image_guidance_scale: float = 3.0,
+    image_guidance_interval: tuple[float, float] | None = None,
     seed: int = 0,
     batch_size: int = 50,
 ) -> tuple[EvaluationReport, torch.Tensor]:
@@ -239,6 +243,7 @@ def evaluate(
         scheduler=scheduler,
         num_inference_steps=num_inference_steps,
         image_guidance_scale=image_guidance_scale,
+        image_guidance_interval=image_guidance_interval,
     )
     image_metrics = generated_image_metrics(judge, generated, targets, test_images, test_labels)
 
@@ -259,6 +264,7 @@ def evaluate(
         scheduler=scheduler,
         num_inference_steps=num_inference_steps,
         image_guidance_scale=image_guidance_scale,
+        image_guidance_interval=image_guidance_interval,
         **image_metrics,
         captioning_accuracy=sum(caption_hits) / len(caption_hits),
         text_perplexity=text_perplexity(model, processor, texts),
@@ -322,6 +328,7 @@ def evaluate_compositions(
     scheduler: str = "dpmsolver++",
     num_inference_steps: int = 20,
     image_guidance_scale: float = 3.0,
+    image_guidance_interval: tuple[float, float] | None = None,
     seed: int = 0,
     batch_size: int = 50,
 ) -> tuple[dict, torch.Tensor]:
@@ -353,6 +360,7 @@ def evaluate_compositions(
         scheduler=scheduler,
         num_inference_steps=num_inference_steps,
         image_guidance_scale=image_guidance_scale,
+        image_guidance_interval=image_guidance_interval,
     )
 
     real, real_pairs = make_compositions(

@@ -291,6 +291,22 @@ def test_guidance_scale_one_is_no_guidance_bit_for_bit(model):
     assert not torch.allclose(plain.image_latents[0][0], guided.image_latents[0][0], atol=1e-3)
 
 
+def test_guidance_interval_limits_guidance_to_its_timesteps(model):
+    prompt, steps = torch.tensor([[5, 6, 7]]), model.config.num_train_timesteps
+
+    def latents(**kwargs):
+        out = generate(model, prompt, generation_mode="image", generator=torch.Generator().manual_seed(3), **kwargs)
+        return out.image_latents[0][0]
+
+    plain, guided = latents(), latents(image_guidance_scale=3.0)
+    assert torch.equal(latents(image_guidance_scale=3.0, image_guidance_interval=(0, steps)), guided)
+    # 0.5 is no timestep of the schedule: the conditional prediction alone at every step (its rows still run beside
+    # the unconditional ones, in one batch, hence a tolerance)
+    torch.testing.assert_close(latents(image_guidance_scale=3.0, image_guidance_interval=(0.5, 0.5)), plain)
+    low_noise = latents(image_guidance_scale=3.0, image_guidance_interval=(0, steps // 2))
+    assert (low_noise - plain).abs().max() > 1e-3 and (low_noise - guided).abs().max() > 1e-3
+
+
 def test_flex_attention_on_cpu_generates_text_and_refuses_images_clearly():
     flex, sdpa = tiny_model(attn_implementation="flex_attention"), tiny_model()
     prompt = torch.tensor([[5, 6, 7]])
@@ -588,11 +604,19 @@ def test_with_processor_and_stop_strings(tokenizer, tiny_config, processor):
         ({"scheduler": DDPMScheduler(beta_schedule="squaredcos_cap_v2")}, "clip_sample=True"),
         ({"scheduler": DDIMScheduler(clip_sample=False)}, "another noise schedule"),
         ({"num_beams": 2}, "Beam search"),
+        ({"image_guidance_interval": (600, 200)}, "image_guidance_interval (600, 200) must have 0 <= low <= high"),
+        ({"image_guidance_interval": (0, 1e9)}, "<= high <= 1000 (the model's num_train_timesteps)"),
     ],
 )
 def test_clear_errors(model, kwargs, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         generate(model, torch.tensor([[5, 6, 7]]), max_new_tokens=NUM_SLOTS + 2, **kwargs)
+
+
+def test_guidance_interval_must_be_two_timesteps(model):
+    message = "image_guidance_interval must be two timesteps (low, high), got 800"
+    with pytest.raises(TypeError, match=re.escape(message)):
+        generate(model, torch.tensor([[5, 6, 7]]), generation_mode="image", image_guidance_interval=800)
 
 
 def test_clear_errors_for_objective_and_prompt(model, flow_model):
