@@ -188,6 +188,8 @@ def command_train(args: argparse.Namespace) -> None:
         "max_image_size": max(args.max_image_size or args.image_size, 64 if args.compositions else 0),
         "image_position_embedding": None if args.position_embedding == "none" else args.position_embedding,
     }
+    if args.max_conditioning_timestep is not None:
+        config_changes["max_conditioning_timestep"] = args.max_conditioning_timestep
     if args.init_from:
         model = init_from_checkpoint(args.init_from, **config_changes)
         trained_processor = AutoProcessor.from_pretrained(args.init_from)
@@ -571,6 +573,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compositions", type=int, default=0, help="two-digit compositions per layout (MNIST)")
     p.add_argument("--position-embedding", default="none", choices=["none", "learned_2d"])
     p.add_argument("--max-image-size", type=int, default=None, help="largest image side (64 with --compositions)")
+    p.add_argument(
+        "--max-conditioning-timestep",
+        type=int,
+        default=None,
+        help="most noise on an image that text after it is trained to describe (default: the config's, 500)",
+    )
     p.add_argument("--resume", action="store_true", help="resume from the last checkpoint in OUT")
     p.add_argument("--bf16", action="store_true", help="save the final weights in bfloat16 (the VAE stays float32)")
     p.set_defaults(func=command_train)

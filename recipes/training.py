@@ -137,7 +137,7 @@ def default_generation_config(model: TransfusionForConditionalGeneration) -> Gen
     config.num_inference_steps = 20
     config.image_guidance_scale = 3.0
     if model.config.objective == "ddpm":
-        config.image_guidance_interval = (0, 0.8 * model.config.num_train_timesteps)
+        config.image_guidance_interval = (0, model.config.num_train_timesteps * 4 // 5)
     config.progress_bar = False
     return config
 

@@ -72,6 +72,8 @@ def test_tiny_train_run_saves_a_checkpoint_and_resumes(tmp_path):
         "2",
         "--logging-steps",
         "1",
+        "--max-conditioning-timestep",
+        "100",
     ]
     cli.main([*common, "--max-steps", "2"])
     state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
@@ -83,7 +85,11 @@ def test_tiny_train_run_saves_a_checkpoint_and_resumes(tmp_path):
     assert steps == [1, 2, 3, 4]  # steps 1-2 come from the first run, 3-4 from the resumed one
     model, processor = cli.load_checkpoint(out / "final")
     assert model.config.image_size == 32 and processor.num_image_tokens == 16
+    assert model.config.max_conditioning_timestep == 100
     assert Path(out / "final" / "generation_config.json").is_file()
+    # the recipe's sampling defaults, guidance limited to the 80% least noisy timesteps of the ddpm objective
+    assert model.generation_config.image_guidance_scale == 3.0
+    assert list(model.generation_config.image_guidance_interval) == [0, 800]
 
 
 def test_the_latent_cache_is_only_read_for_the_images_and_vae_it_was_made_from(tmp_path, capsys):
