@@ -315,8 +315,6 @@ def command_eval(args: argparse.Namespace) -> None:
     model, processor = load_checkpoint(args.model)
     judge = JudgeCNN.load(args.judge)
     images, labels = load_dataset_images(args.dataset, "test", model.config.image_size)
-    interval = args.guidance_interval or getattr(model.generation_config, "image_guidance_interval", None)
-    interval = tuple(interval) if interval else None
     report, generated = evaluate(
         model,
         processor,
@@ -329,7 +327,7 @@ def command_eval(args: argparse.Namespace) -> None:
         scheduler=args.scheduler,
         num_inference_steps=args.steps,
         image_guidance_scale=args.guidance,
-        image_guidance_interval=interval,
+        image_guidance_interval=args.guidance_interval,
         seed=args.seed,
     )
     print(report.table())
@@ -354,7 +352,7 @@ def command_eval(args: argparse.Namespace) -> None:
                 scheduler=args.scheduler,
                 num_inference_steps=args.steps,
                 image_guidance_scale=args.guidance,
-                image_guidance_interval=interval,
+                image_guidance_interval=args.guidance_interval,
                 seed=args.seed,
             )
             results["compositions"].append(metrics)

@@ -217,7 +217,8 @@ def evaluate(
 
     Generated images are balanced over the classes (prompt template varied per image). The Frechet distance compares
     them with the first `num_generated` test images; the floor compares the next `num_generated` test images with those
-    same first ones. Captioning uses test images from `2 * num_generated` on, so no image serves twice.
+    same first ones. Captioning uses test images from `2 * num_generated` on, so no image serves twice. Without
+    `image_guidance_interval`, `generate` takes the generation config's, and the report records that one.
 
     Returns the report and the generated images.
     """
@@ -231,6 +232,10 @@ def evaluate(
             f"Need at least {2 * num_generated + num_captioned} test images, got {len(test_images)}: lower "
             "num_generated / num_captioned."
         )
+    if image_guidance_interval is None:
+        image_guidance_interval = getattr(model.generation_config, "image_guidance_interval", None)
+    if image_guidance_interval is not None:
+        image_guidance_interval = tuple(image_guidance_interval)
     start = time.perf_counter()
     model.eval()
     targets, prompts = balanced_prompts(dataset, num_generated)
