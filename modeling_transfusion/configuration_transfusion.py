@@ -60,7 +60,8 @@ class TransfusionConfig(PreTrainedConfig):
             The paper's lambda: `loss = lm_loss + diffusion_loss_weight * diffusion_loss`.
         max_conditioning_timestep (`int`, *optional*, defaults to 500):
             Timestep cap for images that condition text after them (the paper's noise limit), so captions are learned
-            from images that are still recognisable.
+            from images that are still recognisable. 0 trains captioning on clean images, which carry no diffusion
+            loss.
         condition_dropout_prob (`float`, *optional*, defaults to 0.1):
             Probability, in training, that an image's patches may not see what precedes its `<boi>`; this teaches the
             unconditional branch used by classifier-free guidance.

@@ -68,18 +68,26 @@ def noise_latents(
 
 
 def diffusion_mse(
-    prediction: torch.Tensor, target: torch.Tensor, latent_sizes: torch.Tensor | None = None
+    prediction: torch.Tensor,
+    target: torch.Tensor,
+    latent_sizes: torch.Tensor | None = None,
+    noised: torch.BoolTensor | None = None,
 ) -> torch.Tensor:
     """The diffusion loss: mean squared error per image, then the mean over images (in float32).
 
     With `latent_sizes` `(num_images, 2)`, images of different sizes padded with zeros in both tensors: each image's
-    error is averaged over its own height x width only."""
+    error is averaged over its own height x width only. With `noised` `(num_images,)`, only those images count (an image
+    at timestep 0 is clean: its noise cannot be predicted); the loss is 0 when none does."""
     squared = ((prediction.float() - target.float()) ** 2).flatten(1)
     if latent_sizes is None or bool(
         (latent_sizes == torch.tensor(prediction.shape[2:], device=latent_sizes.device)).all()
     ):
-        return squared.mean(1).mean()
-    return (squared.sum(1) / (prediction.shape[1] * latent_sizes.prod(-1).to(squared))).mean()
+        per_image = squared.mean(1)
+    else:
+        per_image = squared.sum(1) / (prediction.shape[1] * latent_sizes.prod(-1).to(squared))
+    if noised is None:
+        return per_image.mean()
+    return (per_image * noised).sum() / noised.sum().clamp(min=1)
 
 
 # name -> (objective it samples, scheduler class, settings that differ from the training scheduler's config)

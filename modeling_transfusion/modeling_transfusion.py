@@ -65,7 +65,8 @@ class TransfusionCausalLMOutputWithPast(CausalLMOutputWithPast):
     loss (`torch.FloatTensor` of shape `()`, returned when `labels` is given):
         `lm_loss + config.diffusion_loss_weight * diffusion_loss`.
     lm_loss (`torch.FloatTensor` of shape `()`): next-token cross-entropy over the text targets.
-    diffusion_loss (`torch.FloatTensor` of shape `()`): mean squared error per image, averaged over the images.
+    diffusion_loss (`torch.FloatTensor` of shape `()`): mean squared error per image, averaged over the noised images
+        (those at a timestep above 0).
     diffusion_prediction, diffusion_target, image_timesteps, image_sizes: as in [`TransfusionModelOutputWithPast`].
     """
 
@@ -637,6 +638,7 @@ class TransfusionModel(TransfusionPreTrainedModel):
             Timestep of each image; 0 (clean) when not given.
         image_noise (`torch.FloatTensor`, laid out as the latents, *optional*):
             Noise added to the latents; drawn from a standard normal when not given and some timestep is not 0.
+            Images at timestep 0 stay clean and carry no diffusion loss.
         unconditional_images (`torch.BoolTensor` of shape `(num_images,)`, *optional*):
             Images whose slots see only their own patches (the unconditional branch of guidance).
 
@@ -689,6 +691,8 @@ class TransfusionModel(TransfusionPreTrainedModel):
                 noisy, target = group, None
                 if group_noise is not None:
                     noisy, target = noise_latents(self.noise_scheduler, group, group_noise, timesteps)
+                    # Timestep 0 means clean whatever the other images of the batch are noised to.
+                    noisy = torch.where((timesteps == 0).view(-1, 1, 1, 1), group, noisy)
                 embeds, encoder_state = self.get_image_features(noisy, timesteps)
                 slots = starts[index, None] + torch.arange(embeds.shape[1], device=device)
                 inputs_embeds[rows[index, None], slots] = embeds.to(inputs_embeds.dtype)
@@ -998,7 +1002,12 @@ class TransfusionForConditionalGeneration(TransfusionPreTrainedModel, Transfusio
             diffusion_loss = lm_loss.new_zeros(())
             if outputs.diffusion_target is not None:
                 latent_sizes = outputs.image_sizes // self.config.vae_downsample_factor
-                diffusion_loss = diffusion_mse(outputs.diffusion_prediction, outputs.diffusion_target, latent_sizes)
+                diffusion_loss = diffusion_mse(
+                    outputs.diffusion_prediction,
+                    outputs.diffusion_target,
+                    latent_sizes,
+                    noised=outputs.image_timesteps != 0,
+                )
             for name, term in (("lm_loss", lm_loss), ("diffusion_loss", diffusion_loss)):
                 if not torch.isfinite(term):
                     raise FloatingPointError(

@@ -575,7 +575,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-conditioning-timestep",
         type=int,
         default=None,
-        help="most noise on an image that text after it is trained to describe (default: the config's, 500)",
+        help="most noise on an image that text after it is trained to describe (default: the config's, 500; 0: "
+        "clean images, which carry no diffusion loss)",
     )
     p.add_argument("--resume", action="store_true", help="resume from the last checkpoint in OUT")
     p.add_argument("--bf16", action="store_true", help="save the final weights in bfloat16 (the VAE stays float32)")

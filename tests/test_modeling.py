@@ -330,6 +330,29 @@ def test_targets_follow_the_objective(objective):
     assert clean.diffusion_target is None and clean.image_timesteps.tolist() == [0]
 
 
+@pytest.mark.parametrize("objective", ["ddpm", "flow"])
+def test_an_image_at_timestep_0_stays_clean_beside_a_noised_one(objective):
+    # The captioned image at timestep 0 (max_conditioning_timestep=0) is clean whatever its neighbour is noised to:
+    # its noise changes nothing and it carries no diffusion loss (the noise at t=0 cannot be predicted).
+    model = tiny_model(objective=objective)
+    ids, _ = two_image_row()
+    latents, timesteps = torch.randn(2, 1, 8, 8), torch.tensor([0, 400])
+    noise = torch.randn(2, 1, 8, 8)
+    other_noise = torch.cat([torch.randn(1, 1, 8, 8), noise[1:]])
+    with torch.no_grad():
+        out = model(input_ids=ids, image_latents=latents, image_timesteps=timesteps, image_noise=noise, labels=ids)
+        other = model(input_ids=ids, image_latents=latents, image_timesteps=timesteps, image_noise=other_noise)
+        clean = model(input_ids=ids, image_latents=latents, image_timesteps=torch.tensor([0, 0]), labels=ids)
+    assert torch.equal(out.logits, other.logits)
+    assert torch.equal(out.diffusion_prediction, other.diffusion_prediction)
+    # Image 0's slots and everything before image 1 read exactly what the all-clean forward reads.
+    torch.testing.assert_close(out.logits[:, :24], clean.logits[:, :24], rtol=0, atol=1e-6)
+    noised_only = ((out.diffusion_prediction[1] - out.diffusion_target[1]) ** 2).mean()
+    torch.testing.assert_close(out.diffusion_loss, noised_only)
+    assert ((out.diffusion_prediction[0] - out.diffusion_target[0]) ** 2).mean() > 0.1 * noised_only
+    assert clean.diffusion_loss == 0
+
+
 def test_noise_cap_applies_to_images_followed_by_supervised_text():
     model = tiny_model().train()
     caption_then_image = [BOS, 10, 11] + image_span() + [EOS]
