@@ -336,7 +336,13 @@ def command_eval(args: argparse.Namespace) -> None:
     grids = {"": generated}
     if args.compositions:
         from modeling_transfusion.recipes.data import COMPOSITION_LAYOUTS
-        from modeling_transfusion.recipes.evaluation import composition_table, evaluate_compositions
+        from modeling_transfusion.recipes.evaluation import (
+            composition_table,
+            evaluate_compositions,
+            written_size_prompts,
+            written_size_table,
+            written_sizes,
+        )
 
         results["compositions"] = []
         for layout in COMPOSITION_LAYOUTS:
@@ -357,6 +363,21 @@ def command_eval(args: argparse.Namespace) -> None:
             )
             results["compositions"].append(metrics)
         print(composition_table(results["compositions"]))
+        results["written_sizes"] = {}
+        default_size = (model.config.image_size, model.config.image_size)
+        for layout, size in [(None, default_size), *COMPOSITION_LAYOUTS.items()]:
+            results["written_sizes"][layout or "single"] = written_sizes(
+                model,
+                processor,
+                written_size_prompts(layout),
+                size,
+                seed=args.seed,
+                scheduler=args.scheduler,
+                num_inference_steps=args.steps,
+                image_guidance_scale=args.guidance,
+                image_guidance_interval=args.guidance_interval,
+            )
+        print(written_size_table(results["written_sizes"]))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     if args.grid:

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from modeling_transfusion import TransfusionForConditionalGeneration, TransfusionProcessor
+from modeling_transfusion.generation_transfusion import WRITTEN_IMAGE_SIZE
 from modeling_transfusion.recipes.classifier import JudgeCNN, frechet_distance, predict
 from modeling_transfusion.recipes.data import (
     CAPTION_TEMPLATES,
@@ -386,6 +387,72 @@ def evaluate_compositions(
     return metrics, generated
 
 
+@torch.no_grad()
+def written_sizes(
+    model: TransfusionForConditionalGeneration,
+    processor: TransfusionProcessor,
+    prompts: list[str],
+    expected: tuple[int, int],
+    max_new_tokens: int = 48,
+    seed: int = 0,
+    **generate_kwargs,
+) -> dict:
+    """Interleaved generation from captions alone, as a user calls it (`generate(..., tokenizer=)`, greedy text, one
+    image): the size each row writes before `<boi>` and the size of the image it then opens (the written one when it is
+    a valid size with room for its slots, the default otherwise). Further keyword arguments go to `model.generate`.
+
+    Returns counts over the rows (`wrote_expected`, `opened_expected`: of size `expected` `(height, width)`) and, per
+    row, what it wrote and opened (`None` for no size written, or no image opened)."""
+    batch = processor(text=prompts, padding_side="left", return_tensors="pt")
+    out = model.generate(
+        **batch,
+        generation_mode="interleaved",
+        tokenizer=processor.tokenizer,
+        max_new_tokens=max_new_tokens,
+        max_new_images=1,
+        do_sample=False,
+        generator=[torch.Generator().manual_seed(seed * 100_003 + i) for i in range(len(prompts))],
+        return_dict_in_generate=True,
+        **generate_kwargs,
+    )
+    wrote, opened = [], []
+    for sequence, images in zip(out.sequences[:, batch["input_ids"].shape[1] :].tolist(), out.images):
+        boi = model.config.boi_token_id
+        text = processor.tokenizer.decode(sequence[: sequence.index(boi)] if boi in sequence else sequence)
+        match = WRITTEN_IMAGE_SIZE.search(text.strip())
+        wrote.append([int(match.group(1)), int(match.group(2))] if match else None)
+        opened.append(list(images[0].shape[1:]) if images else None)
+    return {
+        "expected": list(expected),
+        "rows": len(prompts),
+        "wrote_expected": sum(size == list(expected) for size in wrote),
+        "opened_expected": sum(size == list(expected) for size in opened),
+        "wrote": wrote,
+        "opened": opened,
+    }
+
+
+def written_size_table(results: dict[str, dict]) -> str:
+    """A Markdown table of [`written_sizes`] results keyed by what was prompted (`"single"` or a layout)."""
+    lines = [
+        "| prompted (interleaved, caption only) | size expected | wrote it | opened an image of it |",
+        "|---|---|---|---|",
+    ]
+    for name, r in results.items():
+        size, rows = "x".join(map(str, r["expected"])), r["rows"]
+        lines.append(f"| {name} | {size} | {r['wrote_expected']} / {rows} | {r['opened_expected']} / {rows} |")
+    return "\n".join(lines)
+
+
+def written_size_prompts(layout: str | None) -> list[str]:
+    """The 20 prompts of [`written_sizes`] for single digits (`layout=None`: each digit with the first two generation
+    templates) or for compositions of `layout` (the pairs (k, 9 - k) and (k, (k + 4) % 10), first template)."""
+    if layout is None:
+        return [generation_prompt("mnist", k, variant) for variant in (0, 1) for k in range(10)]
+    pairs = [(k, 9 - k) for k in range(10)] + [(k, (k + 4) % 10) for k in range(10)]
+    return [composition_prompt(layout, pair) for pair in pairs]
+
+
 __all__ = [
     "generate_images",
     "caption_images",
@@ -398,5 +465,8 @@ __all__ = [
     "composition_accuracy",
     "balanced_composition_prompts",
     "evaluate_compositions",
+    "written_sizes",
+    "written_size_prompts",
+    "written_size_table",
     "composition_table",
 ]

@@ -115,3 +115,22 @@ def test_the_latent_cache_is_only_read_for_the_images_and_vae_it_was_made_from(t
     assert not torch.equal(cli._cached_latents(cache, images[:4], other), fewer)
     assert "encoding again" in capsys.readouterr().out
     assert torch.equal(cli._cached_latents(cache, images[:4], None), cli._cached_latents(cache, images[:4], None))
+
+
+def test_the_bundled_checkpoint_writes_the_size_of_the_image_it_opens():
+    """Interleaved generation from a caption alone: the bundled checkpoint writes `HxW` before `<boi>` and opens an
+    image of that size (the counts `transfusion eval --compositions` reports over 20 prompts each; here 4)."""
+    from modeling_transfusion.recipes.data import COMPOSITION_LAYOUTS
+    from modeling_transfusion.recipes.evaluation import written_size_prompts, written_size_table, written_sizes
+
+    model, processor = cli.load_checkpoint(str(BUNDLED))
+    results = {}
+    for layout, size in [(None, (32, 32)), *COMPOSITION_LAYOUTS.items()]:
+        prompts = written_size_prompts(layout)
+        assert len(prompts) == 20 and len(set(prompts)) == 20
+        counts = written_sizes(model, processor, prompts[::5], size, num_inference_steps=2)
+        assert counts["rows"] == 4 and counts["opened"] == counts["wrote"]
+        assert counts["wrote_expected"] == 4 if layout else counts["wrote_expected"] >= 3
+        results[layout or "single"] = counts
+    table = written_size_table(results)
+    assert "| stacked | 64x32 | 4 / 4 | 4 / 4 |" in table and len(table.splitlines()) == 5
