@@ -315,6 +315,14 @@ def command_eval(args: argparse.Namespace) -> None:
     model, processor = load_checkpoint(args.model)
     judge = JudgeCNN.load(args.judge)
     images, labels = load_dataset_images(args.dataset, "test", model.config.image_size)
+    # How every metric below samples its images.
+    sampling = {
+        "scheduler": args.scheduler,
+        "num_inference_steps": args.steps,
+        "image_guidance_scale": args.guidance,
+        "image_guidance_interval": args.guidance_interval,
+        "seed": args.seed,
+    }
     report, generated = evaluate(
         model,
         processor,
@@ -324,11 +332,7 @@ def command_eval(args: argparse.Namespace) -> None:
         dataset=args.dataset,
         num_generated=args.num_generated,
         num_captioned=args.num_captioned,
-        scheduler=args.scheduler,
-        num_inference_steps=args.steps,
-        image_guidance_scale=args.guidance,
-        image_guidance_interval=args.guidance_interval,
-        seed=args.seed,
+        **sampling,
     )
     print(report.table())
     print(f"({report.seconds:.0f} s)")
@@ -355,11 +359,7 @@ def command_eval(args: argparse.Namespace) -> None:
                 layout,
                 num_generated=args.num_generated,
                 num_captioned=args.num_captioned,
-                scheduler=args.scheduler,
-                num_inference_steps=args.steps,
-                image_guidance_scale=args.guidance,
-                image_guidance_interval=args.guidance_interval,
-                seed=args.seed,
+                **sampling,
             )
             results["compositions"].append(metrics)
         print(composition_table(results["compositions"]))
@@ -371,11 +371,7 @@ def command_eval(args: argparse.Namespace) -> None:
                 processor,
                 written_size_prompts(layout),
                 size,
-                seed=args.seed,
-                scheduler=args.scheduler,
-                num_inference_steps=args.steps,
-                image_guidance_scale=args.guidance,
-                image_guidance_interval=args.guidance_interval,
+                **sampling,
             )
         print(written_size_table(results["written_sizes"]))
     if args.json:

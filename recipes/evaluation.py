@@ -416,8 +416,8 @@ def written_sizes(
         **generate_kwargs,
     )
     wrote, opened = [], []
+    boi = model.config.boi_token_id
     for sequence, images in zip(out.sequences[:, batch["input_ids"].shape[1] :].tolist(), out.images):
-        boi = model.config.boi_token_id
         text = processor.tokenizer.decode(sequence[: sequence.index(boi)] if boi in sequence else sequence)
         match = WRITTEN_IMAGE_SIZE.search(text.strip())
         wrote.append([int(match.group(1)), int(match.group(2))] if match else None)
