@@ -8,6 +8,7 @@ import torch
 from .convert_llm import convert_from_llm
 from .convert_vae import convert_from_vae
 from .export_hub import export_to_hub
+from .image_path import apply_image_path, extract_image_path
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -37,6 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
     llm.add_argument("--patch-size", type=int, default=2, help="latent pixels per patch side (default: 2)")
     llm.add_argument("--patch-encoder", choices=("linear", "unet"), default="linear")
     llm.add_argument("--objective", choices=("ddpm", "flow"), default="ddpm")
+    llm.add_argument(
+        "--modality-experts",
+        action="store_true",
+        help="give image slots their own weights in every layer, each image expert a copy of its text layer",
+    )
+    llm.add_argument("--experts-rank", type=int, help="with --modality-experts: low-rank experts of this rank")
     llm.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of the saved weights")
     llm.add_argument("--no-verify", dest="verify", action="store_false", help="skip the text-logits check")
     llm.add_argument("--overwrite", action="store_true", help="write into a non-empty output folder")
@@ -61,6 +68,24 @@ def build_parser() -> argparse.ArgumentParser:
     hub.add_argument("checkpoint_dir", help="a Transfusion checkpoint")
     hub.add_argument("output_dir", help="where to write the Hub folder")
     hub.add_argument("--overwrite", action="store_true", help="write into a non-empty output folder")
+
+    extract = commands.add_parser(
+        "extract-image-path",
+        help="save the image path of a model with modality experts alone (to apply on top of its LLM)",
+    )
+    extract.add_argument("checkpoint_dir", help="a Transfusion checkpoint with modality experts")
+    extract.add_argument("output_dir", help="where to write the image path")
+    extract.add_argument("--overwrite", action="store_true", help="write into a non-empty output folder")
+
+    apply = commands.add_parser(
+        "apply-image-path",
+        help="put an image path on top of the LLM it was trained on and save the whole model",
+    )
+    apply.add_argument("llm_dir", help="folder of the causal LM the image path was trained on")
+    apply.add_argument("image_path_dir", help="a folder written by extract-image-path")
+    apply.add_argument("output_dir", help="where to save the Transfusion checkpoint")
+    apply.add_argument("--gguf-file", help="a GGUF file inside llm_dir to load instead of safetensors")
+    apply.add_argument("--overwrite", action="store_true", help="write into a non-empty output folder")
     return parser
 
 
@@ -81,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
                 patch_size=args.patch_size,
                 patch_encoder=args.patch_encoder,
                 objective=args.objective,
+                modality_experts=args.modality_experts,
+                modality_experts_rank=args.experts_rank,
                 dtype=DTYPES[args.dtype],
                 overwrite=args.overwrite,
                 verify=args.verify,
@@ -94,8 +121,14 @@ def main(argv: list[str] | None = None) -> int:
                 patch_size=args.patch_size,
                 overwrite=args.overwrite,
             )
-        else:
+        elif args.command == "export-hub":
             report = export_to_hub(args.checkpoint_dir, args.output_dir, overwrite=args.overwrite)
+        elif args.command == "extract-image-path":
+            report = extract_image_path(args.checkpoint_dir, args.output_dir, overwrite=args.overwrite)
+        else:
+            report = apply_image_path(
+                args.llm_dir, args.image_path_dir, args.output_dir, gguf_file=args.gguf_file, overwrite=args.overwrite
+            )
     except (FileExistsError, FileNotFoundError, ValueError, ImportError, RuntimeError) as error:
         print(f"transfusion-convert {args.command}: error: {error}", file=sys.stderr)
         return 1

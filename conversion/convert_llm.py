@@ -14,6 +14,7 @@ from diffusers import AutoencoderKL
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from ..configuration_transfusion import TransfusionConfig
+from ..experts_transfusion import copy_text_weights_to_experts
 from ..modeling_transfusion import TransfusionForConditionalGeneration
 from ..processing import TransfusionProcessor, add_image_tokens
 from .checkpoint import prepare_output_dir, quiet_loading, save_checkpoint, vae_config_dict
@@ -37,6 +38,8 @@ def convert_from_llm(
     patch_size: int = 2,
     patch_encoder: str = "linear",
     objective: str = "ddpm",
+    modality_experts: bool = False,
+    modality_experts_rank: int | None = None,
     dtype: torch.dtype = torch.float32,
     overwrite: bool = False,
     verify: bool = True,
@@ -60,6 +63,10 @@ def convert_from_llm(
             `patch_size=2`).
         num_channels (`int`, *optional*): image channels; the VAE's `in_channels`, or 3 without a VAE.
         patch_size, patch_encoder, objective: as in [`TransfusionConfig`].
+        modality_experts (`bool`, *optional*, defaults to `False`):
+            Give image slots weights of their own in every layer, each image expert starting as a copy of its text
+            module (LMFusion's initialisation); see [`TransfusionConfig`].
+        modality_experts_rank (`int`, *optional*): low-rank experts of this rank instead of full copies.
         dtype (`torch.dtype`, *optional*, defaults to `torch.float32`): dtype of the saved weights (the VAE stays
             float32).
         overwrite (`bool`, *optional*, defaults to `False`): allow writing into a non-empty `output_dir`.
@@ -171,6 +178,8 @@ def convert_from_llm(
         f"{config.num_image_tokens} slots each"
     )
 
+    if modality_experts:
+        model = _with_image_experts(model, modality_experts_rank, report)
     if verify:
         report.checks.append(_check_text_logits(llm, model, tokenizer, old_vocab))
     generation_config = _generation_config(llm.generation_config, tokenizer)
@@ -187,10 +196,35 @@ def convert_from_llm(
 
 
 @torch.no_grad()
+def _with_image_experts(model, rank: int | None, report: ConversionReport) -> TransfusionForConditionalGeneration:
+    """The converted model with modality experts, each image expert a copy of its text module (LMFusion's
+    initialisation; a low-rank expert starts with a zero delta), and the image tokens' rows copied from the resized
+    embedding."""
+    config = TransfusionConfig(**{**model.config.to_dict(), "modality_experts": True, "modality_experts_rank": rank})
+    experts = TransfusionForConditionalGeneration(config).to(model.dtype)
+    if experts.model.vae is not None:
+        experts.model.vae.float()  # the VAE stays float32
+    missing, unexpected = experts.load_state_dict(model.state_dict(), strict=False)
+    if unexpected:
+        raise RuntimeError(f"The model with image experts does not take the weights {unexpected[:5]}.")
+    count = copy_text_weights_to_experts(experts.model.language_model)
+    embeddings = experts.get_input_embeddings()
+    with torch.no_grad():
+        embeddings.image_tokens_weight.copy_(embeddings.weight[config.image_token_ids])
+    kind = f"low-rank (rank {rank}) experts, each starting at a zero delta" if rank else "full copies"
+    report.initialised += [f"{name} (image expert)" for name in missing if name != "lm_head.weight"]
+    report.notes.append(
+        f"modality experts: {count} image experts beside the text modules ({kind} of their text layers, LMFusion's "
+        "initialisation); the rows of <boi>, <eoi>, <image> moved to the image path (image_tokens_weight)"
+    )
+    return experts.eval()
+
+
+@torch.no_grad()
 def _check_text_logits(llm, model, tokenizer, vocab_size: int) -> str:
     """Compares the LM's and the converted model's logits (over the LM's vocabulary) on a probe sentence."""
     input_ids = tokenizer(PROBE_TEXT, return_tensors="pt")["input_ids"]
-    expected = llm(input_ids=input_ids).logits.float()
+    expected = llm(input_ids=input_ids).logits[..., :vocab_size].float()
     actual = model.eval()(input_ids=input_ids).logits[..., :vocab_size].float()
     difference = (expected - actual).abs().max().item()
     scale = expected.abs().max().item()

@@ -12,6 +12,7 @@ from pathlib import Path
 from .. import (
     configuration_transfusion,
     diffusion_transfusion,
+    experts_transfusion,
     generation_transfusion,
     pipeline_transfusion,
     saving_transfusion,
@@ -29,6 +30,7 @@ REMOTE_CODE_FILES = {
         configuration_transfusion,
         modeling_module,
         diffusion_transfusion,
+        experts_transfusion,
         generation_transfusion,
         pipeline_transfusion,
         saving_transfusion,

@@ -10,7 +10,10 @@ from transformers.configuration_utils import SubConfigSpec
 # The checkpoint format this release writes and reads. Raise it when a config field changes what a checkpoint means in
 # a way an older release would silently ignore; such a checkpoint is then refused by older releases with a clear error.
 # 2: images of any size (`max_image_size`) and 2-D patch positions (`image_position_embedding`).
-FORMAT_VERSION = 2
+# 3: modality experts (`modality_experts`). Only a config that turns them on is written as 3, so every other checkpoint
+#    stays readable by releases that read 2.
+FORMAT_VERSION = 3
+MODALITY_EXPERTS_FORMAT_VERSION = 3
 IMAGE_POSITION_EMBEDDINGS = (None, "learned_2d")
 
 
@@ -71,11 +74,19 @@ class TransfusionConfig(PreTrainedConfig):
             Id of `<eoi>`, which closes an image.
         image_token_id (`int`, *optional*, defaults to 2):
             Id of `<image>`, the placeholder of one patch.
+        modality_experts (`bool`, *optional*, defaults to `False`):
+            Image slots get weights of their own in every decoder layer (LMFusion, Mixture-of-Transformers): a twin of
+            each per-token module (q/k/v/o projections, q/k norms, MLP, layer norms, the final norm), routed by the
+            image-slot mask, while attention stays shared. The rows of `<boi>`, `<eoi>` and `<image>` become image
+            weights too. With [`~TransfusionForConditionalGeneration.freeze_text_path`], text stays exactly the LLM's.
+        modality_experts_rank (`int`, *optional*):
+            With `modality_experts`: `None` gives full copies; a rank `r` gives low-rank experts, whose linear layers
+            are the text layer plus a trained rank-`r` delta (norms are full copies).
         tie_word_embeddings (`bool`, *optional*, defaults to `False`):
             Whether the LM head shares the input embedding matrix (copied from `text_config` when it ties).
-        format_version (`int`, *optional*, defaults to `FORMAT_VERSION`):
-            Version of the checkpoint format. A config written by a newer release of `modeling_transfusion`, in a
-            format this one cannot read, is refused with an error that says to upgrade.
+        format_version (`int`, *optional*):
+            Version of the checkpoint format: 3 with modality experts, 2 otherwise. A config written by a newer release
+            of `modeling_transfusion`, in a format this one cannot read, is refused with an error that says to upgrade.
 
     Keys this class does not declare are kept as attributes and saved again, as for any transformers config.
 
@@ -116,10 +127,14 @@ class TransfusionConfig(PreTrainedConfig):
     boi_token_id: int = 0
     eoi_token_id: int = 1
     image_token_id: int = 2
+    modality_experts: bool = False
+    modality_experts_rank: int | None = None
     tie_word_embeddings: bool = False
-    format_version: int = FORMAT_VERSION
+    format_version: int | None = None
 
     def __post_init__(self, **kwargs):
+        if self.format_version is None:
+            self.format_version = MODALITY_EXPERTS_FORMAT_VERSION if self.modality_experts else 2
         if self.format_version > FORMAT_VERSION:
             raise ValueError(
                 f"This Transfusion config has format_version={self.format_version}, written by a newer release of "
@@ -137,6 +152,15 @@ class TransfusionConfig(PreTrainedConfig):
             )
         if self.max_image_size is None:
             self.max_image_size = self.image_size
+        if self.modality_experts_rank is not None:
+            if not self.modality_experts:
+                raise ValueError(
+                    "modality_experts_rank is the rank of modality experts: it needs modality_experts=True."
+                )
+            if isinstance(self.modality_experts_rank, bool) or self.modality_experts_rank < 1:
+                raise ValueError(f"modality_experts_rank must be positive, got {self.modality_experts_rank}.")
+        if self.modality_experts:
+            self.format_version = max(self.format_version, MODALITY_EXPERTS_FORMAT_VERSION)
         super().__post_init__(**kwargs)
         # The default is False, but a backbone that ties its head (SmolLM2, Qwen2-0.5B, ...) must stay tied.
         if not self.tie_word_embeddings and getattr(self.text_config, "tie_word_embeddings", False):
@@ -210,6 +234,11 @@ class TransfusionConfig(PreTrainedConfig):
                 raise ValueError(f"{name}={value} lies outside the vocabulary of the text model (size {vocab_size}).")
         if len(set(ids.values())) != 3:
             raise ValueError(f"<boi>, <eoi> and <image> need three distinct ids, got {ids}.")
+
+    @property
+    def image_token_ids(self) -> list[int]:
+        """The ids of the tokens Transfusion adds: `[boi_token_id, eoi_token_id, image_token_id]`."""
+        return [self.boi_token_id, self.eoi_token_id, self.image_token_id]
 
     @property
     def vae_downsample_factor(self) -> int:

@@ -17,6 +17,7 @@ from diffusers.models.unets.unet_2d_blocks import DownBlock2D, UpBlock2D
 from safetensors import SafetensorError
 from torch import nn
 from transformers import AutoModel, PreTrainedModel
+from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.conversion_mapping import register_checkpoint_conversion_mapping
 from transformers.core_model_loading import WeightRenaming
@@ -27,6 +28,13 @@ from transformers.utils.generic import can_return_tuple
 
 from .configuration_transfusion import TransfusionConfig
 from .diffusion_transfusion import diffusion_mse, noise_latents, noise_scheduler_from_config, sample_training_timesteps
+from .experts_transfusion import (
+    ROUTING_KWARG,
+    TransfusionLowRankExpert,
+    add_image_experts,
+    add_image_token_rows,
+    image_path_parameters,
+)
 from .generation_transfusion import TransfusionGenerationMixin, indices_by_shape
 from .saving_transfusion import check_save_directory, save_atomically
 
@@ -353,17 +361,35 @@ class TransfusionPreTrainedModel(PreTrainedModel):
             nn.init.zeros_(module.weight)
             nn.init.zeros_(module.bias)
 
+    @torch.no_grad()
+    def initialize_weights(self):
+        super().initialize_weights()
+        # The image experts live inside the backbone, which transformers initialises by the backbone's own rules: they
+        # know neither low-rank experts nor the image tokens' rows. (Weights loaded from a checkpoint are skipped.)
+        std = getattr(self.config.get_text_config(), "initializer_range", 0.02)
+        for module in self.modules():
+            if isinstance(module, TransfusionLowRankExpert):
+                module.reset_parameters()
+            if isinstance(getattr(module, "image_tokens_weight", None), nn.Parameter):
+                init.normal_(module.image_tokens_weight, mean=0.0, std=std)
+
 
 class TransfusionModel(TransfusionPreTrainedModel):
     """
-    The Transfusion transformer without the LM head: the text backbone (`language_model`, any Hugging Face decoder),
-    the patch encoder and decoder, the optional 2-D patch positions, and the frozen VAE. It returns the backbone's
-    hidden states and the diffusion prediction for every image.
+    The Transfusion transformer without the LM head: the text backbone (`language_model`, any Hugging Face decoder,
+    with image twins of its per-token modules when `config.modality_experts` is on), the patch encoder and decoder,
+    the optional 2-D patch positions, and the frozen VAE. It returns the backbone's hidden states and the diffusion
+    prediction for every image.
     """
 
     def __init__(self, config: TransfusionConfig):
         super().__init__(config)
         self.language_model = AutoModel.from_config(config.text_config)
+        # Modality experts (experts_transfusion.py): the routing that the backbone's routed modules read.
+        self.modality_routing = None
+        if config.modality_experts:
+            self.modality_routing = add_image_experts(self.language_model, config.modality_experts_rank)
+            add_image_token_rows(self.language_model.get_input_embeddings(), config.image_token_ids)
         self.patch_encoder = PATCH_ENCODERS[config.patch_encoder](config)
         self.patch_decoder = PATCH_DECODERS[config.patch_encoder](config)
         self.patch_position_embedding = (
@@ -378,7 +404,24 @@ class TransfusionModel(TransfusionPreTrainedModel):
         return self.language_model.get_input_embeddings()
 
     def set_input_embeddings(self, value):
+        previous = self.language_model.get_input_embeddings()
+        if self.modality_routing is not None and not hasattr(value, "image_tokens_weight"):
+            # e.g. `resize_token_embeddings`: the image-token rows move over to the new embedding.
+            add_image_token_rows(value, self.config.image_token_ids)
+            value.image_tokens_weight = previous.image_tokens_weight
         self.language_model.set_input_embeddings(value)
+
+    def image_token_logits(self, hidden_states: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """With modality experts, the logits of `<boi>`, `<eoi>` and `<image>` come from their own rows (the input
+        embedding's `image_tokens_weight`, shared in and out); `logits` is returned with those columns replaced."""
+        embeddings = self.get_input_embeddings()
+        rows = nn.functional.linear(hidden_states, embeddings.image_tokens_weight.to(hidden_states.dtype))
+        token_ids = torch.tensor(embeddings.image_token_ids, device=logits.device)
+        return logits.index_copy(-1, token_ids, rows.to(logits.dtype))
+
+    def _routing_kwargs(self, image_slots: torch.BoolTensor | None) -> dict:
+        """The keyword that routes the backbone's per-token modules (modality experts only)."""
+        return {} if self.modality_routing is None else {ROUTING_KWARG: image_slots}
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -578,7 +621,12 @@ class TransfusionModel(TransfusionPreTrainedModel):
                 embeds, slots, attention_mask, cache, position_ids, unconditional_images
             )
         hidden = self.language_model(
-            inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids, cache=cache, use_cache=True
+            inputs_embeds=embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=True,
+            **self._routing_kwargs(torch.ones(embeds.shape[:2], dtype=torch.bool, device=embeds.device)),
         ).last_hidden_state
         cache.crop(-embeds.shape[1])
         return self.get_image_prediction(hidden, encoder_state, self._grid_size(latents))
@@ -712,6 +760,7 @@ class TransfusionModel(TransfusionPreTrainedModel):
             position_ids=position_ids,
             cache=cache,
             use_cache=use_cache,
+            **self._routing_kwargs(image_slots),
             **kwargs,
         )
         sizes = None
@@ -845,6 +894,23 @@ class TransfusionForConditionalGeneration(TransfusionPreTrainedModel, Transfusio
     def set_output_embeddings(self, new_embeddings):
         self.lm_head = new_embeddings
 
+    def freeze_text_path(self) -> "TransfusionForConditionalGeneration":
+        """With modality experts: stops the gradients of everything text uses (the embeddings, the text weights of
+        every layer, the final text norm, the LM head), so that text-only inputs keep exactly the logits they had. Left
+        trainable: the image experts, the rows of `<boi>`, `<eoi>` and `<image>`, the patch encoder and decoder (with
+        the timestep embedding) and the 2-D patch positions; the VAE stays frozen. Frozen weights have no gradient, so
+        no optimizer (weight decay included) moves them. Returns the model."""
+        if not self.config.modality_experts:
+            raise ValueError(
+                "freeze_text_path() needs a model with modality_experts=True: without experts, text and images share "
+                "every weight of the backbone, so freezing the text path would freeze the image path too."
+            )
+        self.model.language_model.requires_grad_(False)
+        self.lm_head.requires_grad_(False)
+        for parameter in image_path_parameters(self.model.language_model):
+            parameter.requires_grad_(True)
+        return self
+
     @property
     def vae(self) -> AutoencoderKL | None:
         """The frozen autoencoder (`None`: the identity, latents are pixels)."""
@@ -957,6 +1023,10 @@ class TransfusionForConditionalGeneration(TransfusionPreTrainedModel, Transfusio
             random timestep (unless `image_timesteps` is given) and the loss includes the diffusion term. Image
             slots, the `<eoi>` after them and padding never carry LM loss. Pre-shifted `shift_labels` (sequence
             parallelism) are taken as well, with the same positions ignored.
+        logits_to_keep (`int` or `torch.Tensor`, *optional*, defaults to 0):
+            As in transformers' causal LMs: logits of the last `logits_to_keep` positions only (0: all). The loss does
+            not depend on it; with fewer logits kept, it computes the logits of the text targets alone, which saves
+            the LM head's work on image slots in training (`logits_to_keep=1`).
 
         The other arguments are those of [`TransfusionModel.forward`]. In training mode, images drop their condition
         with probability `config.condition_dropout_prob` unless `unconditional_images` is given.
@@ -994,11 +1064,19 @@ class TransfusionForConditionalGeneration(TransfusionPreTrainedModel, Transfusio
         )
         hidden_states = outputs.last_hidden_state
         slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden_states[:, slice_indices, :])
+        logits = self.compute_logits(hidden_states[:, slice_indices, :])
 
         loss = lm_loss = diffusion_loss = None
         if labels is not None:
-            lm_loss = self._lm_loss(logits, input_ids, labels, shift_labels, attention_mask)
+            shift_labels = self._shift_labels(input_ids, labels, shift_labels, attention_mask)
+            if logits.shape[1] == hidden_states.shape[1]:
+                lm_loss = self._lm_loss(logits, shift_labels)
+            else:
+                # Logits of part of the sequence were asked for: the loss computes the text targets' logits alone.
+                targeted = shift_labels != -100
+                lm_loss = self._lm_loss(
+                    self.compute_logits(hidden_states[targeted])[None], shift_labels[targeted][None]
+                )
             diffusion_loss = lm_loss.new_zeros(())
             if outputs.diffusion_target is not None:
                 latent_sizes = outputs.image_sizes // self.config.vae_downsample_factor
@@ -1031,22 +1109,31 @@ class TransfusionForConditionalGeneration(TransfusionPreTrainedModel, Transfusio
             image_sizes=outputs.image_sizes,
         )
 
-    def _lm_loss(self, logits, input_ids, labels, shift_labels, attention_mask):
-        """transformers' causal-LM loss on the text targets. Pre-shifted `shift_labels` (each position's own target,
-        as sequence parallelism passes them) get the same positions ignored as `labels` do in `text_labels`."""
-        vocab_size = self.config.text_config.vocab_size
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The LM head on `hidden_states` `(..., hidden_size)`; with modality experts, the logits of the image tokens
+        come from their own rows."""
+        logits = self.lm_head(hidden_states)
+        if self.config.modality_experts:
+            logits = self.model.image_token_logits(hidden_states, logits)
+        return logits
+
+    def _shift_labels(self, input_ids, labels, shift_labels, attention_mask) -> torch.LongTensor:
+        """Each position's own text target `(batch_size, sequence_length)` (-100: none), from `labels` or from
+        pre-shifted `shift_labels`, with the positions `text_labels` ignores ignored."""
         if shift_labels is None:
             labels = self.text_labels(input_ids, labels, attention_mask)
-            if not (labels[:, 1:] != -100).any():
-                return logits.sum() * 0.0
-            return self.loss_function(logits=logits, labels=labels, vocab_size=vocab_size)
+            return nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
         image_token = self.config.image_token_id
         ignored = (input_ids == image_token) | (shift_labels == image_token)
         if attention_mask is not None and attention_mask.dim() == 2:
             ignored |= attention_mask == 0
-        shift_labels = shift_labels.masked_fill(ignored, -100)
+        return shift_labels.masked_fill(ignored, -100)
+
+    def _lm_loss(self, logits: torch.Tensor, shift_labels: torch.LongTensor) -> torch.Tensor:
+        """transformers' causal-LM loss of `logits` against each position's own target (see `_shift_labels`)."""
         if not (shift_labels != -100).any():
             return logits.sum() * 0.0
+        vocab_size = self.config.text_config.vocab_size
         return self.loss_function(logits=logits, labels=None, shift_labels=shift_labels, vocab_size=vocab_size)
 
 

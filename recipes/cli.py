@@ -190,8 +190,12 @@ def command_train(args: argparse.Namespace) -> None:
     }
     if args.max_conditioning_timestep is not None:
         config_changes["max_conditioning_timestep"] = args.max_conditioning_timestep
+    if args.freeze_text_path and not args.init_from:
+        raise ValueError("--freeze-text-path keeps a pretrained text path: pass --init-from a converted checkpoint.")
     if args.init_from:
         model = init_from_checkpoint(args.init_from, **config_changes)
+        if args.freeze_text_path:
+            model.freeze_text_path()
         trained_processor = AutoProcessor.from_pretrained(args.init_from)
         tokenizer, chat_template = trained_processor.tokenizer, trained_processor.chat_template
         vae = model.model.vae
@@ -224,16 +228,28 @@ def command_train(args: argparse.Namespace) -> None:
         model.config, tokenizer, chat_template=chat_template, write_image_size=bool(args.compositions)
     )
     mix = CaptionMix(generation=args.mix[0], captioning=args.mix[1], text_only=args.mix[2])
+    texts = None
+    if args.text_corpus == "wordnet":
+        from modeling_transfusion.recipes.data import load_wordnet_glosses
+
+        texts = load_wordnet_glosses("train")
     parts = [
         LatentCaptionDataset(
-            _cached_latents(out / "latents.safetensors", images, vae), labels, args.dataset, mix, seed=args.seed
+            _cached_latents(out / "latents.safetensors", images, vae),
+            labels,
+            args.dataset,
+            mix,
+            seed=args.seed,
+            texts=texts,
         )
     ]
     print(f"single images: {len(labels)}")
     for number, layout in enumerate(COMPOSITION_LAYOUTS if args.compositions else ()):
         composed, pairs = make_compositions(images, labels, layout, args.compositions, seed=args.seed + 1 + number)
         latents = _cached_latents(out / f"latents_{layout}.safetensors", composed, vae)
-        parts.append(LatentCaptionDataset(latents, pairs.tolist(), args.dataset, mix, seed=args.seed, layout=layout))
+        parts.append(
+            LatentCaptionDataset(latents, pairs.tolist(), args.dataset, mix, seed=args.seed, layout=layout, texts=texts)
+        )
         print(f"{layout} compositions: {len(pairs)}, latents {tuple(latents.shape[1:])}")
     training_args = training_arguments(
         out,
@@ -243,8 +259,11 @@ def command_train(args: argparse.Namespace) -> None:
         save_steps=args.save_steps,
         logging_steps=args.logging_steps,
         seed=args.seed,
+        progress_bar=sys.stderr.isatty(),
     )
-    collator = LatentDataCollator(processor, vae_downsample_factor=model.config.vae_downsample_factor)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"trainable parameters: {trainable:,} of {sum(p.numel() for p in model.parameters()):,}")
+    collator = LatentDataCollator(processor, vae_downsample_factor=model.config.vae_downsample_factor, logits_to_keep=1)
     trainer = TransfusionTrainer(
         model=model, args=training_args, train_dataset=torch.utils.data.ConcatDataset(parts), data_collator=collator
     )
@@ -584,7 +603,23 @@ def build_parser() -> argparse.ArgumentParser:
         default=[0.65, 0.25, 0.10],
         help="fractions of generation, captioning and text-only rows",
     )
-    p.add_argument("--init-from", default=None, help="continue from a trained checkpoint (its tokenizer and VAE)")
+    p.add_argument(
+        "--init-from",
+        default=None,
+        help="start from a checkpoint (trained, or converted from an LLM by transfusion-convert from-llm; its "
+        "tokenizer and VAE)",
+    )
+    p.add_argument(
+        "--freeze-text-path",
+        action="store_true",
+        help="with --init-from a model with modality experts: train the image path only (model.freeze_text_path())",
+    )
+    p.add_argument(
+        "--text-corpus",
+        default="templates",
+        choices=["templates", "wordnet"],
+        help="what the text-only rows hold: caption templates, or WordNet glosses (real English)",
+    )
     p.add_argument("--compositions", type=int, default=0, help="two-digit compositions per layout (MNIST)")
     p.add_argument("--position-embedding", default="none", choices=["none", "learned_2d"])
     p.add_argument("--max-image-size", type=int, default=None, help="largest image side (64 with --compositions)")

@@ -151,6 +151,7 @@ class LatentCaptionDataset(torch.utils.data.Dataset):
         labels: class index (or emoji name) of each image; with `layout`, the pair of digits of each composition.
         dataset: `"mnist"`, `"fashion_mnist"` or `"emoji"` (selects the caption templates).
         layout: `None` for single images, or a two-digit composition layout (`"side_by_side"`, `"stacked"`).
+        texts: documents for the text-only rows (e.g. WordNet glosses); by default they are caption templates.
     """
 
     def __init__(
@@ -161,11 +162,12 @@ class LatentCaptionDataset(torch.utils.data.Dataset):
         mix: CaptionMix | None = None,
         seed: int = 0,
         layout: str | None = None,
+        texts: Sequence[str] | None = None,
     ):
         if len(latents) != len(labels):
             raise ValueError(f"Got {len(latents)} latents but {len(labels)} labels.")
         self.latents, self.labels, self.dataset, self.seed = latents, list(labels), dataset, seed
-        self.mix, self.layout = mix or CaptionMix(), layout
+        self.mix, self.layout, self.texts = mix or CaptionMix(), layout, texts
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -179,6 +181,8 @@ class LatentCaptionDataset(torch.utils.data.Dataset):
         record = {"text": text}
         if "<image>" in text:
             record["latents"] = self.latents[index : index + 1]
+        elif self.texts:
+            record["text"] = rng.choice(self.texts)
         return record
 
 
@@ -186,7 +190,8 @@ class LatentCaptionDataset(torch.utils.data.Dataset):
 class LatentDataCollator:
     """Collates records `{"text": "caption <image>", "latents": (1, c, h, w)}` into model inputs with `image_latents`
     (instead of pixels; a list when their sizes differ), padded on the right, with `labels` (-100 on padding and image
-    slots) and EOS appended.
+    slots) and EOS appended. `logits_to_keep=1` goes into every batch when set: the model then computes the logits of
+    the text targets alone (the loss is the same, the LM head's work on image slots is saved).
 
     With `vae_downsample_factor` (the model's `config.vae_downsample_factor`), each marker expands as the processor
     expands it for an image of that latent's size (images of any size); without it, every image is of the default size
@@ -194,6 +199,7 @@ class LatentDataCollator:
 
     processor: TransfusionProcessor
     vae_downsample_factor: int | None = None
+    logits_to_keep: int | None = None
 
     def __call__(self, records: Sequence[dict]) -> dict[str, torch.Tensor]:
         tokenizer = self.processor.tokenizer
@@ -217,6 +223,8 @@ class LatentDataCollator:
         latents = [r["latents"][0] for r in records if "latents" in r]
         if latents:
             batch["image_latents"] = latents if len({x.shape for x in latents}) > 1 else torch.stack(latents)
+        if self.logits_to_keep is not None:
+            batch["logits_to_keep"] = self.logits_to_keep
         return batch
 
 
@@ -255,6 +263,7 @@ def training_arguments(
     save_steps: int = 250,
     logging_steps: int = 25,
     seed: int = 0,
+    progress_bar: bool = False,
 ) -> TrainingArguments:
     """The paper's optimiser recipe (section 4.1), scaled down: AdamW betas (0.9, 0.95), eps 1e-8, weight decay 0.1,
     linear warm-up (5% of the steps by default), cosine decay to 5% of the peak, gradient norm clipped at 1."""
@@ -280,7 +289,7 @@ def training_arguments(
         report_to=[],
         use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=0,
-        disable_tqdm=True,
+        disable_tqdm=not progress_bar,
     )
 
 

@@ -66,15 +66,11 @@ def build_tiny_tokenizer(with_image_tokens: bool = True) -> PreTrainedTokenizerF
     return tokenizer
 
 
-def build_tiny_config(
-    tokenizer: PreTrainedTokenizerFast, image_size: int = 8, num_channels: int = 1, patch_size: int = 2, **kwargs
-) -> TransfusionConfig:
-    """A tiny Transfusion config matching `tokenizer`: Llama backbone (2 layers, width 32), identity autoencoder,
-    `(image_size // patch_size) ** 2` image slots (16 by default), context 256, and the tokenizer's image token ids
-    (unless `kwargs` gives them). Further `kwargs` go to `TransfusionConfig` (e.g. `vae_config=TINY_VAE,
-    latent_channels=2`)."""
-    text_config = {
-        "model_type": "llama",
+def tiny_text_config(tokenizer: PreTrainedTokenizerFast, model_type: str = "llama", **kwargs) -> dict:
+    """The tiny backbone of every test: 2 layers of width 32 (4 heads, 2 key-value heads), context 256, the vocabulary
+    and special ids of `tokenizer`. `kwargs` change or add fields (e.g. `tie_word_embeddings=True`)."""
+    return {
+        "model_type": model_type,
         "vocab_size": len(tokenizer),
         "hidden_size": 32,
         "intermediate_size": 64,
@@ -85,7 +81,18 @@ def build_tiny_config(
         "pad_token_id": tokenizer.pad_token_id,
         "bos_token_id": tokenizer.bos_token_id,
         "eos_token_id": tokenizer.eos_token_id,
+        **kwargs,
     }
+
+
+def build_tiny_config(
+    tokenizer: PreTrainedTokenizerFast, image_size: int = 8, num_channels: int = 1, patch_size: int = 2, **kwargs
+) -> TransfusionConfig:
+    """A tiny Transfusion config matching `tokenizer`: Llama backbone (2 layers, width 32), identity autoencoder,
+    `(image_size // patch_size) ** 2` image slots (16 by default), context 256, and the tokenizer's image token ids
+    (unless `kwargs` gives them). Further `kwargs` go to `TransfusionConfig` (e.g. `vae_config=TINY_VAE,
+    latent_channels=2`)."""
+    text_config = tiny_text_config(tokenizer)
     for name, token in (("boi_token_id", "<boi>"), ("eoi_token_id", "<eoi>"), ("image_token_id", "<image>")):
         kwargs.setdefault(name, tokenizer.convert_tokens_to_ids(token))
     kwargs.setdefault("vae_config", None)

@@ -11,14 +11,14 @@ import sysconfig
 import pytest
 import torch
 from diffusers import AutoencoderKL
-from transformers import AutoModel, AutoModelForCausalLM, AutoProcessor, AutoTokenizer, LlamaConfig, Qwen2Config
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoProcessor, AutoTokenizer
 
 import modeling_transfusion as mt
 from modeling_transfusion.conversion import convert_from_llm, convert_from_vae
 from modeling_transfusion.conversion import export_hub as export_hub_module
 from modeling_transfusion.conversion.cli import main as convert_main
 
-from conftest import build_tiny_tokenizer, load_digit_images
+from conftest import build_tiny_tokenizer, load_digit_images, tiny_text_config
 
 PROMPT = "a handwritten seven"
 
@@ -43,19 +43,7 @@ def save_tiny_llm(directory, kind: str):
     tokenizer = build_tiny_tokenizer(with_image_tokens=False)
     if kind == "qwen2":
         tokenizer.chat_template = CHAT_TEMPLATE
-    shared = {
-        "vocab_size": len(tokenizer),
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "max_position_embeddings": 256,
-        "bos_token_id": tokenizer.bos_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
-        "pad_token_id": tokenizer.pad_token_id,
-    }
-    config = LlamaConfig(**shared) if kind == "llama" else Qwen2Config(**shared, tie_word_embeddings=True)
+    config = AutoConfig.for_model(**tiny_text_config(tokenizer, kind, tie_word_embeddings=kind == "qwen2"))
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(directory)
     tokenizer.save_pretrained(directory)

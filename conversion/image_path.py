@@ -1,0 +1,141 @@
+"""The image path of a model with modality experts, on its own: everything a frozen LLM lacks to become that model.
+
+With `freeze_text_path()`, training changes only the image path: the image experts, the rows of the image tokens, the
+patch encoder and decoder (the VAE rides along). `extract_image_path` saves those weights alone, with the config,
+processor and generation config, a few megabytes for low-rank experts; `apply_image_path` puts them on top of the LLM
+they were trained on (loaded from its own folder or GGUF file) and saves the whole model. A fingerprint of the text
+path, stored with the image path, makes sure the LLM is the same one, bit for bit.
+"""
+
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM, AutoProcessor, GenerationConfig
+
+from ..configuration_transfusion import TransfusionConfig
+from ..experts_transfusion import image_path_parameters
+from ..modeling_transfusion import TransfusionForConditionalGeneration
+from .checkpoint import load_checkpoint, prepare_output_dir, quiet_loading, save_checkpoint
+from .convert_llm import _check_text_logits
+from .report import ConversionReport
+
+IMAGE_PATH_WEIGHTS = "image_path.safetensors"
+
+
+def text_path_names(model: TransfusionForConditionalGeneration) -> list[str]:
+    """The names of the parameters text uses (those `freeze_text_path` freezes): the backbone but its image path, and
+    the LM head."""
+    if not model.config.modality_experts:
+        raise ValueError("Only a model with modality_experts=True has an image path of its own.")
+    image = {id(parameter) for parameter in image_path_parameters(model.model.language_model)}
+    text = [f"model.language_model.{n}" for n, p in model.model.language_model.named_parameters() if id(p) not in image]
+    return text + ["lm_head.weight"]
+
+
+def text_path_fingerprint(model: TransfusionForConditionalGeneration) -> str:
+    """SHA-256 of the text path in bfloat16 (whatever dtype the model is in), without the rows of the image tokens,
+    which a model with experts never reads."""
+    state = model.state_dict()
+    image_tokens = torch.tensor(model.config.image_token_ids)
+    digest = hashlib.sha256()
+    for name in sorted(set(text_path_names(model))):
+        tensor = state[name].detach()
+        if name.endswith(("embed_tokens.weight", "lm_head.weight")):
+            keep = torch.ones(tensor.shape[0], dtype=torch.bool)
+            keep[image_tokens[image_tokens < tensor.shape[0]]] = False
+            tensor = tensor[keep]
+        digest.update(name.encode() + tensor.to(torch.bfloat16).view(torch.int16).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def extract_image_path(
+    checkpoint_dir: str | os.PathLike, output_dir: str | os.PathLike, overwrite: bool = False
+) -> ConversionReport:
+    """Saves the image path of a checkpoint with modality experts (weights in bfloat16, the VAE in float32) with its
+    config, processor and generation config, and the fingerprint of the text path it was trained on."""
+    output_dir = prepare_output_dir(output_dir, overwrite, sources=(checkpoint_dir,))
+    model, processor = load_checkpoint(checkpoint_dir, dtype=torch.float32)
+    text = set(text_path_names(model))
+    tensors = {
+        name: tensor.detach().to(torch.float32 if name.startswith("model.vae.") else torch.bfloat16).contiguous()
+        for name, tensor in model.state_dict().items()
+        if name not in text
+    }
+    fingerprint = text_path_fingerprint(model)
+    save_file(tensors, output_dir / IMAGE_PATH_WEIGHTS, metadata={"text_path_fingerprint": fingerprint})
+    model.config.save_pretrained(output_dir)
+    model.generation_config.save_pretrained(output_dir)
+    processor.save_pretrained(output_dir)
+    report = ConversionReport(title=f"extract-image-path: {checkpoint_dir} -> {output_dir}", output_dir=str(output_dir))
+    report.kept = sorted(tensors)
+    size = (output_dir / IMAGE_PATH_WEIGHTS).stat().st_size
+    report.notes.append(
+        f"image path: {sum(t.numel() for t in tensors.values()):,} parameters, {size / 2**20:.1f} MiB; text path "
+        f"left out: {sum(model.state_dict()[n].numel() for n in text):,} parameters (fingerprint {fingerprint[:12]})"
+    )
+    return report
+
+
+def apply_image_path(
+    llm_path: str | os.PathLike,
+    image_path_dir: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    gguf_file: str | None = None,
+    overwrite: bool = False,
+) -> ConversionReport:
+    """Puts the image path saved by [`extract_image_path`] on top of the LLM in `llm_path` (its own folder, or
+    `gguf_file` inside it) and saves the whole model. Refuses an LLM whose text path differs from the one the image
+    path was trained on; checks that text gives the LLM's logits."""
+    image_path_dir = Path(image_path_dir)
+    weights = image_path_dir / IMAGE_PATH_WEIGHTS
+    if not weights.is_file():
+        raise FileNotFoundError(f"{image_path_dir} holds no image path: {IMAGE_PATH_WEIGHTS} is missing.")
+    output_dir = prepare_output_dir(output_dir, overwrite, sources=(llm_path, image_path_dir))
+    config = TransfusionConfig.from_pretrained(image_path_dir)
+    load_kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    llm = AutoModelForCausalLM.from_pretrained(llm_path, dtype=torch.float32, **load_kwargs).eval()
+    # The LLM's own tokens (a tokenizer with room to spare may hold the image tokens already: their rows are not its).
+    vocab = min(llm.get_input_embeddings().num_embeddings, *config.image_token_ids)
+    model = TransfusionForConditionalGeneration(config).eval()
+    own = model.state_dict()  # shares the parameters' storage: copying into it loads them
+    with torch.no_grad():
+        for name, tensor in llm.state_dict().items():
+            ours = "lm_head.weight" if name == "lm_head.weight" else name.replace("model.", "model.language_model.", 1)
+            if ours not in own or tensor.shape[1:] != own[ours].shape[1:] or tensor.shape[0] > own[ours].shape[0]:
+                raise ValueError(
+                    f"The LLM in {llm_path} does not fit this image path: its {name} {tuple(tensor.shape)} has no "
+                    "place in the image path's model."
+                )
+            own[ours][: tensor.shape[0]] = tensor
+        with safe_open(weights, framework="pt") as stored:
+            expected = (stored.metadata() or {}).get("text_path_fingerprint")
+            missing = set(own) - set(text_path_names(model)) - set(stored.keys())
+            if missing or set(stored.keys()) - set(own):
+                raise ValueError(
+                    f"{weights} does not fit its config: missing {sorted(missing)[:3]}, unknown "
+                    f"{sorted(set(stored.keys()) - set(own))[:3]}."
+                )
+            for name in stored.keys():
+                own[name].copy_(stored.get_tensor(name))
+    fingerprint = text_path_fingerprint(model)
+    if fingerprint != expected:
+        raise ValueError(
+            f"The LLM in {llm_path} is not the one the image path in {image_path_dir} was trained on (text path "
+            f"fingerprint {fingerprint[:12]}, expected {str(expected)[:12]}): its text would not be the model's."
+        )
+    processor = AutoProcessor.from_pretrained(image_path_dir)
+    report = ConversionReport(
+        title=f"apply-image-path: {llm_path} + {image_path_dir} -> {output_dir}", output_dir=str(output_dir)
+    )
+    report.checks.append(f"text path fingerprint {fingerprint[:12]} matches the image path's")
+    with quiet_loading():
+        report.checks.append(_check_text_logits(llm, model, processor.tokenizer, vocab))
+    save_checkpoint(model, processor, output_dir, GenerationConfig.from_pretrained(image_path_dir))
+    return report
+
+
+__all__ = ["IMAGE_PATH_WEIGHTS", "text_path_names", "text_path_fingerprint", "extract_image_path", "apply_image_path"]
