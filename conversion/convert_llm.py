@@ -208,14 +208,15 @@ def _with_image_experts(model, rank: int | None, report: ConversionReport) -> Tr
     if unexpected:
         raise RuntimeError(f"The model with image experts does not take the weights {unexpected[:5]}.")
     count = copy_text_weights_to_experts(experts.model.language_model)
-    embeddings = experts.get_input_embeddings()
     with torch.no_grad():
-        embeddings.image_tokens_weight.copy_(embeddings.weight[config.image_token_ids])
+        for rows in (experts.get_input_embeddings(), experts.get_output_embeddings()):
+            rows.image_tokens_weight.copy_(rows.weight[config.image_token_ids])
     kind = f"low-rank (rank {rank}) experts, each starting at a zero delta" if rank else "full copies"
     report.initialised += [f"{name} (image expert)" for name in missing if name != "lm_head.weight"]
     report.notes.append(
         f"modality experts: {count} image experts beside the text modules ({kind} of their text layers, LMFusion's "
-        "initialisation); the rows of <boi>, <eoi>, <image> moved to the image path (image_tokens_weight)"
+        "initialisation); the rows of <boi>, <eoi>, <image> in the embeddings and the LM head moved to the image path "
+        "(image_tokens_weight)"
     )
     return experts.eval()
 

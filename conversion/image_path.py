@@ -31,9 +31,14 @@ def text_path_names(model: TransfusionForConditionalGeneration) -> list[str]:
     the LM head."""
     if not model.config.modality_experts:
         raise ValueError("Only a model with modality_experts=True has an image path of its own.")
-    image = {id(parameter) for parameter in image_path_parameters(model.model.language_model)}
-    text = [f"model.language_model.{n}" for n, p in model.model.language_model.named_parameters() if id(p) not in image]
-    return text + ["lm_head.weight"]
+    image = {id(parameter) for parameter in image_path_parameters(model)}
+    text_modules = {"model.language_model": model.model.language_model, "lm_head": model.lm_head}
+    return [
+        f"{prefix}.{name}"
+        for prefix, module in text_modules.items()
+        for name, parameter in module.named_parameters(remove_duplicate=False)
+        if id(parameter) not in image
+    ]
 
 
 def text_path_fingerprint(model: TransfusionForConditionalGeneration) -> str:

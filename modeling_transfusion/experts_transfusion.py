@@ -16,9 +16,10 @@ The mask reaches the backbone as a forward keyword (`image_slot_mask`), which de
 hooks on the backbone read it (for the final norm), and every decoder layer's `forward` reads it, so that activation
 checkpointing, which runs a layer's `forward` again in the backward pass, routes the recomputation as the forward.
 
-The tokens Transfusion adds (`<boi>`, `<eoi>`, `<image>`) belong to the image path as well: their rows are a parameter
-of their own, `embed_tokens.image_tokens_weight`, which the embedding returns for those ids and which also gives their
-logits (in and out share it). The rows the LLM had are never read for them, so a frozen text path stays the LLM's.
+The tokens Transfusion adds (`<boi>`, `<eoi>`, `<image>`) belong to the image path as well: their rows are parameters
+of their own, `embed_tokens.image_tokens_weight` (returned by the embedding for those ids) and
+`lm_head.image_tokens_weight` (their logits; tied to the first when the LLM ties its head). The rows the LLM had are
+never read for them, so a frozen text path stays the LLM's.
 
 Full experts copy every routed module. Low-rank experts (`config.modality_experts_rank`) keep the norms as full copies
 and give each linear layer a trained low-rank delta on top of the text weight: image weight = text weight + B A.
@@ -236,16 +237,28 @@ def _embedding_forward(base: type):
     return forward
 
 
-def add_image_token_rows(embedding: nn.Embedding, token_ids: list[int]) -> None:
-    """Gives the tokens `token_ids` rows of their own in `embedding` (a parameter `image_tokens_weight`, first filled
-    with their current rows), returned instead of the matrix's rows for those ids."""
-    base = type(embedding)
+def _head_forward(base: type):
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        logits = base.forward(self, hidden_states)
+        image_logits = nn.functional.linear(hidden_states, self.image_tokens_weight.to(hidden_states.dtype))
+        token_ids = torch.tensor(self.image_token_ids, device=logits.device)
+        return logits.index_copy(-1, token_ids, image_logits.to(logits.dtype))
+
+    return forward
+
+
+def add_image_token_rows(module: nn.Embedding | nn.Linear, token_ids: list[int]) -> None:
+    """Gives the tokens `token_ids` rows of their own in an input embedding or an LM head: a parameter
+    `image_tokens_weight` (first filled with their current rows), read instead of the matrix's rows for those ids, in
+    the module's own forward (so that FSDP gathers it with the module)."""
+    base = type(module)
+    forward = _embedding_forward if isinstance(module, nn.Embedding) else _head_forward
     key = (base, ("image_tokens_weight",))
     if key not in _routed_classes:
-        _routed_classes[key] = type(base.__name__, (base,), {"forward": _embedding_forward(base)})
-    embedding.__class__ = _routed_classes[key]
-    embedding.image_token_ids = list(token_ids)  # not a buffer: from_pretrained leaves those it builds empty
-    embedding.image_tokens_weight = nn.Parameter(embedding.weight.detach()[token_ids].clone())
+        _routed_classes[key] = type(base.__name__, (base,), {"forward": forward(base)})
+    module.__class__ = _routed_classes[key]
+    module.image_token_ids = list(token_ids)  # not a buffer: from_pretrained leaves those it builds empty
+    module.image_tokens_weight = nn.Parameter(module.weight.detach()[token_ids].clone())
 
 
 def add_image_experts(language_model: nn.Module, rank: int | None = None) -> ModalityRouting:
@@ -274,10 +287,16 @@ def add_image_experts(language_model: nn.Module, rank: int | None = None) -> Mod
     return routing
 
 
-def image_path_parameters(language_model: nn.Module) -> list[nn.Parameter]:
-    """The backbone's parameters that image slots and image tokens use alone: the twins and the image-token rows."""
-    parameters = [p for _, _, image in image_expert_pairs(language_model) for p in image.parameters()]
-    return parameters + [language_model.get_input_embeddings().image_tokens_weight]
+def image_path_parameters(module: nn.Module) -> list[nn.Parameter]:
+    """The parameters under `module` that image slots and image tokens use alone: the image twins and the image
+    tokens' rows (of the input embedding and the LM head)."""
+    parameters = [p for _, _, image in image_expert_pairs(module) for p in image.parameters()]
+    rows = [
+        m.image_tokens_weight
+        for m in module.modules()
+        if isinstance(getattr(m, "image_tokens_weight", None), nn.Parameter)
+    ]
+    return parameters + list({id(p): p for p in rows}.values())
 
 
 def image_expert_pairs(language_model: nn.Module) -> list[tuple[str, nn.Module, nn.Module]]:

@@ -404,20 +404,9 @@ class TransfusionModel(TransfusionPreTrainedModel):
         return self.language_model.get_input_embeddings()
 
     def set_input_embeddings(self, value):
-        previous = self.language_model.get_input_embeddings()
-        if self.modality_routing is not None and not hasattr(value, "image_tokens_weight"):
-            # e.g. `resize_token_embeddings`: the image-token rows move over to the new embedding.
-            add_image_token_rows(value, self.config.image_token_ids)
-            value.image_tokens_weight = previous.image_tokens_weight
+        if self.modality_routing is not None:
+            _keep_image_token_rows(self.language_model.get_input_embeddings(), value)
         self.language_model.set_input_embeddings(value)
-
-    def image_token_logits(self, hidden_states: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        """With modality experts, the logits of `<boi>`, `<eoi>` and `<image>` come from their own rows (the input
-        embedding's `image_tokens_weight`, shared in and out); `logits` is returned with those columns replaced."""
-        embeddings = self.get_input_embeddings()
-        rows = nn.functional.linear(hidden_states, embeddings.image_tokens_weight.to(hidden_states.dtype))
-        token_ids = torch.tensor(embeddings.image_token_ids, device=logits.device)
-        return logits.index_copy(-1, token_ids, rows.to(logits.dtype))
 
     def _routing_kwargs(self, image_slots: torch.BoolTensor | None) -> dict:
         """The keyword that routes the backbone's per-token modules (modality experts only)."""
@@ -863,6 +852,13 @@ def _merge_groups(groups: list[tuple[torch.Tensor, torch.Tensor]], num_images: i
     return merged
 
 
+def _keep_image_token_rows(previous: nn.Module, new: nn.Module) -> None:
+    """Moves the image tokens' own rows to a module that replaces `previous` (e.g. in `resize_token_embeddings`)."""
+    if not hasattr(new, "image_tokens_weight"):
+        add_image_token_rows(new, previous.image_token_ids)
+        new.image_tokens_weight = previous.image_tokens_weight
+
+
 class TransfusionForConditionalGeneration(TransfusionPreTrainedModel, TransfusionGenerationMixin):
     """
     Transfusion with its LM head: computes the paper's loss `lm_loss + diffusion_loss_weight * diffusion_loss` and
@@ -880,6 +876,13 @@ class TransfusionForConditionalGeneration(TransfusionPreTrainedModel, Transfusio
         super().__init__(config)
         self.model = TransfusionModel(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        if config.modality_experts:
+            add_image_token_rows(self.lm_head, config.image_token_ids)
+            # Tied like the matrices they stand in for (the tie applies only when `tie_word_embeddings`).
+            self._tied_weights_keys = {
+                **self._tied_weights_keys,
+                "lm_head.image_tokens_weight": "model.language_model.embed_tokens.image_tokens_weight",
+            }
         self.post_init()
 
     def get_input_embeddings(self):
@@ -892,6 +895,8 @@ class TransfusionForConditionalGeneration(TransfusionPreTrainedModel, Transfusio
         return self.lm_head
 
     def set_output_embeddings(self, new_embeddings):
+        if self.config.modality_experts:
+            _keep_image_token_rows(self.lm_head, new_embeddings)
         self.lm_head = new_embeddings
 
     def freeze_text_path(self) -> "TransfusionForConditionalGeneration":
@@ -907,7 +912,7 @@ class TransfusionForConditionalGeneration(TransfusionPreTrainedModel, Transfusio
             )
         self.model.language_model.requires_grad_(False)
         self.lm_head.requires_grad_(False)
-        for parameter in image_path_parameters(self.model.language_model):
+        for parameter in image_path_parameters(self):
             parameter.requires_grad_(True)
         return self
 
@@ -1064,7 +1069,7 @@ class TransfusionForConditionalGeneration(TransfusionPreTrainedModel, Transfusio
         )
         hidden_states = outputs.last_hidden_state
         slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.compute_logits(hidden_states[:, slice_indices, :])
+        logits = self.lm_head(hidden_states[:, slice_indices, :])
 
         loss = lm_loss = diffusion_loss = None
         if labels is not None:
@@ -1074,9 +1079,7 @@ class TransfusionForConditionalGeneration(TransfusionPreTrainedModel, Transfusio
             else:
                 # Logits of part of the sequence were asked for: the loss computes the text targets' logits alone.
                 targeted = shift_labels != -100
-                lm_loss = self._lm_loss(
-                    self.compute_logits(hidden_states[targeted])[None], shift_labels[targeted][None]
-                )
+                lm_loss = self._lm_loss(self.lm_head(hidden_states[targeted])[None], shift_labels[targeted][None])
             diffusion_loss = lm_loss.new_zeros(())
             if outputs.diffusion_target is not None:
                 latent_sizes = outputs.image_sizes // self.config.vae_downsample_factor
@@ -1108,14 +1111,6 @@ class TransfusionForConditionalGeneration(TransfusionPreTrainedModel, Transfusio
             image_timesteps=outputs.image_timesteps,
             image_sizes=outputs.image_sizes,
         )
-
-    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """The LM head on `hidden_states` `(..., hidden_size)`; with modality experts, the logits of the image tokens
-        come from their own rows."""
-        logits = self.lm_head(hidden_states)
-        if self.config.modality_experts:
-            logits = self.model.image_token_logits(hidden_states, logits)
-        return logits
 
     def _shift_labels(self, input_ids, labels, shift_labels, attention_mask) -> torch.LongTensor:
         """Each position's own text target `(batch_size, sequence_length)` (-100: none), from `labels` or from

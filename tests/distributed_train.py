@@ -126,6 +126,7 @@ def main() -> None:
         help="DDP's find_unused_parameters; auto: Trainer's default (on, unless activation checkpointing)",
     )  # fmt: skip
     parser.add_argument("--fsdp", action="store_true", help="FSDP2 by accelerate's plugin (launch with --use_fsdp)")
+    parser.add_argument("--modality-experts", action="store_true", help="a model with image experts")
     parser.add_argument(
         "--text-only-batch", action="store_true",
         help="under --fsdp, keep the text-only batch of step 2 on rank 1 (fails: FSDP has no find_unused_parameters)",
@@ -136,7 +137,7 @@ def main() -> None:
     tokenizer = build_tiny_tokenizer()
     # Under FSDP, a tiny frozen VAE (8x8 digits -> 4x4x2 latents, 4 slots per image) shares the root unit.
     vae = {"vae_config": TINY_VAE, "latent_channels": 2} if args.fsdp else {}
-    config = build_tiny_config(tokenizer, **vae)
+    config = build_tiny_config(tokenizer, **vae, modality_experts=args.modality_experts)
     torch.manual_seed(0)  # every rank builds the same initial model
     model = mt.TransfusionForConditionalGeneration(config)
     initial_hash = state_hash(model)

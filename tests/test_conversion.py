@@ -248,8 +248,12 @@ torch.save({"logits": logits, "images": out.images[0][0], "module": type(model).
 """
 
 
-def test_export_hub_loads_without_the_package(tmp_path, converted):
-    _, checkpoint_dir, _ = converted
+@pytest.mark.parametrize("modality_experts", [False, True])
+def test_export_hub_loads_without_the_package(tmp_path, converted, modality_experts):
+    llm_dir, checkpoint_dir, _ = converted
+    if modality_experts:  # the experts' module travels with the remote code
+        checkpoint_dir = tmp_path / "experts"
+        convert_from_llm(llm_dir, checkpoint_dir, image_size=8, num_channels=1, modality_experts=True)
     assert convert_main(["export-hub", str(checkpoint_dir), str(tmp_path / "hub")]) == 0
     config = json.loads((tmp_path / "hub" / "config.json").read_text())
     assert config["auto_map"]["AutoModel"] == "modeling_transfusion.TransfusionForConditionalGeneration"

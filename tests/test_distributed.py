@@ -85,3 +85,25 @@ def test_two_processes_fsdp2_shard_train_and_save_a_full_checkpoint(tmp_path):
     for rank in fsdp:
         assert rank["reloaded_class"] == "TransfusionForConditionalGeneration" and rank["reloaded_vae_unchanged"]
         assert rank["reloaded_logits_max_diff"] < 1e-5 and abs(rank["reloaded_loss"] - rank["final_loss"]) < 1e-5
+
+
+def test_fsdp2_trains_a_model_with_modality_experts(tmp_path):
+    # The routed decoder layers keep their class name, so accelerate's wrap policy finds them; each unit holds a layer's
+    # text modules and their image twins.
+    ranks = launch(
+        tmp_path,
+        "--use_fsdp", "--fsdp_version", "2", "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP",
+        "--fsdp_transformer_layer_cls_to_wrap", "LlamaDecoderLayer", "--fsdp_state_dict_type", "FULL_STATE_DICT",
+        script_args=("--fsdp", "--modality-experts"),
+    )  # fmt: skip
+    fsdp = [report["fsdp"] for report in ranks]
+    assert [rank["distributed_type"] for rank in fsdp] == ["FSDP"] * 2
+    shards = [rank["sharding"] for rank in fsdp]
+    assert shards[0]["local_numel"] + shards[1]["local_numel"] == shards[0]["full_numel"]
+    assert all(
+        shard["units"][2:4] == ["model.language_model.layers.0", "model.language_model.layers.1"] for shard in shards
+    )
+    assert fsdp[0]["final_loss"] == fsdp[1]["final_loss"] < fsdp[0]["initial_loss"] - 0.5
+    for rank in fsdp:
+        assert rank["reloaded_class"] == "TransfusionForConditionalGeneration"
+        assert rank["reloaded_logits_max_diff"] < 1e-5 and abs(rank["reloaded_loss"] - rank["final_loss"]) < 1e-5

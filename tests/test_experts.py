@@ -22,6 +22,7 @@ from modeling_transfusion.experts_transfusion import (
     copy_text_weights_to_experts,
     image_expert_pairs,
 )
+from modeling_transfusion.recipes.evaluation import compare_text, text_comparison_table
 
 from conftest import DIGIT_NAMES, build_tiny_config, build_tiny_tokenizer, load_digit_images, tiny_text_config
 from test_generation import (  # noqa: F401  (run again with the `model` fixture of this module)
@@ -49,9 +50,9 @@ def experts_from_llm(tmp_path, kind: str = "llama", tie: bool = False, rank: int
     config.tie_word_embeddings = tie
     model = mt.TransfusionForConditionalGeneration.from_pretrained(tmp_path / "llm", config=config).eval()
     copy_text_weights_to_experts(model.model.language_model)
-    embeddings = model.get_input_embeddings()
     with torch.no_grad():
-        embeddings.image_tokens_weight.copy_(embeddings.weight[config.image_token_ids])
+        for rows in (model.get_input_embeddings(), model.get_output_embeddings()):
+            rows.image_tokens_weight.copy_(rows.weight[config.image_token_ids])
         model.model.patch_decoder.proj.weight.normal_(std=0.2)  # a zero head would hide the image path
     return llm, model, mt.TransfusionProcessor.from_model_config(config, tokenizer)
 
@@ -128,8 +129,9 @@ def test_a_plain_causal_lm_loads_into_the_text_path_with_its_names(tmp_path, kin
     per_token = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "input_layernorm",
                  "post_attention_layernorm", "norm"}  # fmt: skip
     assert len(pairs) == 9 * 2 + 1 and {name.rsplit(".", 1)[-1] for name, _, _ in pairs} == per_token
-    if tie:
-        assert model.lm_head.weight is model.get_input_embeddings().weight
+    head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
+    assert (head.weight is embeddings.weight) == tie
+    assert (head.image_tokens_weight is embeddings.image_tokens_weight) == tie  # the image tokens' rows tie alike
     # Text-only inputs get exactly the LLM's logits (but for the image tokens' own): no expert is called for them.
     text = processor(text=["a handwritten seven", "the number"], return_tensors="pt", padding=True)
     vocab = min(model.config.image_token_ids)
@@ -387,8 +389,8 @@ def test_conversion_starts_each_expert_as_a_copy_of_its_text_module(tmp_path):
                 assert not image.weight_b.any(), name  # a zero delta
             else:
                 assert all(torch.equal(a, b) for a, b in zip(text.state_dict().values(), image.state_dict().values()))
-        embeddings = model.get_input_embeddings()
-        assert torch.equal(embeddings.image_tokens_weight, embeddings.weight[model.config.image_token_ids])
+        for rows in (model.get_input_embeddings(), model.get_output_embeddings()):
+            assert torch.equal(rows.image_tokens_weight, rows.weight[model.config.image_token_ids])
         assert any("text logits on a" in check for check in report.checks)  # the LLM's text, checked
 
 
@@ -422,3 +424,16 @@ def test_the_image_path_alone_applies_on_top_of_its_llm(tmp_path):
     other.save_pretrained(tmp_path / "other-llm")
     with pytest.raises(ValueError, match="is not the one the image path .* was trained on"):
         apply_image_path(tmp_path / "other-llm", tmp_path / "image-path", tmp_path / "refused")
+
+
+def test_text_comparison_with_the_reference_llm(tmp_path):
+    llm, model, processor = experts_from_llm(tmp_path)
+    texts = ["a handwritten seven", "the number three written by hand", "what digit is this? it is a one."]
+    same = compare_text(model, processor, llm, texts, prompts=("a handwritten", "the number"), max_new_tokens=5)
+    assert same["identical_answers"] == 2 and same["perplexity"] == same["reference_perplexity"]
+    with torch.no_grad():
+        model.model.language_model.layers[0].mlp.down_proj.weight.mul_(3.0)  # a fine-tune that drifted the text
+    drifted = compare_text(model, processor, llm, texts, prompts=("a handwritten", "the number"), max_new_tokens=5)
+    assert drifted["perplexity"] != drifted["reference_perplexity"]
+    table = text_comparison_table(drifted)
+    assert "| held-out perplexity (3 texts) |" in table and table.count("\n") == 5
