@@ -79,7 +79,12 @@ def test_the_fixed_size_checkpoint_computes_exactly_what_it_did():
     current = compute_fixed_size_reference()
     assert current.keys() == reference.keys()
     for name, tensor in reference.items():
-        assert torch.equal(current[name], tensor), name
+        if tensor.is_floating_point():
+            # Bit for bit on a CPU like the one that wrote the reference; another CPU's float kernels round otherwise
+            # (seen on an AMD EPYC: 1e-5 on logits of up to 15, 1.3e-6 on latents), far below any real change.
+            torch.testing.assert_close(current[name], tensor, atol=1e-4, rtol=1e-5, msg=name)
+        else:
+            assert torch.equal(current[name], tensor), name  # the same ids: prompts, captions
 
 
 # One batch of several sizes
