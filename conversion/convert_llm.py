@@ -124,12 +124,6 @@ def convert_from_llm(
         **config_kwargs,
     )
 
-    context = getattr(text_config, "max_position_embeddings", None)
-    if context is not None and config.num_image_tokens + 2 > context:
-        raise ValueError(
-            f"An image of {image_size}x{image_size} px takes {config.num_image_tokens} slots (+ <boi>, <eoi>), more "
-            f"than the LM's context of {context} tokens: choose a smaller image_size or a larger patch_size."
-        )
     llm_state = llm.state_dict()
     with quiet_loading():  # the image layers are "missing" from the LM; the report lists them
         model, info = TransfusionForConditionalGeneration.from_pretrained(

@@ -208,6 +208,16 @@ class TransfusionConfig(PreTrainedConfig):
                 )
         if self.max_image_size < self.image_size:
             raise ValueError(f"max_image_size ({self.max_image_size}) must be at least image_size ({self.image_size}).")
+        positions = getattr(self.text_config, "max_position_embeddings", None)
+        largest = self.max_image_size
+        slots = self.num_image_slots(largest, largest)
+        if positions is not None and slots + 2 > positions:  # the image's slots, <boi> and <eoi>
+            fitting = math.isqrt(max(positions - 2, 0)) * factor
+            raise ValueError(
+                f"max_image_size ({largest}): an image of {largest}x{largest} pixels takes {slots} <image> slots, plus "
+                f"<boi> and <eoi>, more than the backbone's max_position_embeddings ({positions}). Choose image_size "
+                f"and max_image_size of at most {fitting}, or a larger patch_size."
+            )
 
     def _check_diffusion(self):
         if self.num_train_timesteps < 2:
@@ -273,7 +283,11 @@ class TransfusionConfig(PreTrainedConfig):
         positive, multiples of `image_size_divisor`, at most `max_image_size`."""
         divisor, largest = self.image_size_divisor, self.max_image_size
         for side in (height, width):
-            if isinstance(side, bool) or not isinstance(side, numbers.Real) or not float(side).is_integer() or side < 1:
+            if not isinstance(side, numbers.Real):
+                raise ValueError(
+                    f"{name} {height}x{width}: height and width must be integers, got {type(side).__name__} {side!r}."
+                )
+            if isinstance(side, bool) or not float(side).is_integer() or side < 1:
                 raise ValueError(f"{name} {height}x{width}: height and width must be positive integers.")
             if side % divisor:
                 raise ValueError(

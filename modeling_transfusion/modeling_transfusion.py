@@ -7,8 +7,10 @@ sequence and bidirectional inside each image. A patch decoder turns the transfor
 into a latent-shaped prediction of the noise (`ddpm`) or velocity (`flow`), trained with a mean squared error.
 """
 
+import functools
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL
@@ -36,7 +38,14 @@ from .experts_transfusion import (
     image_path_parameters,
 )
 from .generation_transfusion import TransfusionGenerationMixin, indices_by_shape
-from .saving_transfusion import check_save_directory, save_atomically
+from .saving_transfusion import (
+    broken_weights,
+    check_save_directory,
+    load_one_save,
+    new_save_id,
+    save_atomically,
+    stamp_weights,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -298,6 +307,21 @@ register_checkpoint_conversion_mapping(
 )
 
 
+def _check_vae_weights(name: str, vae: AutoencoderKL, missing_keys: list[str], source) -> None:
+    """Refuses a checkpoint that holds only some of the VAE's weights: a frozen VAE is never trained, so a missing
+    weight cannot be initialised (it would also come in the dtype of the rest of the model). A checkpoint without any
+    VAE weight (a plain LLM, see `transfusion-convert from-llm --vae`) is loaded as it is."""
+    missing = sorted(key for key in missing_keys if key.startswith(f"{name}."))
+    total = len(vae.state_dict())
+    if 0 < len(missing) < total:
+        names = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
+        raise ValueError(
+            f"The checkpoint {source} lacks {len(missing)} of the {total} weights of its VAE ({names}): the VAE is "
+            "frozen and never trained, so missing weights cannot be initialised. Copy the checkpoint again, or put a "
+            "whole VAE in with `transfusion-convert from-vae`."
+        )
+
+
 class TransfusionPreTrainedModel(PreTrainedModel):
     config: TransfusionConfig
     base_model_prefix = "model"
@@ -323,34 +347,62 @@ class TransfusionPreTrainedModel(PreTrainedModel):
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """As `PreTrainedModel.save_pretrained`, but never over another model, and in one step: reloading gives
-        exactly the saved weights, and a killed save leaves the old checkpoint whole (see `saving_transfusion`). The
-        weights keep the names of the composed modules (see the key renaming above)."""
-        check_save_directory(save_directory, self.config.model_type)
+        exactly the saved weights, and a killed save leaves the old checkpoint whole. A new save id goes into the
+        config and every weights file, so that a load never mixes two saves (see `saving_transfusion`). The weights
+        keep the names of the composed modules (see the key renaming above)."""
+        if check_save_directory(save_directory):
+            logger.warning(
+                f"Replacing the Transfusion checkpoint in {save_directory}: its config and weights are replaced, its "
+                "other files are kept."
+            )
         kwargs.setdefault("save_original_format", False)
-        return save_atomically(save_directory, super().save_pretrained, *args, **kwargs)
+        self.config.save_id = new_save_id()
+        return save_atomically(save_directory, super().save_pretrained, *args, save_id=self.config.save_id, **kwargs)
+
+    def _upload_modified_files(self, working_dir, *args, **kwargs):
+        # Private hook (tests/test_private_api.py): `save_pretrained(push_to_hub=True)` uploads the files it just wrote;
+        # they go up with their save id, as they are kept on disk, so that a clone of the repository loads.
+        stamp_weights(working_dir, self.config.save_id)
+        return super()._upload_modified_files(working_dir, *args, **kwargs)
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
-        """As `PreTrainedModel.from_pretrained`, plus two guarantees: the VAE stays frozen (loading re-creates its
-        parameters as trainable), and CPU weights are copied out of the memory-mapped safetensors file, so that the
-        model no longer depends on the file (which the user may overwrite) and computes bit-identically to the model
-        that saved it."""
+        """As `PreTrainedModel.from_pretrained`, with these guarantees: from a local folder, the config and weights of
+        one save (a folder being saved into by another process is loaded again; files of two saves are refused, see
+        `saving_transfusion`); truncated or corrupt weights, and a VAE that lacks some of its weights, are refused
+        with an error naming them; the VAE stays frozen (loading re-creates its parameters as trainable); and CPU
+        weights are copied out of the memory-mapped safetensors file, so that the model no longer depends on the file
+        (which the user may overwrite) and computes bit-identically to the model that saved it."""
+        source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+        folder = None if source is None else Path(source, kwargs.get("subfolder") or "")
+        if folder is not None and not folder.is_dir():
+            folder = None  # a Hub repository: each of its revisions is one save
+        wants_loading_info = kwargs.pop("output_loading_info", False)
+        load = functools.partial(super().from_pretrained, *args, output_loading_info=True, **kwargs)
+        # AutoModel reads the config from the folder before it calls this: the weights must be of that config's save.
+        config = kwargs.get("config")
+        read_here = getattr(config, "name_or_path", None) == str(source)
+        config_save_id = getattr(config, "save_id", None) if read_here else None
         try:
-            loaded = super().from_pretrained(*args, **kwargs)
-        except SafetensorError as error:
+            model, loading_info = load() if folder is None else load_one_save(folder, load, config_save_id)
+        except (SafetensorError, RuntimeError) as error:
+            # A file that shrank while it was mapped gives torch's RuntimeError ("smaller than the required mapping
+            # size") rather than safetensors' error: both are a truncated file.
+            if isinstance(error, RuntimeError) and not (folder is not None and broken_weights(folder)):
+                raise
             raise ValueError(
-                f"The safetensors weights of {args[0] if args else kwargs.get('pretrained_model_name_or_path')} are "
-                f"truncated or corrupt ({error}); save or copy the checkpoint again."
+                f"The safetensors weights of {source} are truncated or corrupt ({error}); save or copy the checkpoint "
+                "again."
             ) from error
-        model = loaded[0] if isinstance(loaded, tuple) else loaded
-        for module in model.modules():
+        for name, module in model.named_modules():
             if isinstance(module, AutoencoderKL):
                 module.requires_grad_(False)
+                _check_vae_weights(name, module, loading_info["missing_keys"], source)
         with torch.no_grad():
             for tensor in (*model.parameters(), *model.buffers()):
                 if tensor.device.type == "cpu":
                     tensor.data = tensor.data.clone()
-        return loaded
+        return (model, loading_info) if wants_loading_info else model
 
     @torch.no_grad()
     def _init_weights(self, module):

@@ -33,7 +33,8 @@ class TransfusionTextToImagePipeline(Pipeline):
             passed to `generate` as `image_guidance_scale`.
         num_inference_steps (`int`, defaults to the generation config's, else 50): denoising steps.
         height (`int`), width (`int`): the size of the images in pixels (defaults: the model's `image_size`): multiples
-            of `config.image_size_divisor`, at most `config.max_image_size`. For a model that writes sizes (its
+            of `config.image_size_divisor`, at most `config.max_image_size`; one size for all the prompts of a call,
+            as in diffusers (`model.generate` takes one per row). For a model that writes sizes (its
             processor has `write_image_size`), the prompt ends with the size text, as in training.
         scheduler (`str` or diffusers `SchedulerMixin`): the sampler, as in `generate` (`"ddim"`, `"ddpm"`,
             `"dpmsolver++"`, `"flow_euler"` or an instance).
@@ -107,6 +108,12 @@ class TransfusionTextToImagePipeline(Pipeline):
         if seed is not None:
             seed = _integer(seed, "seed", 0)
         preprocess_params = {}
+        for name, value in (("height", height), ("width", width)):
+            if isinstance(value, list | tuple):  # as diffusers' pipelines: one size per call
+                raise ValueError(
+                    f"The text-to-image pipeline takes one {name} for all its prompts, got {name}={value!r}: call it "
+                    "once per size, or pass one size per row to model.generate(height=[...], width=[...])."
+                )
         if height is not None or width is not None:
             default = self.model.config.image_size
             size = (default if height is None else height, default if width is None else width)

@@ -13,7 +13,7 @@ from transformers.processing_utils import ProcessingKwargs, ProcessorMixin, Unpa
 from transformers.utils import logging
 
 from .image_processing_transfusion import TransfusionImageProcessor
-from .saving_transfusion import save_atomically
+from .saving_transfusion import check_save_directory, save_atomically
 
 logger = logging.get_logger(__name__)
 
@@ -238,8 +238,10 @@ class TransfusionProcessor(ProcessorMixin):
         return processor
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        """As `ProcessorMixin.save_pretrained`, in one step: a killed save leaves the old files whole, and the model's
-        files in the folder are kept (see `saving_transfusion`)."""
+        """As `ProcessorMixin.save_pretrained`, but, as the model's, never over another model, and in one step: a
+        killed save leaves the old files whole, and the model's files in the folder are kept (see
+        `saving_transfusion`)."""
+        check_save_directory(save_directory)
         return save_atomically(save_directory, super().save_pretrained, *args, **kwargs)
 
     @property

@@ -520,21 +520,71 @@ def command_generate(args: argparse.Namespace) -> None:
 
 
 def command_caption(args: argparse.Namespace) -> None:
-    """Prints a caption for each image file."""
+    """Prints a caption for each image file; images of one size are captioned in one batch."""
     _threads(args.threads)
     import PIL.Image
     import torch
 
+    from modeling_transfusion.generation_transfusion import indices_by_shape
     from modeling_transfusion.recipes.evaluation import caption_images
 
     model, processor = load_checkpoint(args.model)
     for path in args.images:
         if not Path(path).is_file():
             raise FileNotFoundError(f"No image file {path}.")
-    pictures = [PIL.Image.open(path) for path in args.images]
-    pixels = torch.as_tensor(processor.image_processor(pictures, return_tensors="pt")["pixel_values"])
-    for path, caption in zip(args.images, caption_images(model, processor, pixels)):
+    pixels = []
+    for path in args.images:
+        with PIL.Image.open(path) as picture:
+            pixels.append(torch.as_tensor(processor.image_processor(picture, return_tensors="pt")["pixel_values"][0]))
+    captions = [""] * len(pixels)
+    for indices in indices_by_shape(pixels):
+        for index, caption in zip(indices, caption_images(model, processor, torch.stack([pixels[i] for i in indices]))):
+            captions[index] = caption
+    for path, caption in zip(args.images, captions):
         print(f"{path}: {caption}")
+
+
+def _positive_int(value: str) -> int:
+    """An argument that counts something, or a size in pixels: an integer of at least 1."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {number}")
+    return number
+
+
+def _prompt(value: str) -> str:
+    if not value.strip():
+        raise argparse.ArgumentTypeError(
+            "the prompt is empty: describe the image to generate (e.g. 'a handwritten digit seven'), or leave the "
+            "prompt out for one image per digit"
+        )
+    return value
+
+
+def _output_file(value: str) -> str:
+    """A file the command writes at the end of its work, checked before any: not a folder, in a folder that exists."""
+    path = Path(value)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{value} is a folder: give the name of a file to write")
+    if not path.absolute().parent.is_dir():
+        raise argparse.ArgumentTypeError(f"the folder {path.absolute().parent} does not exist: create it first")
+    return value
+
+
+def _image_file(value: str) -> str:
+    """An image the command writes: an `_output_file` whose extension names a format PIL writes (.png, .jpg, ...)."""
+    import PIL.Image
+
+    suffix = Path(_output_file(value)).suffix.lower()
+    if PIL.Image.registered_extensions().get(suffix) not in PIL.Image.SAVE:
+        found = f"its extension {suffix!r}" if suffix else "no extension"
+        raise argparse.ArgumentTypeError(
+            f"{value} has {found}, which names no image format PIL writes: end it with .png (or .jpg, .webp, ...)"
+        )
+    return value
 
 
 def _add_guidance_interval(parser: argparse.ArgumentParser) -> None:
@@ -556,12 +606,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("generate", help="generate images for a prompt and caption a bundled real test image")
-    p.add_argument("prompt", nargs="?", default=None, help="default: one image per digit, 'a handwritten digit k'")
+    p.add_argument(
+        "prompt", nargs="?", type=_prompt, default=None, help="default: one image per digit, 'a handwritten digit k'"
+    )
     p.add_argument("--model", default=str(DEFAULT_MODEL))
-    p.add_argument("--out", default="transfusion_samples.png")
-    p.add_argument("--num-images", type=int, default=10)
-    p.add_argument("--height", type=int, default=None, help="image height for PROMPT (default: the model's)")
-    p.add_argument("--width", type=int, default=None, help="image width for PROMPT (default: the model's)")
+    p.add_argument("--out", type=_image_file, default="transfusion_samples.png")
+    p.add_argument("--num-images", type=_positive_int, default=10)
+    p.add_argument("--height", type=_positive_int, default=None, help="image height for PROMPT (default: the model's)")
+    p.add_argument("--width", type=_positive_int, default=None, help="image width for PROMPT (default: the model's)")
     p.add_argument("--steps", type=int, default=None, help="default: the checkpoint's generation config")
     p.add_argument("--guidance", type=float, default=None, help="default: the checkpoint's generation config")
     _add_guidance_interval(p)
@@ -674,8 +726,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, default=3.0)
     _add_guidance_interval(p)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", default=None, help="also write the report as JSON")
-    p.add_argument("--grid", default=None, help="also write a PNG grid of (up to 100) generated images")
+    p.add_argument("--json", type=_output_file, default=None, help="also write the report as JSON")
+    p.add_argument(
+        "--grid", type=_image_file, default=None, help="also write a PNG grid of (up to 100) generated images"
+    )
     p.add_argument("--compositions", action="store_true", help="also measure two-digit compositions (both layouts)")
     p.add_argument(
         "--text-reference",

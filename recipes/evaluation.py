@@ -56,7 +56,8 @@ def generate_images(
     before an image (`processor.render_image_size`, empty for a model that writes none), as in training. Further
     keyword arguments (scheduler, num_inference_steps, image_guidance_scale) go to `model.generate`; the model's
     generation config supplies the rest."""
-    height, width = height or model.config.image_size, width or model.config.image_size
+    default = model.config.image_size
+    height, width = default if height is None else height, default if width is None else width
     size_text = processor.render_image_size(height, width)
     images = []
     for i in range(0, len(prompts), batch_size):

@@ -146,7 +146,10 @@ def test_from_llm_with_vae(tmp_path, converted):
     llm_dir, _, _ = converted
     vae_dir = save_tiny_vae(tmp_path / "vae", latent_channels=4)
     # The default image size, 32 x the VAE's downsampling, makes 256 slots: too many for this LM's 256 positions.
-    with pytest.raises(ValueError, match="more than the LM's context of 256 tokens"):
+    too_many = (
+        r"takes 256 <image> slots, plus <boi> and <eoi>, more than the backbone's max_position_embeddings \(256\)"
+    )
+    with pytest.raises(ValueError, match=too_many):
         convert_from_llm(llm_dir, tmp_path / "too_big", vae_path=vae_dir)
     report = convert_from_llm(llm_dir, tmp_path / "out", vae_path=vae_dir, image_size=16)
     model = AutoModel.from_pretrained(tmp_path / "out")

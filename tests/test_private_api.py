@@ -11,6 +11,7 @@ from transformers import PreTrainedModel, ProcessorMixin
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 from transformers.core_model_loading import WeightRenaming
 from transformers.image_processing_backends import PilBackend
+from transformers.utils import PushToHubMixin
 
 import modeling_transfusion as mt
 from modeling_transfusion.processing import TransfusionImageProcessor
@@ -40,6 +41,12 @@ PRIVATE_TRANSFORMERS_API = {
         "_prepare_images_structure",
         ["images"],
         "TransfusionImageProcessor: nested image lists and zero-size images",
+    ),
+    "hub upload": (
+        PushToHubMixin,
+        "_upload_modified_files",
+        ["working_dir", "repo_id", "files_timestamps"],
+        "TransfusionPreTrainedModel: the weights that save_pretrained(push_to_hub=True) uploads carry their save id",
     ),
     "processor kwargs": (
         ProcessorMixin,

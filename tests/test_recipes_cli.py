@@ -134,3 +134,74 @@ def test_the_bundled_checkpoint_writes_the_size_of_the_image_it_opens():
         results[layout or "single"] = counts
     table = written_size_table(results)
     assert "| stacked | 64x32 | 4 / 4 | 4 / 4 |" in table and len(table.splitlines()) == 5
+
+
+def test_caption_takes_images_of_different_sizes(capsys):
+    seven = BUNDLED / cli.EXAMPLES_DIR / "mnist_test_09990_label_7.png"  # 32x32
+    stacked = BUNDLED / cli.EXAMPLES_DIR / "mnist_test_09996_09997_stacked_label_34.png"  # 64x32
+    alone = []
+    for image in (seven, stacked):
+        cli.main(["caption", str(image)])
+        alone += capsys.readouterr().out.splitlines()
+    assert alone == [f"{seven}: the digit seven", f"{stacked}: the digit three on top of the digit four"]
+    cli.main(["caption", str(seven), str(stacked), str(seven)])
+    assert capsys.readouterr().out.splitlines() == [*alone, alone[0]]
+
+
+NOT_AN_IMAGE = "which names no image format PIL writes: end it with .png (or .jpg, .webp, ...)"
+NOT_POSITIVE = "must be a positive integer, got"
+EMPTY_PROMPT = (
+    "the prompt is empty: describe the image to generate (e.g. 'a handwritten digit seven'), or leave the prompt out "
+    "for one image per digit"
+)
+# Each command's arguments, and the error that ends it ({tmp}: the test's folder).
+BAD_ARGUMENTS = {
+    "out-without-extension": (
+        "generate a7 --out {tmp}/samples",
+        f"--out: {{tmp}}/samples has no extension, {NOT_AN_IMAGE}",
+    ),
+    "out-not-an-image": (
+        "generate a7 --out {tmp}/a.txt",
+        f"--out: {{tmp}}/a.txt has its extension '.txt', {NOT_AN_IMAGE}",
+    ),
+    "out-a-folder": ("generate a7 --out {tmp}", "--out: {tmp} is a folder: give the name of a file to write"),
+    "out-missing-folder": (
+        "generate a7 --out {tmp}/no/a.png",
+        "--out: the folder {tmp}/no does not exist: create it first",
+    ),
+    "json-missing-folder": (
+        "eval --json {tmp}/no/a.json",
+        "--json: the folder {tmp}/no does not exist: create it first",
+    ),
+    "json-a-folder": ("eval --json {tmp}", "--json: {tmp} is a folder: give the name of a file to write"),
+    "grid-without-extension": ("eval --grid {tmp}/grid", f"--grid: {{tmp}}/grid has no extension, {NOT_AN_IMAGE}"),
+    "no-images": ("generate a7 --num-images 0", f"--num-images: {NOT_POSITIVE} 0"),
+    "negative-images": ("generate a7 --num-images -3", f"--num-images: {NOT_POSITIVE} -3"),
+    "zero-size": ("generate a7 --height 0 --width 0", f"--height: {NOT_POSITIVE} 0"),
+    "zero-width": ("generate a7 --width 0", f"--width: {NOT_POSITIVE} 0"),
+}
+
+
+@pytest.mark.parametrize("case", [*BAD_ARGUMENTS, "empty-prompt"])
+def test_bad_arguments_are_refused_before_any_work(tmp_path, monkeypatch, capsys, case):
+    def work(*args, **kwargs):
+        raise AssertionError("the command started its work before checking its arguments")
+
+    monkeypatch.setattr(cli, "load_checkpoint", work)  # every command's work starts by loading the checkpoint
+    if case == "empty-prompt":
+        arguments, error = ["generate", ""], f"argument prompt: {EMPTY_PROMPT}"
+    else:
+        command, message = BAD_ARGUMENTS[case]
+        arguments, error = command.format(tmp=tmp_path).split(), f"argument {message.format(tmp=tmp_path)}"
+    with pytest.raises(SystemExit) as exit:
+        cli.main(arguments)
+    assert exit.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == f"transfusion {arguments[0]}: error: {error}"
+
+
+def test_generate_images_refuses_a_zero_size_instead_of_taking_the_default():
+    from modeling_transfusion.recipes.evaluation import generate_images
+
+    model, processor = cli.load_checkpoint(BUNDLED)
+    with pytest.raises(ValueError, match=r"^height x width 0x32: height and width must be positive integers\.$"):
+        generate_images(model, processor, ["a handwritten digit seven"], seeds=[0], height=0)

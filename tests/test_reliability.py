@@ -576,3 +576,59 @@ def test_data_install_prints_its_commands_and_asks_before_running_them(monkeypat
     monkeypatch.setattr(sys, "stdin", io.StringIO(""))
     cli.main(["data", "install", "--yes"])
     assert ran == commands
+
+
+# Issue 24: a VAE missing a weight, sizes of another kind for the text-to-image pipeline, images that cannot fit in the
+# backbone's positions.
+
+
+def test_a_checkpoint_missing_a_vae_weight_is_refused_naming_it(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    directory = shutil.copytree(cli.DEFAULT_MODEL, tmp_path / "bf16")
+    AutoModel.from_pretrained(directory).to(torch.bfloat16).save_pretrained(directory)  # as `train --bf16` saves
+    weights_file = directory / "model.safetensors"
+    with safe_open(weights_file, framework="pt") as stored:
+        metadata = stored.metadata()
+    tensors = load_file(weights_file)
+    del tensors["model.vae.decoder.conv_in.bias"]
+    save_file(tensors, weights_file, metadata=metadata)  # a copy that lost one tensor
+    message = (
+        rf"^The checkpoint {directory} lacks 1 of the 132 weights of its VAE \(model.vae.decoder.conv_in.bias\): the "
+        r"VAE is frozen and never trained, so missing weights cannot be initialised. Copy the checkpoint again, or put "
+        r"a whole VAE in with `transfusion-convert from-vae`.$"
+    )
+    with pytest.raises(ValueError, match=message):
+        AutoModel.from_pretrained(directory)
+
+
+def test_text_to_image_sizes_of_another_kind_are_refused_naming_it(mnist):
+    _, _, generator = mnist
+    prompts = ["the digit three on top of the digit seven", "the digit three next to the digit seven"]
+    with backbone_calls(generator.model) as calls:
+        lists = (
+            r"^The text-to-image pipeline takes one height for all its prompts, got height=\[64, 32\]: call it once "
+            r"per size, or pass one size per row to model.generate\(height=\[...\], width=\[...\]\).$"
+        )
+        with pytest.raises(ValueError, match=lists):
+            generator(prompts, height=[64, 32], width=[32, 64], num_inference_steps=2)
+        for height, kind in [(torch.tensor(64), "Tensor tensor(64)"), ("64", "str '64'")]:
+            message = rf"^height x width {height}x32: height and width must be integers, got {re.escape(kind)}\.$"
+            with pytest.raises(ValueError, match=message):
+                generator(prompts[0], height=height, num_inference_steps=2)
+    assert calls == []
+
+
+def test_a_config_whose_largest_image_cannot_fit_in_the_positions_is_refused(tokenizer):
+    config = build_tiny_config(tokenizer)
+    text_config = {**config.text_config.to_dict(), "max_position_embeddings": 128}
+    message = (
+        r"^max_image_size \(512\): an image of 512x512 pixels takes 65536 <image> slots, plus <boi> and <eoi>, more "
+        r"than the backbone's max_position_embeddings \(128\). Choose image_size and max_image_size of at most 22, or "
+        r"a larger patch_size.$"
+    )
+    with pytest.raises(ValueError, match=message):
+        mt.TransfusionConfig(**{**config.to_dict(), "text_config": text_config, "max_image_size": 512})
+    fits = mt.TransfusionConfig(**{**config.to_dict(), "text_config": text_config, "max_image_size": 22})
+    assert fits.num_image_slots(22, 22) + 2 == 123 <= 128

@@ -1,23 +1,32 @@
-"""Saving never loses or mixes data (issue 14): a re-save in another layout leaves exactly the new weights, a save
-killed at any moment (a real SIGKILL, in a subprocess) leaves a folder that loads one whole checkpoint, and the next
-save leaves no orphan files."""
+"""Saving never loses or mixes data (issues 14 and 24): a re-save in another layout leaves exactly the new weights, a
+save killed at any moment (a real SIGKILL, in a subprocess) leaves a folder that loads one whole checkpoint or is
+refused, and the next save leaves no orphan files; folders that cannot be renamed, folder attributes, another model's
+tokenizer, Hub pushes, and loads that run while another process saves."""
 
+import ctypes
+import errno
 import json
 import os
 import re
 import shutil
 import signal
 import stat
+import struct
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
-from transformers import AutoModel, AutoProcessor
+from huggingface_hub import HfApi, ModelCard
+from huggingface_hub.errors import EntryNotFoundError
+from transformers import AutoModel, AutoProcessor, modeling_utils, pipeline
 
-from modeling_transfusion import saving_transfusion
+from modeling_transfusion import TransfusionForConditionalGeneration, TransfusionProcessor, saving_transfusion
 from modeling_transfusion.recipes import cli
+
+from conftest import build_tiny_tokenizer
 
 BUNDLED = cli.DEFAULT_MODEL
 BUNDLED_NAMES = sorted(os.listdir(BUNDLED))
@@ -25,9 +34,16 @@ SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors")
 
 
+SAVE_ID = re.compile(rb'("save_id": ?")[0-9a-f]{32}"')
+
+
 def snapshot(folder: Path) -> dict[str, bytes]:
-    """Every file under `folder`, by relative path, with its bytes."""
-    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+    """Every file under `folder`, by relative path, with its bytes (the save id, new at each save, masked)."""
+    return {
+        str(path.relative_to(folder)): SAVE_ID.sub(rb'\1<save id>"', path.read_bytes())
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    }
 
 
 def weights(model) -> dict[str, torch.Tensor]:
@@ -93,7 +109,7 @@ def test_a_model_and_its_processor_saved_into_one_folder_stay_consistent(tmp_pat
 
 # A save killed at each of its stages, by SIGKILL: nothing of the killed process runs after it (no finally, no atexit).
 KILLED_SAVE = """
-import os, signal, sys
+import ctypes, errno, os, signal, sys
 from pathlib import Path
 import torch, transformers
 import modeling_transfusion as mt
@@ -115,6 +131,11 @@ def delete_some_then_kill(path, *args, **kwargs):
         file.unlink()
     kill()
 
+if stage.startswith("no rename: "):  # as on overlayfs, where a folder of a lower layer cannot be renamed
+    def refuse(*args):
+        ctypes.set_errno(errno.EXDEV)
+        return -1
+    saving._renameat2 = refuse
 model = transformers.AutoModel.from_pretrained(directory)
 processor = transformers.AutoProcessor.from_pretrained(directory)
 with torch.no_grad():
@@ -125,7 +146,7 @@ if stage == "processor":
     processor.save_pretrained(expected)
 else:
     model.save_pretrained(expected, max_shard_size="1MB")
-if stage == "writing the weights":  # after the first of six shards
+if stage in ("writing the weights", "no rename: writing the weights"):  # after the first of six shards
     transformers.modeling_utils.safe_save_file = then_kill(transformers.modeling_utils.safe_save_file)
 elif stage == "carrying over the old files":
     saving.shutil.copytree = kill
@@ -135,6 +156,13 @@ elif stage == "after the swap":
     saving._swap = then_kill(saving._swap)
 elif stage == "deleting the old checkpoint":
     saving.shutil.rmtree = delete_some_then_kill
+elif stage == "no rename: moving the files in":  # after the first shard
+    def move_then_kill(source, target):
+        move(source, target)
+        if target.name.startswith("model-"):
+            kill()
+    move = saving._move
+    saving._move = move_then_kill
 elif stage == "processor":  # after the tokenizer, before processor_config.json
     type(processor.tokenizer).save_pretrained = then_kill(type(processor.tokenizer).save_pretrained)
 if stage == "processor":
@@ -142,7 +170,7 @@ if stage == "processor":
 else:
     model.save_pretrained(directory, max_shard_size="1MB")
 """
-# stage -> which checkpoint the folder holds after the kill
+# stage -> which checkpoint the folder holds after the kill ("mixed": files of both, which a load refuses)
 STAGES = {
     "writing the weights": "old",
     "carrying over the old files": "old",
@@ -150,6 +178,8 @@ STAGES = {
     "after the swap": "new",
     "deleting the old checkpoint": "new",
     "processor": "old",
+    "no rename: writing the weights": "old",
+    "no rename: moving the files in": "mixed",
 }
 
 
@@ -181,14 +211,20 @@ def test_a_save_killed_at_any_stage_leaves_one_whole_checkpoint(killed_saves, st
     found = snapshot(directory)
     if STAGES[stage] == "old":
         assert found == old, "bit for bit the old checkpoint: config, weights, processor, examples"
-    else:
+    elif STAGES[stage] == "new":
         new = snapshot(expected)
         assert {name: found[name] for name in new} == new, "bit for bit the new save"
         assert sorted(set(found) - set(new)) == sorted(set(old) - {"model.safetensors"} - set(new)), "nothing stale"
-    reference = AutoModel.from_pretrained(BUNDLED if STAGES[stage] == "old" else expected)
-    assert_same_weights(AutoModel.from_pretrained(directory), weights(reference))
+    if STAGES[stage] == "mixed":
+        assert found["model-00001-of-00006.safetensors"] == snapshot(expected)["model-00001-of-00006.safetensors"]
+        assert found["config.json"] == old["config.json"] and found["model.safetensors"] == old["model.safetensors"]
+        with pytest.raises(ValueError, match=r"holds the files of 2 different saves .* a save into it was interrupted"):
+            AutoModel.from_pretrained(directory)
+    else:
+        reference = AutoModel.from_pretrained(BUNDLED if STAGES[stage] == "old" else expected)
+        assert_same_weights(AutoModel.from_pretrained(directory), weights(reference))
 
-    model = AutoModel.from_pretrained(directory)
+    model = AutoModel.from_pretrained(expected if STAGES[stage] == "mixed" else directory)
     model.save_pretrained(directory)  # the next save cleans up after the killed one
     assert os.listdir(directory.parent) == ["checkpoint"], "no orphan folder"
     assert sorted(os.listdir(directory)) == BUNDLED_NAMES, "no orphan file"
@@ -210,3 +246,264 @@ def test_without_an_atomic_swap_the_next_save_restores_a_checkpoint_left_aside(t
     carried = {name: content for name, content in snapshot(BUNDLED).items() if name not in MODEL_FILES}
     assert {name: snapshot(directory)[name] for name in carried} == carried
     assert_same_weights(AutoModel.from_pretrained(directory), weights(model))
+
+
+# Issue 24: file systems without a rename swap, folders the user cannot rename, folder attributes, another model's
+# tokenizer, Hub pushes, and loads that run while another process saves.
+
+
+def refuse_renaming(monkeypatch, folder: Path, code: int, system_call: str) -> None:
+    """Makes the kernel refuse to rename `folder` with `code`, as overlayfs does (EXDEV) for a folder of a lower layer:
+    through `renameat2` (Linux) or, where that is missing, `rename`."""
+    if system_call == "renameat2":
+
+        def renameat2(old_dir, old, new_dir, new, flags):
+            ctypes.set_errno(code)
+            return -1
+
+        monkeypatch.setattr(saving_transfusion, "_renameat2", renameat2)
+        return
+    monkeypatch.setattr(saving_transfusion, "_renameat2", None)
+    rename = os.rename
+
+    def refusing_rename(source, target, *args, **kwargs):
+        if Path(source) == folder:
+            raise OSError(code, os.strerror(code), str(source), None, str(target))
+        return rename(source, target, *args, **kwargs)
+
+    monkeypatch.setattr(os, "rename", refusing_rename)
+
+
+@pytest.mark.parametrize(
+    ("code", "system_call"),
+    [(errno.EXDEV, "renameat2"), (errno.EPERM, "renameat2"), (errno.EBUSY, "renameat2"), (errno.EXDEV, "rename")],
+    ids=["EXDEV-overlayfs", "EPERM", "EBUSY", "EXDEV-without-renameat2"],
+)
+def test_a_folder_that_cannot_be_renamed_gets_the_new_files_moved_in(tmp_path, monkeypatch, code, system_call):
+    directory, model = changed_copy_of_the_bundled_checkpoint(tmp_path)
+    before = snapshot(directory)
+    inode = directory.stat().st_ino
+    refuse_renaming(monkeypatch, directory, code, system_call)
+    model.save_pretrained(directory, max_shard_size="1MB")
+
+    assert directory.stat().st_ino == inode, "the folder itself stays"
+    names = sorted(os.listdir(directory))
+    shards = [name for name in names if SHARD.fullmatch(name)]
+    assert names == sorted({*shards, "model.safetensors.index.json", *BUNDLED_NAMES} - {"model.safetensors"})
+    carried = {name: content for name, content in before.items() if name not in MODEL_FILES}
+    assert {name: snapshot(directory)[name] for name in carried} == carried, "processor, examples, trainer state kept"
+    assert_same_weights(AutoModel.from_pretrained(directory), weights(model))
+    assert os.listdir(tmp_path) == ["transfusion-mnist"], "no temporary folder is left"
+
+
+def test_a_writable_folder_in_a_parent_the_user_cannot_write_to(tmp_path, monkeypatch):
+    directory, model = changed_copy_of_the_bundled_checkpoint(tmp_path)
+    processor = AutoProcessor.from_pretrained(directory)
+    processor.tokenizer.model_max_length = 77
+    before = snapshot(directory)
+    tmp_path.chmod(0o555)
+    mkdir = os.mkdir
+
+    def mkdir_as_the_kernel_does(path, *args, **kwargs):  # for a user without write permission (root bypasses it)
+        if Path(path).parent == tmp_path:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", mkdir_as_the_kernel_does)
+    try:
+        model.save_pretrained(directory)
+        processor.save_pretrained(directory)
+    finally:
+        tmp_path.chmod(0o755)
+    assert sorted(os.listdir(directory)) == BUNDLED_NAMES and os.listdir(tmp_path) == ["transfusion-mnist"]
+    carried = {name: content for name, content in before.items() if name not in (*MODEL_FILES, *PROCESSOR_FILES)}
+    assert {name: snapshot(directory)[name] for name in carried} == carried, "examples, trainer state kept"
+    assert_same_weights(AutoModel.from_pretrained(directory), weights(model))
+    assert AutoProcessor.from_pretrained(directory).tokenizer.model_max_length == 77
+
+
+def posix_acl(*entries: tuple[int, int, int]) -> bytes:
+    """A POSIX ACL as Linux stores it in `system.posix_acl_*`: version 2, then (tag, permissions, id) per entry."""
+    return struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *entry) for entry in entries)
+
+
+NO_ID = 0xFFFFFFFF
+# owner rwx, user 4444 r-x, owning group rwx, mask rwx, others nothing
+TEAM_ACL = posix_acl((0x01, 7, NO_ID), (0x02, 5, 4444), (0x04, 7, NO_ID), (0x10, 7, NO_ID), (0x20, 0, NO_ID))
+
+
+def folder_attributes(folder: Path) -> dict:
+    status = folder.stat()
+    attributes = {name: os.getxattr(folder, name) for name in sorted(os.listxattr(folder))}
+    return {"owner": status.st_uid, "group": status.st_gid, "mode": oct(stat.S_IMODE(status.st_mode)), **attributes}
+
+
+@pytest.mark.parametrize("owner", ["saving user", "another user"])
+def test_a_resave_keeps_the_folder_owner_group_mode_and_extended_attributes(tmp_path, monkeypatch, owner):
+    directory, model = changed_copy_of_the_bundled_checkpoint(tmp_path)
+    uid, gid = (4242, 4343) if os.geteuid() == 0 else (os.getuid(), os.getgid())
+    os.chown(directory, uid, gid)
+    os.setxattr(directory, "user.team", b"vision")
+    os.setxattr(directory, "system.posix_acl_access", TEAM_ACL)
+    os.setxattr(directory, "system.posix_acl_default", TEAM_ACL)
+    directory.chmod(0o2770)  # setgid: new files take the folder's group
+    expected = folder_attributes(directory)
+    assert expected["user.team"] == b"vision" and "system.posix_acl_default" in expected
+    if owner == "another user":  # the saving user cannot give a new folder this owner
+
+        def chown(path, *args, **kwargs):
+            raise PermissionError(errno.EPERM, os.strerror(errno.EPERM), str(path))
+
+        monkeypatch.setattr(os, "chown", chown)
+    model.save_pretrained(directory, max_shard_size="1MB")
+
+    assert folder_attributes(directory) == expected
+    config = directory / "config.json"
+    assert config.stat().st_gid == gid and "system.posix_acl_access" in os.listxattr(config), "inherited as in place"
+    assert_same_weights(AutoModel.from_pretrained(directory), weights(model))
+    assert os.listdir(tmp_path) == ["transfusion-mnist"]
+
+
+def test_a_processor_save_never_overwrites_another_models_tokenizer(tmp_path, tokenizer, tiny_config):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    other = tmp_path / "llama"
+    LlamaForCausalLM(
+        LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    ).save_pretrained(other)
+    build_tiny_tokenizer(with_image_tokens=False).save_pretrained(other)  # the LLM's own tokenizer.json
+    before = snapshot(other)
+    processor = TransfusionProcessor.from_model_config(tiny_config, tokenizer)
+    with pytest.raises(
+        FileExistsError, match=r"llama already holds another model \(config.json with model_type='llama'\)"
+    ):
+        processor.save_pretrained(other)
+    assert snapshot(other) == before, "nothing was touched"
+
+
+class HubStub:
+    """Stands in for the Hugging Face Hub: records each repository created and each commit, with the files' bytes."""
+
+    def __init__(self, monkeypatch):
+        self.repos, self.commits = [], []
+        monkeypatch.setattr(HfApi, "create_repo", self.create_repo)
+        monkeypatch.setattr(HfApi, "create_commit", self.create_commit)
+        monkeypatch.setattr(ModelCard, "load", self.load_card)
+
+    def create_repo(self, repo_id, **kwargs):
+        self.repos.append(repo_id)
+        return SimpleNamespace(repo_id=repo_id)
+
+    def create_commit(self, repo_id, operations, commit_message=None, **kwargs):
+        files = {operation.path_in_repo: Path(operation.path_or_fileobj).read_bytes() for operation in operations}
+        self.commits.append((repo_id, commit_message, files))
+
+    @staticmethod
+    def load_card(repo_id, **kwargs):
+        raise EntryNotFoundError(f"{repo_id} has no README.md yet")
+
+
+def test_processor_and_pipeline_saves_push_to_the_hub(tmp_path, monkeypatch):
+    hub = HubStub(monkeypatch)
+    directory, model = changed_copy_of_the_bundled_checkpoint(tmp_path)
+    processor = AutoProcessor.from_pretrained(directory)
+    processor.save_pretrained(directory, push_to_hub=True, repo_id="me/transfusion-mnist")
+    ((repo, message, files),) = hub.commits
+    assert repo == "me/transfusion-mnist" and message == "Upload processor"
+    assert files == {name: (directory / name).read_bytes() for name in PROCESSOR_FILES}
+
+    hub.commits.clear()
+    generator = pipeline("text-to-image", model=model, processor=processor)
+    generator.save_pretrained(tmp_path / "pushed", push_to_hub=True, repo_id="me/t2i")
+    assert hub.repos[1:] == ["me/t2i", "me/t2i"]
+    assert [(repo, message, sorted(files)) for repo, message, files in hub.commits] == [
+        ("me/t2i", "Upload TransfusionForConditionalGeneration", ["README.md", *MODEL_FILES]),
+        ("me/t2i", "Upload processor", sorted(PROCESSOR_FILES)),
+    ]
+    pushed = {name: content for _, _, files in hub.commits for name, content in files.items()}
+    assert pushed == {name: (tmp_path / "pushed" / name).read_bytes() for name in pushed}, "as kept, save id included"
+    assert_same_weights(AutoModel.from_pretrained(tmp_path / "pushed"), weights(model))
+
+
+PROCESSOR_FILES = ("chat_template.jinja", "processor_config.json", "tokenizer.json", "tokenizer_config.json")
+
+
+@pytest.fixture
+def two_saves(tmp_path):
+    """A sharded checkpoint (6 shards) and another save of it with other weights; returns (folder, other model)."""
+    directory, model = changed_copy_of_the_bundled_checkpoint(tmp_path)
+    model.save_pretrained(directory, max_shard_size="1MB")
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(1.0)
+    return directory, model
+
+
+def test_a_folder_that_holds_the_files_of_two_saves_is_refused(two_saves, tmp_path):
+    directory, other = two_saves
+    other.save_pretrained(tmp_path / "other", max_shard_size="1MB")
+    shutil.copy(tmp_path / "other" / "model-00002-of-00006.safetensors", directory)  # a save that stopped midway
+    first, second = json.loads((directory / "config.json").read_text())["save_id"], other.config.save_id
+    shards = [f"model-{number:05d}-of-00006.safetensors" for number in (1, 3, 4, 5, 6)]
+    message = (
+        rf"^{directory} holds the files of 2 different saves \(save {first}: config.json, {', '.join(shards)}; save "
+        rf"{second}: model-00002-of-00006.safetensors\): a save into it was interrupted, or another process is saving "
+        r"into it. Load it again once that save has finished, or save the checkpoint again.$"
+    )
+    with pytest.raises(ValueError, match=message):
+        AutoModel.from_pretrained(directory)
+
+
+@pytest.mark.parametrize("shapes", ["same shapes", "other shapes"])
+def test_a_load_while_another_process_saves_gets_one_whole_save_or_a_clear_error(two_saves, monkeypatch, shapes):
+    directory, other = two_saves
+    if shapes == "other shapes":
+        other.resize_token_embeddings(other.config.text_config.vocab_size + 64)
+    opened = []
+
+    def safe_open_then_save(path, *args, **kwargs):
+        """Opens a weights file; after the third, another save replaces the folder, as another process would."""
+        handle = real_safe_open(path, *args, **kwargs)
+        opened.append(Path(path).name)
+        if len(opened) == 3:
+            other.save_pretrained(directory, max_shard_size="1MB")
+        return handle
+
+    real_safe_open = modeling_utils.safe_open
+    monkeypatch.setattr(modeling_utils, "safe_open", safe_open_then_save)
+    loaded = TransfusionForConditionalGeneration.from_pretrained(directory)
+    assert len(opened) > 6, "the save ran during the load, which read the folder again"
+    assert_same_weights(loaded, weights(other))
+    assert loaded.config.save_id == other.config.save_id
+
+    # AutoModel reads the config before it calls from_pretrained: a save during the load is refused, naming the cause.
+    first = other.config.save_id
+    opened.clear()
+    with pytest.raises(ValueError) as refused:
+        AutoModel.from_pretrained(directory)
+    assert len(opened) == 6
+    assert str(refused.value) == (
+        f"{directory} was saved again after its config was read (the config is of save {first}, its files now of "
+        f"save {other.config.save_id}): another process saved into it during the load. Load it again."
+    )
+
+
+def test_weights_truncated_while_they_are_mapped_are_reported_as_truncated(two_saves, monkeypatch):
+    directory, _ = two_saves
+    shard = directory / "model-00004-of-00006.safetensors"
+    (header_length,) = struct.unpack("<Q", shard.read_bytes()[:8])
+    kept = 8 + header_length + 16  # the header and the first bytes of the tensors
+
+    def truncate_then_map(path, *args, **kwargs):
+        if Path(path) == shard and shard.stat().st_size > kept:  # a file cut short after its header was read
+            os.truncate(shard, kept)
+        return real_from_file(path, *args, **kwargs)
+
+    real_from_file = torch.UntypedStorage.from_file
+    monkeypatch.setattr(torch.UntypedStorage, "from_file", truncate_then_map)
+    message = (
+        rf"^The safetensors weights of {directory} are truncated or corrupt \(file <{shard}> size <{kept}> is smaller "
+        r"than the required mapping size <\d+>\); save or copy the checkpoint again.$"
+    )
+    with pytest.raises(ValueError, match=message):
+        AutoModel.from_pretrained(directory)
