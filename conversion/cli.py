@@ -75,6 +75,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     extract.add_argument("checkpoint_dir", help="a Transfusion checkpoint with modality experts")
     extract.add_argument("output_dir", help="where to write the image path")
+    extract.add_argument(
+        "--base-llm",
+        choices=["smollm2"],
+        help="record the LLM it applies to, so that `transfusion generate --model OUTPUT_DIR` puts it on top by itself "
+        "(smollm2: the SmolLM2-135M of `transfusion data install --only smollm2`)",
+    )
     extract.add_argument("--overwrite", action="store_true", help="write into a non-empty output folder")
 
     apply = commands.add_parser(
@@ -124,7 +130,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "export-hub":
             report = export_to_hub(args.checkpoint_dir, args.output_dir, overwrite=args.overwrite)
         elif args.command == "extract-image-path":
-            report = extract_image_path(args.checkpoint_dir, args.output_dir, overwrite=args.overwrite)
+            report = extract_image_path(
+                args.checkpoint_dir, args.output_dir, base_llm=args.base_llm, overwrite=args.overwrite
+            )
         else:
             report = apply_image_path(
                 args.llm_dir, args.image_path_dir, args.output_dir, gguf_file=args.gguf_file, overwrite=args.overwrite

@@ -58,10 +58,15 @@ def text_path_fingerprint(model: TransfusionForConditionalGeneration) -> str:
 
 
 def extract_image_path(
-    checkpoint_dir: str | os.PathLike, output_dir: str | os.PathLike, overwrite: bool = False
+    checkpoint_dir: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    base_llm: str | None = None,
+    overwrite: bool = False,
 ) -> ConversionReport:
     """Saves the image path of a checkpoint with modality experts (weights in bfloat16, the VAE in float32) with its
-    config, processor and generation config, and the fingerprint of the text path it was trained on."""
+    config, processor and generation config, and the fingerprint of the text path it was trained on. `base_llm`
+    names that LLM for `transfusion generate --model`: `"smollm2"` is the SmolLM2-135M of the asset installer; the
+    image path of another LLM is put on top of it with [`apply_image_path`]."""
     output_dir = prepare_output_dir(output_dir, overwrite, sources=(checkpoint_dir,))
     model, processor = load_checkpoint(checkpoint_dir, dtype=torch.float32)
     text = set(text_path_names(model))
@@ -71,7 +76,8 @@ def extract_image_path(
         if name not in text
     }
     fingerprint = text_path_fingerprint(model)
-    save_file(tensors, output_dir / IMAGE_PATH_WEIGHTS, metadata={"text_path_fingerprint": fingerprint})
+    metadata = {"text_path_fingerprint": fingerprint, **({"base_llm": base_llm} if base_llm else {})}
+    save_file(tensors, output_dir / IMAGE_PATH_WEIGHTS, metadata=metadata)
     model.config.save_pretrained(output_dir)
     model.generation_config.save_pretrained(output_dir)
     processor.save_pretrained(output_dir)
@@ -85,21 +91,25 @@ def extract_image_path(
     return report
 
 
-def apply_image_path(
-    llm_path: str | os.PathLike,
-    image_path_dir: str | os.PathLike,
-    output_dir: str | os.PathLike,
-    gguf_file: str | None = None,
-    overwrite: bool = False,
-) -> ConversionReport:
-    """Puts the image path saved by [`extract_image_path`] on top of the LLM in `llm_path` (its own folder, or
-    `gguf_file` inside it) and saves the whole model. Refuses an LLM whose text path differs from the one the image
-    path was trained on; checks that text gives the LLM's logits."""
-    image_path_dir = Path(image_path_dir)
-    weights = image_path_dir / IMAGE_PATH_WEIGHTS
+def image_path_base_llm(image_path_dir: str | os.PathLike) -> str | None:
+    """The name of the LLM an image path folder was saved for (`extract_image_path(base_llm=...)`), or `None`;
+    raises `FileNotFoundError` for a folder that holds no image path."""
+    weights = Path(image_path_dir) / IMAGE_PATH_WEIGHTS
     if not weights.is_file():
         raise FileNotFoundError(f"{image_path_dir} holds no image path: {IMAGE_PATH_WEIGHTS} is missing.")
-    output_dir = prepare_output_dir(output_dir, overwrite, sources=(llm_path, image_path_dir))
+    with safe_open(weights, framework="pt") as stored:
+        return (stored.metadata() or {}).get("base_llm")
+
+
+@torch.no_grad()
+def load_with_image_path(
+    llm_path: str | os.PathLike, image_path_dir: str | os.PathLike, gguf_file: str | None = None
+) -> tuple[TransfusionForConditionalGeneration, object, list[str]]:
+    """The whole model, in memory: the LLM in `llm_path` (its own folder, or `gguf_file` inside it) with the image
+    path of `image_path_dir` on top. Refuses an LLM whose text path differs from the one the image path was trained
+    on, and checks that text gives the LLM's logits. Returns `(model, processor, checks)`."""
+    image_path_dir = Path(image_path_dir)
+    image_path_base_llm(image_path_dir)  # a folder without an image path is refused here
     config = TransfusionConfig.from_pretrained(image_path_dir)
     load_kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     llm = AutoModelForCausalLM.from_pretrained(llm_path, dtype=torch.float32, **load_kwargs).eval()
@@ -107,25 +117,25 @@ def apply_image_path(
     vocab = min(llm.get_input_embeddings().num_embeddings, *config.image_token_ids)
     model = TransfusionForConditionalGeneration(config).eval()
     own = model.state_dict()  # shares the parameters' storage: copying into it loads them
-    with torch.no_grad():
-        for name, tensor in llm.state_dict().items():
-            ours = "lm_head.weight" if name == "lm_head.weight" else name.replace("model.", "model.language_model.", 1)
-            if ours not in own or tensor.shape[1:] != own[ours].shape[1:] or tensor.shape[0] > own[ours].shape[0]:
-                raise ValueError(
-                    f"The LLM in {llm_path} does not fit this image path: its {name} {tuple(tensor.shape)} has no "
-                    "place in the image path's model."
-                )
-            own[ours][: tensor.shape[0]] = tensor
-        with safe_open(weights, framework="pt") as stored:
-            expected = (stored.metadata() or {}).get("text_path_fingerprint")
-            missing = set(own) - set(text_path_names(model)) - set(stored.keys())
-            if missing or set(stored.keys()) - set(own):
-                raise ValueError(
-                    f"{weights} does not fit its config: missing {sorted(missing)[:3]}, unknown "
-                    f"{sorted(set(stored.keys()) - set(own))[:3]}."
-                )
-            for name in stored.keys():
-                own[name].copy_(stored.get_tensor(name))
+    for name, tensor in llm.state_dict().items():
+        ours = "lm_head.weight" if name == "lm_head.weight" else name.replace("model.", "model.language_model.", 1)
+        if ours not in own or tensor.shape[1:] != own[ours].shape[1:] or tensor.shape[0] > own[ours].shape[0]:
+            raise ValueError(
+                f"The LLM in {llm_path} does not fit this image path: its {name} {tuple(tensor.shape)} has no place "
+                "in the image path's model."
+            )
+        own[ours][: tensor.shape[0]] = tensor
+    weights = image_path_dir / IMAGE_PATH_WEIGHTS
+    with safe_open(weights, framework="pt") as stored:
+        expected = (stored.metadata() or {}).get("text_path_fingerprint")
+        missing = set(own) - set(text_path_names(model)) - set(stored.keys())
+        if missing or set(stored.keys()) - set(own):
+            raise ValueError(
+                f"{weights} does not fit its config: missing {sorted(missing)[:3]}, unknown "
+                f"{sorted(set(stored.keys()) - set(own))[:3]}."
+            )
+        for name in stored.keys():
+            own[name].copy_(stored.get_tensor(name))
     fingerprint = text_path_fingerprint(model)
     if fingerprint != expected:
         raise ValueError(
@@ -133,14 +143,38 @@ def apply_image_path(
             f"fingerprint {fingerprint[:12]}, expected {str(expected)[:12]}): its text would not be the model's."
         )
     processor = AutoProcessor.from_pretrained(image_path_dir)
+    model.generation_config = GenerationConfig.from_pretrained(image_path_dir)
+    checks = [f"text path fingerprint {fingerprint[:12]} matches the image path's"]
+    with quiet_loading():
+        checks.append(_check_text_logits(llm, model, processor.tokenizer, vocab))
+    return model, processor, checks
+
+
+def apply_image_path(
+    llm_path: str | os.PathLike,
+    image_path_dir: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    gguf_file: str | None = None,
+    overwrite: bool = False,
+) -> ConversionReport:
+    """Puts the image path saved by [`extract_image_path`] on top of the LLM in `llm_path` (see
+    [`load_with_image_path`]) and saves the whole model."""
+    output_dir = prepare_output_dir(output_dir, overwrite, sources=(llm_path, image_path_dir))
+    model, processor, checks = load_with_image_path(llm_path, image_path_dir, gguf_file)
     report = ConversionReport(
         title=f"apply-image-path: {llm_path} + {image_path_dir} -> {output_dir}", output_dir=str(output_dir)
     )
-    report.checks.append(f"text path fingerprint {fingerprint[:12]} matches the image path's")
-    with quiet_loading():
-        report.checks.append(_check_text_logits(llm, model, processor.tokenizer, vocab))
-    save_checkpoint(model, processor, output_dir, GenerationConfig.from_pretrained(image_path_dir))
+    report.checks += checks
+    save_checkpoint(model, processor, output_dir, model.generation_config)
     return report
 
 
-__all__ = ["IMAGE_PATH_WEIGHTS", "text_path_names", "text_path_fingerprint", "extract_image_path", "apply_image_path"]
+__all__ = [
+    "IMAGE_PATH_WEIGHTS",
+    "text_path_names",
+    "text_path_fingerprint",
+    "extract_image_path",
+    "image_path_base_llm",
+    "load_with_image_path",
+    "apply_image_path",
+]

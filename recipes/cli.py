@@ -37,11 +37,14 @@ def _threads(count: int | None) -> None:
 
 
 def load_checkpoint(directory: str | Path):
-    """Loads a Transfusion checkpoint folder (model in float32, eval mode, and its processor)."""
+    """Loads a Transfusion checkpoint folder (model in float32, eval mode, and its processor). A folder holding an
+    image path alone (`transfusion-convert extract-image-path --base-llm smollm2`) is put on top of the installed
+    SmolLM2-135M."""
     import torch
     from transformers import AutoModel, AutoProcessor
 
     import modeling_transfusion  # noqa: F401  (registers the Auto classes)
+    from modeling_transfusion.conversion.image_path import IMAGE_PATH_WEIGHTS, image_path_base_llm
 
     directory = Path(directory)
     if not (directory / "config.json").is_file():
@@ -49,9 +52,29 @@ def load_checkpoint(directory: str | Path):
             f"No Transfusion checkpoint in {directory} (no config.json). Pass --model DIR, or train one with "
             "`transfusion train`."
         )
+    if (directory / IMAGE_PATH_WEIGHTS).is_file():
+        return _load_image_path(directory, image_path_base_llm(directory))
     model = AutoModel.from_pretrained(directory, dtype=torch.float32).eval()
     processor = AutoProcessor.from_pretrained(directory)
     return model, processor
+
+
+def _load_image_path(directory: Path, base_llm: str | None):
+    from modeling_transfusion.conversion.image_path import load_with_image_path
+    from modeling_transfusion.recipes.data import smollm2_path
+
+    if base_llm != "smollm2":
+        raise ValueError(
+            f"{directory} holds the image path of a model with modality experts, saved without naming its LLM: put "
+            "it on top of its LLM with `transfusion-convert apply-image-path LLM_DIR IMAGE_PATH OUT`, then pass "
+            "--model OUT."
+        )
+    folder, gguf_file = smollm2_path()
+    print(f"putting the image path of {directory} on top of SmolLM2-135M ({folder})")
+    model, processor, checks = load_with_image_path(folder, directory, gguf_file=gguf_file)
+    for check in checks:
+        print(f"  {check}")
+    return model.eval(), processor
 
 
 # data

@@ -22,6 +22,8 @@ from modeling_transfusion.experts_transfusion import (
     copy_text_weights_to_experts,
     image_expert_pairs,
 )
+from modeling_transfusion.recipes import data as recipe_data
+from modeling_transfusion.recipes.cli import load_checkpoint
 from modeling_transfusion.recipes.evaluation import compare_text, text_comparison_table
 
 from conftest import DIGIT_NAMES, build_tiny_config, build_tiny_tokenizer, load_digit_images, tiny_text_config
@@ -437,3 +439,25 @@ def test_text_comparison_with_the_reference_llm(tmp_path):
     assert drifted["perplexity"] != drifted["reference_perplexity"]
     table = text_comparison_table(drifted)
     assert "| held-out perplexity (3 texts) |" in table and table.count("\n") == 5
+
+
+def test_the_cli_puts_a_shipped_image_path_on_top_of_its_llm(tmp_path, monkeypatch):
+    _, model, processor = experts_from_llm(tmp_path)
+    perturb_image_experts(model)
+    model.save_pretrained(tmp_path / "full")
+    processor.save_pretrained(tmp_path / "full")
+    extract_image_path(tmp_path / "full", tmp_path / "shipped", base_llm="smollm2")
+    # The tiny LLM stands in for the SmolLM2 that `transfusion data install --only smollm2` puts in site-packages.
+    monkeypatch.setattr(recipe_data, "smollm2_path", lambda: (tmp_path / "llm", None))
+    loaded, _ = load_checkpoint(tmp_path / "shipped")
+    text = processor(text=["a handwritten seven"], return_tensors="pt")
+    vocab = min(model.config.image_token_ids)
+    with torch.no_grad():
+        assert torch.equal(loaded(**text).logits[..., :vocab], model(**text).logits[..., :vocab])
+        batch = image_batch(processor)
+        torch.testing.assert_close(
+            loaded(**batch).diffusion_prediction, model(**batch).diffusion_prediction, atol=0.05, rtol=0.05
+        )
+    extract_image_path(tmp_path / "full", tmp_path / "anonymous")
+    with pytest.raises(ValueError, match="saved without naming its LLM: put it on top of its LLM with"):
+        load_checkpoint(tmp_path / "anonymous")
