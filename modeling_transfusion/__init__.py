@@ -15,7 +15,7 @@ from transformers import (
 from transformers.pipelines import PIPELINE_REGISTRY
 
 from .configuration_transfusion import TransfusionConfig
-from .generation_transfusion import TransfusionGenerateOutput
+from .generation_transfusion import TransfusionGenerateBeamOutput, TransfusionGenerateOutput
 from .modeling_transfusion import (
     TransfusionForConditionalGeneration,
     TransfusionModel,
@@ -55,6 +55,7 @@ __all__ = [
     "TransfusionModel",
     "TransfusionForConditionalGeneration",
     "TransfusionGenerateOutput",
+    "TransfusionGenerateBeamOutput",
     "patchify",
     "unpatchify",
     "TransfusionImageProcessor",

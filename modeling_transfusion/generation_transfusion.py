@@ -6,27 +6,38 @@ processor and stopping criterion), with `<boi>` never sampled; images may be in 
 `"interleaved"` mode the decoding loop [`transfusion_decode`] is plugged in through the `custom_generate` hook: it
 samples text until a row samples `<boi>`. That row then denoises its image (arXiv 2408.11039, section 3): at every
 scheduler step the N `<image>` slots run against the cached prefix and their keys and values are dropped again; the
-clean image (timestep 0) and `<eoi>` are then written to the cache once, and text resumes.
+clean image (timestep 0) and `<eoi>` are then written to the cache once, and text resumes. Text decoding methods the
+loop does not carry (beam search, assisted decoding, `use_cache=False`, ...) run as transformers' own in interleaved
+mode, `<boi>` ending a sequence; the loop then writes the image of each sequence that ended so.
 
 Rows of a batch that open images at different steps wait for each other: while some rows denoise, the others are
 still, and when the image is committed they receive N + 1 masked filler slots (attention mask 0, positions not
 advanced), which are removed from the returned sequences. Every row therefore sees exactly what it would see alone.
 """
 
+import copy
 import functools
 import inspect
 import math
 import numbers
 import re
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import torch
 from diffusers import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import GenerationMixin, LogitsProcessor, LogitsProcessorList
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
-from transformers.generation.stopping_criteria import MaxLengthCriteria, StoppingCriteriaList, StopStringCriteria
-from transformers.generation.utils import GenerateDecoderOnlyOutput
+from transformers.generation import (
+    BaseStreamer,
+    GenerateBeamDecoderOnlyOutput,
+    GenerateDecoderOnlyOutput,
+    GenerationMode,
+    MaxLengthCriteria,
+    StoppingCriteriaList,
+    StopStringCriteria,
+)
 from transformers.utils import logging
 
 from .diffusion_transfusion import sampling_scheduler
@@ -49,6 +60,8 @@ IMAGE_ARGUMENTS = (
 WRITTEN_IMAGE_SIZE = re.compile(r"(\d+)\s*x\s*(\d+)\s*$")
 
 GeneratorArg = torch.Generator | list[torch.Generator] | None
+# GenerationMixin's max_length when neither max_length nor max_new_tokens is set.
+DEFAULT_MAX_LENGTH = 20
 
 
 @dataclass
@@ -73,18 +86,67 @@ class TransfusionGenerateOutput(GenerateDecoderOnlyOutput):
     image_latents: list[list[torch.FloatTensor]] | None = None
 
 
-class TokenSuppressor(LogitsProcessor):
-    """Sets the scores of `token_ids` to -inf, as transformers' `SuppressTokensLogitsProcessor` does, with the mask
-    built once rather than at every step (text decoding runs it once per token)."""
+@dataclass
+class TransfusionGenerateBeamOutput(GenerateBeamDecoderOnlyOutput):
+    r"""
+    Outputs of [`TransfusionGenerationMixin.generate`] in interleaved mode with beam search and
+    `return_dict_in_generate=True`: those of [`~generation.GenerateBeamDecoderOnlyOutput`] plus `images` and
+    `image_latents`, as in [`TransfusionGenerateOutput`].
+    """
 
-    def __init__(self, token_ids: list[int]):
-        self.token_ids, self.mask = token_ids, None
+    images: list[list[torch.FloatTensor]] | None = None
+    image_latents: list[list[torch.FloatTensor]] | None = None
+
+
+class ImageTokenRules(LogitsProcessor):
+    """Keeps text decoding off the tokens that only the image loop writes: `<image>` and `<eoi>` (and the ids of
+    `suppress_tokens`) always get -inf, `<boi>` does in the rows where `may_open(input_ids)` `(batch_size,)` is False,
+    and in every row while `may_open` is `None` (text mode). The fixed mask is built once, not at every step (text
+    decoding runs this once per token)."""
+
+    def __init__(self, config, suppress_tokens=(), may_open: Callable[[torch.LongTensor], torch.BoolTensor] = None):
+        self.boi_token_id, self.may_open = config.boi_token_id, may_open
+        self.token_ids = sorted({config.image_token_id, config.eoi_token_id, *suppress_tokens})
+        self.mask = self.mask_key = None
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        if self.mask is None or self.mask.shape[-1] != scores.shape[-1] or self.mask.device != scores.device:
+        closed = self.may_open is None
+        key = (scores.shape[-1], scores.device, closed)
+        if self.mask_key != key:
             self.mask = torch.zeros(scores.shape[-1], dtype=torch.bool, device=scores.device)
             self.mask[self.token_ids] = True
-        return scores.masked_fill(self.mask, -float("inf"))
+            self.mask[self.boi_token_id] = closed
+            self.mask_key = key
+        scores = scores.masked_fill(self.mask, -float("inf"))
+        if not closed:
+            open_rows = self.may_open(input_ids).to(scores.device)
+            scores[:, self.boi_token_id] = scores[:, self.boi_token_id].masked_fill(~open_rows, -float("inf"))
+        return scores
+
+
+class _StreamUntilImages(BaseStreamer):
+    """Hands the text to `streamer` but keeps its end: the images written after transformers' decoding stream last."""
+
+    def __init__(self, streamer):
+        self.streamer = streamer
+
+    def put(self, value):
+        self.streamer.put(value)
+
+    def end(self):
+        pass
+
+
+def _repeat_rows(value, times: int):
+    """A per-row value (a tensor of rows, or a list with one entry per row) for `times` copies of every row, as
+    `generate` expands its inputs for beams and returned sequences; anything else as it is."""
+    if times == 1 or value is None:
+        return value
+    if isinstance(value, torch.Tensor):
+        return value.repeat_interleave(times, dim=0)
+    if isinstance(value, list | tuple):
+        return [item for item in value for _ in range(times)]
+    return value
 
 
 def _integer(value, name: str, minimum: int) -> int:
@@ -124,9 +186,10 @@ NUMERIC_ARGUMENTS = {
     "top_k": (_integer, 0),
     "no_repeat_ngram_size": (_integer, 0),
     "max_new_images": (_integer, 0),
-    "pad_token_id": (_integer, 0),
-    "bos_token_id": (_integer, 0),
-    "eos_token_id": (_integer, 0),
+    # transformers takes negative ids (its own tests pass -1 so that generation never stops) and warns.
+    "pad_token_id": (_integer, -math.inf),
+    "bos_token_id": (_integer, -math.inf),
+    "eos_token_id": (_integer, -math.inf),
     "temperature": (_finite_float, 0.0),
     "top_p": (_finite_float, 0.0),
     "min_p": (_finite_float, 0.0),
@@ -249,6 +312,10 @@ class ImageSamplingOptions:
     def asked_size(self, row: int) -> tuple[int, int] | None:
         """The `(height, width)` asked for `row` with `generate(height=, width=)`, or `None`."""
         return self.sizes[row] if self.sizes is not None else None
+
+    def repeat_rows(self, times: int) -> "ImageSamplingOptions":
+        """These options for a batch in which every row is repeated `times` times (beams, returned sequences)."""
+        return replace(self, sizes=_repeat_rows(self.sizes, times), generator=_repeat_rows(self.generator, times))
 
     def generators_for(self, rows: list[int]) -> GeneratorArg:
         """The generator(s) that draw the noise of `rows`: one per row for a list, the shared one otherwise."""
@@ -381,10 +448,12 @@ def commit_images(
     rows: list[int],
     latents: list[torch.FloatTensor],
     filler_token_id: int,
+    **forward_kwargs,
 ):
     """Writes the clean images of `rows` (timestep 0, one `(latent_channels, h, w)` latent per row, sizes may differ)
-    and their `<eoi>` to the cache, in one forward. A row's image takes its N slots and `<eoi>`; the columns up to the
-    widest image, and all columns of the other rows, are filler slots that nothing attends to (attention mask 0).
+    and their `<eoi>` to the cache, in one forward (given `forward_kwargs` such as `output_hidden_states`). A row's
+    image takes its N slots and `<eoi>`; the columns up to the widest image, and all columns of the other rows, are
+    filler slots that nothing attends to (attention mask 0).
 
     Returns `(next_logits, outputs, input_ids, written, attention_mask)`: the float32 logits after each row's `<eoi>`
     `(batch_size, vocab_size)` (meaningful for `rows`), the forward's outputs, the `(batch_size, width)` ids written,
@@ -418,6 +487,7 @@ def commit_images(
         image_latents=list(latents),
         use_cache=True,
         logits_to_keep=1 if written[rows].all() else 0,
+        **forward_kwargs,
     )
     logits = outputs.logits
     next_logits = logits[:, -1] if logits.shape[1] == 1 else logits[torch.arange(batch_size, device=device), eoi_column]
@@ -491,12 +561,16 @@ def _sample_next_tokens(
     return torch.where(active, next_tokens, filler)
 
 
-def _forbid(scores: torch.FloatTensor, may_open: torch.BoolTensor, config) -> torch.FloatTensor:
-    """Masks what text sampling may never produce: `<image>` and `<eoi>` (the image loop writes them), and `<boi>`
-    for rows that may not open an image now."""
-    scores[:, [config.image_token_id, config.eoi_token_id]] = -float("inf")
-    scores[~may_open, config.boi_token_id] = -float("inf")
-    return scores
+def pad_token_id_of(generation_config) -> int | None:
+    """The id that pads finished rows, as transformers chooses it: `pad_token_id`, else the first end-of-sequence id."""
+    for token_ids in (generation_config.pad_token_id, generation_config.eos_token_id):
+        if isinstance(token_ids, torch.Tensor):
+            token_ids = token_ids.flatten().tolist()
+        if isinstance(token_ids, list | tuple):
+            token_ids = token_ids[0] if token_ids else None
+        if token_ids is not None:
+            return int(token_ids)
+    return None
 
 
 class InterleavedDecoding:
@@ -518,20 +592,34 @@ class InterleavedDecoding:
         max_new_images: int | None,
         options: ImageSamplingOptions,
         model_kwargs: dict,
+        max_new_tokens: int,
+        keep: torch.BoolTensor | None = None,
+        new_tokens: torch.LongTensor | None = None,
     ):
+        """`max_new_tokens` is every row's budget of new tokens. A prompt that continues an earlier decoding may hold
+        tokens that are not their row's (`keep` False: padding after a row finished, attention mask 0) and count the
+        `new_tokens` each row already spent."""
         config = model.config
         self.model, self.config, self.options = model, config, options
-        self.logits_processor, self.generation_config, self.streamer = logits_processor, generation_config, streamer
+        self.generation_config, self.streamer = generation_config, streamer
         self.generation_mode, self.max_new_images = generation_mode, max_new_images
         self.model_kwargs = model_kwargs
         batch_size, prompt_length = input_ids.shape
         device = input_ids.device
-        pad_token_id = generation_config.pad_token_id
-        if isinstance(pad_token_id, list | tuple):
-            pad_token_id = pad_token_id[0] if pad_token_id else None
-        self.pad_token_id = pad_token_id
-        self.filler = config.eoi_token_id if pad_token_id is None else pad_token_id
-        self.max_new_tokens = generation_config.max_length - prompt_length
+        self.pad_token_id = pad_token_id_of(generation_config)
+        # What rows that wait or finished feed the model: the pad id, as in transformers, when it is a token.
+        vocab_size = model.get_input_embeddings().num_embeddings
+        valid_pad = self.pad_token_id is not None and 0 <= self.pad_token_id < vocab_size
+        self.filler = self.pad_token_id if valid_pad else config.eoi_token_id
+        self.max_new_tokens = max_new_tokens
+        # `<boi>` is allowed in the rows that have room for an image now, by the rule `generate` put among the logits
+        # processors (where it runs in text mode too, so that both modes process scores alike).
+        rules = next((processor for processor in logits_processor if isinstance(processor, ImageTokenRules)), None)
+        if rules is None:  # a caller's own `custom_generate=transfusion_decode`
+            rules = ImageTokenRules(config)
+            logits_processor = LogitsProcessorList([*logits_processor, rules])
+        rules.may_open = self._may_open
+        self.logits_processor = logits_processor
         # Lengths are enforced per row (a row's fillers do not count), so the batch-wide length criterion is replaced.
         self.criteria = StoppingCriteriaList(c for c in stopping_criteria if not isinstance(c, MaxLengthCriteria))
         flags = generation_config.return_dict_in_generate
@@ -553,9 +641,12 @@ class InterleavedDecoding:
             inputs_embeds = model_kwargs.get("inputs_embeds")
             length = prompt_length if inputs_embeds is None else inputs_embeds.shape[1]
             positions = torch.full((batch_size,), length, dtype=torch.long, device=device)
-        self.batch = _Batch(input_ids, torch.ones_like(input_ids, dtype=torch.bool), attention_mask, positions)
+        keep = torch.ones_like(input_ids, dtype=torch.bool) if keep is None else keep
+        self.batch = _Batch(input_ids, keep, attention_mask, positions)
         self.unfinished = torch.ones(batch_size, dtype=torch.bool, device=device)
-        self.new_tokens = torch.zeros(batch_size, dtype=torch.long, device=device)  # per row, fillers excluded
+        if new_tokens is None:
+            new_tokens = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.new_tokens = new_tokens  # per row, fillers excluded
         self.images_opened = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.row_latents = [[] for _ in range(batch_size)]
         # <boi>, the slots and <eoi> of the smallest image a row may open: the size asked for, else the default.
@@ -567,18 +658,45 @@ class InterleavedDecoding:
         self.cache = self.outputs = self.next_logits = None
 
     def prefill(self):
-        """Reads the prompt (and its images) into the cache; a prompt that ends with `<boi>` opens its image."""
+        """Reads the prompt (and its images) into the cache, or the part a given cache does not hold yet; a row whose
+        prompt ends with `<boi>` opens its image."""
+        input_ids = self.batch.input_ids
         model_inputs = self.model.prepare_inputs_for_generation(
-            self.batch.input_ids, is_first_iteration=True, **self.model_kwargs
+            input_ids,
+            next_sequence_length=self._uncached_length(),
+            is_first_iteration=True,
+            **self.model_kwargs,
         )
         self.outputs = self.model(**model_inputs, return_dict=True)
         self.cache = self.outputs.cache
         self.next_logits = self.outputs.logits[:, -1].to(copy=True, dtype=torch.float32)  # [batch, vocab]
-        input_ids = self.batch.input_ids
         if input_ids.shape[1]:
-            opens_in_prompt = input_ids[:, -1] == self.config.boi_token_id
+            last_tokens = input_ids.gather(1, (self.batch.keep.long().cumsum(-1).argmax(-1))[:, None])[:, 0]
+            opens_in_prompt = self.unfinished & (last_tokens == self.config.boi_token_id)
             if opens_in_prompt.any():
                 self.write_images(opens_in_prompt)
+
+    def _uncached_length(self) -> int | None:
+        """How many trailing prompt positions a cache passed to `generate` does not hold (`None`: all of them), as
+        transformers' prefill counts them: the prompt is the whole sequence when its attention mask covers it."""
+        cache = self.model_kwargs.get("cache")
+        past_length = cache.get_seq_length() if cache is not None else 0
+        if not past_length:
+            return None
+        inputs_embeds = self.model_kwargs.get("inputs_embeds")
+        if inputs_embeds is not None:
+            return inputs_embeds.shape[1] - past_length
+        input_ids, attention_mask = self.batch.input_ids, self.batch.attention_mask
+        whole = attention_mask.shape[1] == input_ids.shape[1] if attention_mask is not None else True
+        return input_ids.shape[1] - past_length if whole and input_ids.shape[1] > past_length else None
+
+    def _may_open(self, input_ids: torch.LongTensor) -> torch.BoolTensor:
+        """The rows that may sample `<boi>` now: unfinished, with room for the smallest image they may open, and
+        below `max_new_images`."""
+        may_open = self.unfinished & (self.new_tokens + self.least_image_tokens <= self.max_new_tokens)
+        if self.max_new_images is not None:
+            may_open &= self.images_opened < self.max_new_images
+        return may_open
 
     def sample_text(self) -> torch.LongTensor:
         """The next token of every row (`<boi>` in image mode; the filler for finished rows)."""
@@ -588,23 +706,18 @@ class InterleavedDecoding:
             next_scores[:, config.boi_token_id] = 0.0
             next_tokens = torch.where(unfinished, config.boi_token_id, self.filler)
         else:
-            may_open = unfinished & (self.new_tokens + self.least_image_tokens <= self.max_new_tokens)
-            if self.max_new_images is not None:
-                may_open &= self.images_opened < self.max_new_images
-            # Constrained before the processors (so top-k / top-p choose among allowed tokens) and after them (so no
-            # processor can bring a forbidden token back).
-            next_scores = _forbid(self.next_logits.clone(), may_open, config)
-            next_scores = _forbid(self.logits_processor(self.batch.view(self.filler), next_scores), may_open, config)
+            next_scores = self.logits_processor(self.batch.view(self.filler), self.next_logits)
             next_tokens = _sample_next_tokens(
                 next_scores, self.generation_config.do_sample, unfinished, self.options.generator, self.filler
             )
+        # Recorded as transformers records them: per sampling step, the outputs of the forward that gave its logits.
         if self.scores is not None:
             self.scores += (next_scores,)
         if self.raw_logits is not None:
-            self.raw_logits += (self.next_logits.clone(),)
-        if self.attentions is not None and getattr(self.outputs, "attentions", None) is not None:
+            self.raw_logits += (self.next_logits,)
+        if self.attentions is not None:
             self.attentions += (self.outputs.attentions,)
-        if self.hidden_states is not None and getattr(self.outputs, "hidden_states", None) is not None:
+        if self.hidden_states is not None:
             self.hidden_states += (self.outputs.hidden_states,)
         return next_tokens
 
@@ -654,7 +767,14 @@ class InterleavedDecoding:
             latents.update(zip(group, group_latents))
         latents = [latents[row] for row in rows]
         next_logits, self.outputs, input_ids, written, attention_mask = commit_images(
-            self.model, self.cache, batch.attention_mask, batch.positions, rows, latents, self.filler
+            self.model,
+            self.cache,
+            batch.attention_mask,
+            batch.positions,
+            rows,
+            latents,
+            self.filler,
+            **self.output_flags,
         )
         batch.append(input_ids, keep=written, attention_mask=attention_mask)
         batch.positions += written.sum(-1)  # filler slots do not advance a row
@@ -700,13 +820,18 @@ class InterleavedDecoding:
                 decoded[i] = image
         decoded = iter(decoded)
         images = [[next(decoded) for _ in row] for row in self.row_latents]
+        cache = self.cache if self.generation_config.use_cache else None
+        if cache is not None and cache.get_seq_length() == self.batch.input_ids.shape[1]:
+            # The last forward wrote an image's <eoi>: as transformers returns it, the cache holds all but the last
+            # token, which a continuing `generate` feeds again.
+            cache.crop(-1)
         return TransfusionGenerateOutput(
             sequences=sequences,
             scores=self.scores,
             logits=self.raw_logits,
             attentions=self.attentions,
             hidden_states=self.hidden_states,
-            cache=self.cache,
+            cache=cache,
             images=images,
             image_latents=self.row_latents,
         )
@@ -735,7 +860,8 @@ def transfusion_decode(
 ) -> TransfusionGenerateOutput | torch.LongTensor:
     """The image and interleaved decoding loop, called by `generate` (`custom_generate`) after its usual
     preparation, with the signature of `GenerationMixin._sample` plus the image arguments documented in
-    [`TransfusionGenerationMixin.generate`]. Returns sequences, or a [`TransfusionGenerateOutput`] with
+    [`TransfusionGenerationMixin.generate`]. It decodes greedily or samples; images are always denoised against a KV
+    cache, which is returned only with `use_cache=True`. Returns sequences, or a [`TransfusionGenerateOutput`] with
     `return_dict_in_generate=True`."""
     generation_mode = generation_mode or getattr(generation_config, "generation_mode", None) or "interleaved"
     max_new_images = (
@@ -760,13 +886,10 @@ def transfusion_decode(
     )
     if generation_config.num_beams > 1:
         raise ValueError(
-            f"Beam search (num_beams > 1) runs in generation_mode='text' only; generation_mode={generation_mode!r} "
-            "samples or decodes greedily."
+            "The image loop samples or decodes greedily; `generate` runs beam search with transformers' own decoding "
+            "(see docs/generation.md)."
         )
-    if not model_kwargs.get("use_cache", True):
-        raise ValueError(
-            "Images are denoised against the KV cache: use_cache=False works in generation_mode='text' only."
-        )
+    model_kwargs["use_cache"] = True
     if streamer is not None and batch_size > 1:
         raise ValueError("Streamers take one sequence: stream with a batch of one prompt.")
     if generation_mode == "image" and max_new_images == 0:
@@ -790,6 +913,7 @@ def transfusion_decode(
         max_new_images,
         options,
         model_kwargs,
+        max_new_tokens=room,
     )
     decoding.prefill()
     while decoding.unfinished.any():
@@ -812,16 +936,19 @@ class TransfusionGenerationMixin(GenerationMixin):
     ):
         r"""
         Generates text and images. Accepts everything `GenerationMixin.generate` does (`max_new_tokens`, `do_sample`,
-        `temperature`, `top_p`, `num_beams`, logits processors, stopping criteria, `streamer`,
-        `return_dict_in_generate`, ...), plus the arguments below; each can also be set as an attribute of the
-        generation config.
+        `temperature`, `top_p`, `num_beams`, `assistant_model`, `use_cache`, logits processors, stopping criteria,
+        `streamer`, `return_dict_in_generate`, ...), plus the arguments below; each can also be set as an attribute of
+        the generation config. docs/generation.md has a table of every feature in each mode.
 
         Args:
             generation_mode (`str`, *optional*, defaults to `"interleaved"`):
-                `"interleaved"`: the model opens images by sampling `<boi>`; `"text"`: transformers' own decoding, with
-                `<boi>` never sampled (e.g. captioning an image given in the prompt; beam search and `use_cache=False`
-                work here only); `"image"`: one image is opened right after the prompt and generation ends with its
-                `<eoi>` (then `max_new_tokens`, unless given in the call, is N + 2, N the slots of the image).
+                `"interleaved"`: the model opens images by sampling `<boi>`; where no image opens, the output is text
+                mode's. Greedy search and sampling run in the image loop; under any other decoding method (beam
+                search, assisted decoding, `use_cache=False`, ...) transformers' method writes the text and generation
+                ends after the first image a sequence opens. `"text"`: transformers' own decoding, with `<boi>` never
+                sampled (e.g. captioning an image given in the prompt). `"image"`: one image is opened right after
+                the prompt and generation ends with its `<eoi>` (then `max_new_tokens`, unless given in the call, is
+                N + 2, N the slots of the image); it decodes no text, so beam search and assistants are refused.
             max_new_images (`int`, *optional*):
                 Most images a row may open; `<boi>` is suppressed afterwards. No limit by default.
             scheduler (`str` or diffusers `SchedulerMixin`, *optional*):
@@ -855,13 +982,16 @@ class TransfusionGenerationMixin(GenerationMixin):
         finiteness before any compute; a `TypeError` or `ValueError` names the argument.
 
         Return:
-            `torch.LongTensor` of sequences, or a [`TransfusionGenerateOutput`] (with `images` and `image_latents`)
-            when `return_dict_in_generate=True` (a plain transformers output in `"text"` mode).
+            `torch.LongTensor` of sequences, or a [`TransfusionGenerateOutput`] (with `images` and `image_latents`;
+            a [`TransfusionGenerateBeamOutput`] under beam search) when `return_dict_in_generate=True` (a plain
+            transformers output in `"text"` mode).
         """
         defaults = generation_config if generation_config is not None else self.generation_config
         mode = kwargs.get("generation_mode") or getattr(defaults, "generation_mode", None) or "interleaved"
         if mode not in GENERATION_MODES:
             raise ValueError(f"Unknown generation_mode {mode!r}: choose one of {list(GENERATION_MODES)}.")
+        if getattr(defaults, "is_assistant", False):
+            mode = "text"  # an assistant drafts text, which the main model checks
         if custom_generate is None and mode != "text" and kwargs.get("guidance_scale") is not None:
             raise ValueError(
                 f"guidance_scale is transformers' classifier-free guidance of text; for images in "
@@ -878,19 +1008,36 @@ class TransfusionGenerationMixin(GenerationMixin):
         size = (self.config.image_size, self.config.image_size)
         image_tokens = max(self.config.num_image_slots(*(s or size)) for s in sizes) + 2
         self._check_prompt_length(prompt, image_tokens if mode == "image" else 0)
-        if custom_generate is None and mode == "text":
-            return self._generate_text(
-                inputs, generation_config, logits_processor, stopping_criteria, streamer, defaults, kwargs
-            )
+        if (
+            custom_generate is None
+            and mode == "image"
+            and all(kwargs.get(k) is None for k in ("max_new_tokens", "max_length"))
+        ):
+            # Image mode ends with the image's <eoi>: unless the call sets a length, it gets exactly the image's room
+            # (a generation config's max_new_tokens is meant for text).
+            kwargs["max_new_tokens"] = image_tokens
+        settings = copy.deepcopy(defaults)
+        settings.update(**kwargs)
+        self._check_images_per_row(inputs if inputs is not None else kwargs.get("input_ids"), kwargs, settings)
         if custom_generate is None:
+            kwargs.pop("generation_mode", None)
+            if mode == "text":
+                return self._generate_text(
+                    inputs, generation_config, logits_processor, stopping_criteria, streamer, defaults, kwargs
+                )
+            room = self._room_for_images(prompt, settings, sizes, kwargs)
+            rules = ImageTokenRules(self.config, self._suppress_tokens(kwargs, defaults), room)
+            logits_processor = LogitsProcessorList([*(logits_processor or []), rules])
+            if not self._image_loop_carries(mode, settings, kwargs):
+                return self._generate_text_then_images(
+                    inputs, generation_config, logits_processor, stopping_criteria, streamer, kwargs, settings
+                )
             # A callable custom_generate does not receive `tokenizer`: it is handed over here, and stop strings are
             # turned into a criterion.
             tokenizer = kwargs.pop("tokenizer", None)
-            custom_generate = functools.partial(transfusion_decode, streamer=streamer, tokenizer=tokenizer)
-            # Image mode ends with the image's <eoi>: unless the call sets a length, it gets exactly the image's room
-            # (a generation config's max_new_tokens is meant for text).
-            if mode == "image" and all(kwargs.get(k) is None for k in ("max_new_tokens", "max_length")):
-                kwargs["max_new_tokens"] = image_tokens
+            custom_generate = functools.partial(
+                transfusion_decode, streamer=streamer, tokenizer=tokenizer, generation_mode=mode
+            )
             if kwargs.get("stop_strings") is not None and tokenizer is not None:
                 stop = StopStringCriteria(tokenizer=tokenizer, stop_strings=kwargs.pop("stop_strings"))
                 stopping_criteria = StoppingCriteriaList([*(stopping_criteria or []), stop])
@@ -904,12 +1051,37 @@ class TransfusionGenerationMixin(GenerationMixin):
             **kwargs,
         )
 
+    @staticmethod
+    def _image_loop_carries(mode: str, settings, kwargs) -> bool:
+        """Whether the image loop decodes the text of this call itself: greedy search or sampling, with the default
+        cache. Image mode decodes no text, so it refuses the other methods; interleaved mode hands them to
+        transformers (see `_generate_text_then_images`)."""
+        method = settings.get_generation_mode(kwargs.get("assistant_model"))
+        if kwargs.get("synced_gpus"):
+            raise ValueError(
+                f"generation_mode={mode!r} cannot keep processes in step (synced_gpus): each row opens images on its "
+                "own. Generate images on each process alone, or text with generation_mode='text'."
+            )
+        samples = method in (GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE)
+        if mode == "image" and not samples:
+            raise ValueError(
+                f"generation_mode='image' decodes no text, so {method.value.replace('_', ' ')} has nothing to do: "
+                "the image opens right after the prompt. Use it in generation_mode='interleaved' or 'text'."
+            )
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        return mode == "image" or (
+            samples
+            and settings.use_cache
+            and settings.prefill_chunk_size is None
+            and settings.cache_implementation in (None, "dynamic")
+            and (cache is None or _croppable(cache))
+        )
+
     def _generate_text(
         self, inputs, generation_config, logits_processor, stopping_criteria, streamer, defaults, kwargs
     ):
         """`generation_mode="text"`: transformers' decoding as for any causal LM, `<boi>`, `<image>` and `<eoi>`
         suppressed. The image arguments (`num_inference_steps`, ...) configure images, which this mode never opens."""
-        kwargs.pop("generation_mode", None)
         for name in IMAGE_ARGUMENTS:
             kwargs.pop(name, None)
         generator = kwargs.pop("generator", None)
@@ -922,32 +1094,156 @@ class TransfusionGenerationMixin(GenerationMixin):
         input_ids = inputs if inputs is not None else kwargs.get("input_ids")
         if input_ids is not None and input_ids.shape[1] and (input_ids[:, -1] == self.config.boi_token_id).any():
             raise ValueError("A prompt ends with <boi> but generation_mode='text' never generates an image.")
-        images = kwargs.get("pixel_values", kwargs.get("image_latents"))
-        expansion = max(kwargs.get("num_beams") or defaults.num_beams or 1, 1) * max(
-            kwargs.get("num_return_sequences") or defaults.num_return_sequences or 1, 1
-        )
-        if images is not None and expansion > 1 and input_ids is not None:
-            # generate repeats every input row-wise; images are counted per prompt, so this holds for one per row.
-            image_rows = self.model.locate_images(input_ids == self.config.image_token_id)[0]
-            per_row = torch.bincount(image_rows, minlength=input_ids.shape[0])
-            if not (per_row == 1).all():
-                raise ValueError(
-                    "num_beams / num_return_sequences > 1 with images in the prompt need exactly one image per row; "
-                    f"the rows hold {per_row.tolist()} images."
-                )
-        # Appended to the caller's processors, so that it runs after all of them (none can bring these tokens back);
-        # it also takes the place of the processor transformers would build for `suppress_tokens`.
-        special = [self.config.boi_token_id, self.config.eoi_token_id, self.config.image_token_id]
-        suppressed = kwargs.pop("suppress_tokens", None) or getattr(defaults, "suppress_tokens", None) or []
-        suppress = TokenSuppressor(sorted(set(suppressed) | set(special)))
+        rules = ImageTokenRules(self.config, self._suppress_tokens(kwargs, defaults))
         return super().generate(
             inputs=inputs,
             generation_config=generation_config,
-            logits_processor=LogitsProcessorList([*(logits_processor or []), suppress]),
+            logits_processor=LogitsProcessorList([*(logits_processor or []), rules]),
             stopping_criteria=stopping_criteria,
             streamer=streamer,
             **kwargs,
         )
+
+    def _generate_text_then_images(
+        self, inputs, generation_config, logits_processor, stopping_criteria, streamer, kwargs, settings
+    ):
+        """Interleaved mode under a decoding method the image loop does not carry (beam search, beam sampling,
+        assisted decoding, `use_cache=False`, another cache class, chunked prefill): transformers' own decoding writes
+        the text, in which `<boi>` (allowed where an image fits) ends a sequence as an end-of-sequence id does; the
+        image of every sequence that ended with `<boi>` is then written, and generation ends with its `<eoi>`."""
+        image_arguments = {name: kwargs.pop(name, None) for name in IMAGE_ARGUMENTS if name != "max_new_images"}
+        kwargs.pop("max_new_images", None)
+        prompt_ids = inputs if inputs is not None else kwargs.get("input_ids")
+        prompt_embeds = kwargs.get("inputs_embeds")
+        if prompt_ids is None and prompt_embeds is None and settings.bos_token_id is not None:
+            inputs = prompt_ids = torch.full((1, 1), settings.bos_token_id, device=self.device)  # as transformers
+        prompt = prompt_ids if prompt_ids is not None else prompt_embeds
+        options = ImageSamplingOptions.resolve(
+            self,
+            settings,
+            prompt.shape[0],
+            kwargs.pop("generator", None),
+            tokenizer=kwargs.get("tokenizer"),
+            **image_arguments,
+        )
+        end_ids = settings.eos_token_id if isinstance(settings.eos_token_id, list) else [settings.eos_token_id]
+        end_ids = [token for token in end_ids if token is not None]
+        pad_token_id = pad_token_id_of(settings)
+        kwargs["eos_token_id"] = [*end_ids, self.config.boi_token_id]
+        kwargs["pad_token_id"] = self.config.eoi_token_id if pad_token_id is None else pad_token_id
+        out = super().generate(
+            inputs=inputs,
+            generation_config=generation_config,
+            logits_processor=logits_processor,
+            stopping_criteria=stopping_criteria,
+            streamer=None if streamer is None else _StreamUntilImages(streamer),
+            **kwargs,
+        )
+        sequences = out if isinstance(out, torch.Tensor) else out.sequences
+        offset = 0 if prompt_ids is None else prompt_ids.shape[1]  # where the generated tokens start
+        generated = sequences[:, offset:]
+        ends = torch.isin(generated, torch.tensor(kwargs["eos_token_id"], device=generated.device))
+        kept = ends.long().cumsum(-1) - ends.long() == 0  # each row's tokens, up to its first end
+        opened = (kept & (generated == self.config.boi_token_id)).any(-1)
+        beams = isinstance(out, GenerateBeamDecoderOnlyOutput)
+        output_class = TransfusionGenerateBeamOutput if beams else TransfusionGenerateOutput
+        if not opened.any():
+            if streamer is not None:
+                streamer.end()
+            if isinstance(out, torch.Tensor):
+                return out
+            return output_class(**out, images=[[] for _ in sequences], image_latents=[[] for _ in sequences])
+
+        # The image writer reads the decoded sequences (and the prompt's images) into a fresh cache, and each row
+        # whose tokens end with <boi> opens its image, as a prompt ending with <boi> does in image mode.
+        expand = sequences.shape[0] // prompt.shape[0]  # beams / num_return_sequences
+        prompt_mask = kwargs.get("attention_mask")
+        if prompt_mask is None:
+            prompt_mask = torch.ones(prompt.shape[:2], dtype=torch.long, device=sequences.device)
+        attention_mask = torch.cat([prompt_mask.repeat_interleave(expand, 0), kept.to(prompt_mask.dtype)], dim=-1)
+        model_kwargs = {
+            "attention_mask": attention_mask,
+            "position_ids": (attention_mask.long().cumsum(-1) - 1).clamp(min=0),
+            "use_cache": True,
+            "logits_to_keep": 1,
+        }
+        for name in ("pixel_values", "image_latents", "image_sizes"):
+            model_kwargs[name] = _repeat_rows(kwargs.get(name), expand)
+        keep = torch.cat([torch.ones_like(sequences[:, :offset], dtype=torch.bool), kept], dim=-1)
+        if prompt_ids is None:
+            embeds = torch.cat([prompt_embeds.repeat_interleave(expand, 0), self.get_input_embeddings()(sequences)], 1)
+            model_kwargs["inputs_embeds"] = embeds
+        writer_config = copy.deepcopy(settings)
+        writer_config.return_dict_in_generate, writer_config.use_cache = True, True
+        decoding = InterleavedDecoding(
+            self,
+            sequences,
+            LogitsProcessorList(),
+            StoppingCriteriaList(),
+            writer_config,
+            streamer,
+            "image",
+            None,
+            options.repeat_rows(expand),
+            model_kwargs,
+            max_new_tokens=self._max_new_tokens(settings, prompt),
+            keep=keep,
+            new_tokens=kept.sum(-1),
+        )
+        decoding.unfinished = opened
+        decoding.prefill()
+        written = decoding.result()
+        if isinstance(out, torch.Tensor):
+            return written.sequences
+        fields = {**out, "sequences": written.sequences, "cache": written.cache if settings.use_cache else None}
+        return output_class(**fields, images=written.images, image_latents=written.image_latents)
+
+    def _room_for_images(self, prompt, settings, sizes, kwargs) -> Callable | None:
+        """The rule of `ImageTokenRules` for transformers' decoding, by sequence length (the image loop replaces it
+        with its own per-row count): `<boi>` where the smallest image a row may open still fits its new-token budget
+        (`None` where no image may open)."""
+        max_new_images = kwargs.get("max_new_images", getattr(settings, "max_new_images", None))
+        if max_new_images == 0 or prompt is None:
+            return None
+        budget = self._max_new_tokens(settings, prompt)
+        offset = prompt.shape[1] if prompt.dim() == 2 else 0  # processors see input_ids (none for inputs_embeds)
+        size = (self.config.image_size, self.config.image_size)
+        least = torch.tensor([self.config.num_image_slots(*(s or size)) + 2 for s in sizes], device=prompt.device)
+
+        def may_open(input_ids: torch.LongTensor) -> torch.BoolTensor:
+            rows = least.repeat_interleave(input_ids.shape[0] // least.numel())  # beams follow their prompt
+            return input_ids.shape[1] - offset + rows <= budget
+
+        return may_open
+
+    @staticmethod
+    def _max_new_tokens(settings, prompt: torch.Tensor) -> int:
+        """The new-token budget transformers derives from `max_new_tokens` or else `max_length`."""
+        if settings.max_new_tokens is not None:
+            return settings.max_new_tokens
+        return (settings.max_length if settings.max_length is not None else DEFAULT_MAX_LENGTH) - prompt.shape[1]
+
+    @staticmethod
+    def _suppress_tokens(kwargs, defaults) -> list[int]:
+        """`suppress_tokens` of the call or the generation config: `ImageTokenRules` takes the place of the processor
+        transformers would build for them."""
+        return kwargs.pop("suppress_tokens", None) or getattr(defaults, "suppress_tokens", None) or []
+
+    def _check_images_per_row(self, input_ids, kwargs, settings):
+        """`generate` repeats every input row-wise for beams and returned sequences, images too: they are counted per
+        prompt, so that holds for one image per row only."""
+        images = kwargs.get("pixel_values", kwargs.get("image_latents"))
+        expansion = max(settings.num_beams or 1, 1) * max(settings.num_return_sequences or 1, 1)
+        if images is None or expansion == 1 or input_ids is None:
+            return
+        per_row = torch.bincount(
+            self.model.locate_images(input_ids == self.config.image_token_id)[0], minlength=len(input_ids)
+        )
+        if not (per_row == 1).all():
+            raise ValueError(
+                "num_beams / num_return_sequences > 1 with images in the prompt need exactly one image per row; the "
+                f"rows hold {per_row.tolist()} images."
+            )
 
     def _check_prompt_length(self, prompt: torch.Tensor | None, image_tokens: int):
         """A prompt the backbone's positions cannot hold (or, in image mode, one that leaves no room for the
@@ -967,6 +1263,8 @@ class TransfusionGenerationMixin(GenerationMixin):
 
 __all__ = [
     "GENERATION_MODES",
+    "ImageTokenRules",
+    "TransfusionGenerateBeamOutput",
     "TransfusionGenerateOutput",
     "TransfusionGenerationMixin",
     "ImageSamplingOptions",

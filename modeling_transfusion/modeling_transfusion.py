@@ -24,7 +24,7 @@ from transformers.cache_utils import Cache
 from transformers.conversion_mapping import register_checkpoint_conversion_mapping
 from transformers.core_model_loading import WeightRenaming
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
 from transformers.utils import logging
 from transformers.utils.generic import can_return_tuple
 
@@ -136,10 +136,15 @@ class TransfusionLinearPatchEncoder(nn.Module):
         self.time_embedding = TransfusionTimestepEmbedding(config.text_config.hidden_size)
         self.proj = nn.Linear(config.patch_dim, config.text_config.hidden_size)
 
-    def forward(self, latents: torch.Tensor, timesteps: torch.Tensor) -> tuple[torch.Tensor, None]:
+    def forward(
+        self, latents: torch.Tensor, timesteps: torch.Tensor
+    ) -> tuple[torch.Tensor, None, tuple[torch.Tensor, torch.Tensor]]:
+        """Returns the slot embeddings `(num_images, num_patches, hidden_size)`, no state for the decoder, and the
+        encoder's hidden states: the patches `(num_images, num_patches, patch_dim)` and their projection."""
         patches = patchify(latents, self.patch_size).to(self.proj.weight.dtype)
-        embeddings = self.proj(patches) + self.time_embedding(timesteps, patches.dtype)[:, None]
-        return embeddings, None  # [num_images, num_patches, hidden_size]
+        projected = self.proj(patches)
+        embeddings = projected + self.time_embedding(timesteps, patches.dtype)[:, None]
+        return embeddings, None, (patches, projected)
 
 
 class TransfusionPatchPositionEmbedding(nn.Module):
@@ -216,16 +221,22 @@ class TransfusionUNetPatchEncoder(nn.Module):
         )
         self.proj = nn.Linear(channels[-1], config.text_config.hidden_size)
 
-    def forward(self, latents: torch.Tensor, timesteps: torch.Tensor) -> tuple[torch.Tensor, TransfusionUNetState]:
+    def forward(
+        self, latents: torch.Tensor, timesteps: torch.Tensor
+    ) -> tuple[torch.Tensor, TransfusionUNetState, tuple[torch.Tensor, ...]]:
+        """Returns the slot embeddings `(num_images, num_patches, hidden_size)`, what the decoder needs, and the
+        encoder's hidden states: its levels `(num_images, channels, height, width)`, from the input convolution to
+        the last down block."""
         dtype = self.conv_in.weight.dtype
         time_embedding = self.time_embedding(timesteps, dtype)
         hidden = self.conv_in(latents.to(dtype))
-        skips = (hidden,)
+        skips = levels = (hidden,)
         for block in self.down_blocks:
             hidden, block_skips = block(hidden, time_embedding)
             skips += block_skips
+            levels += (hidden,)
         patches = hidden.flatten(2).transpose(1, 2)  # [num_images, num_patches, channels[-1]]
-        return self.proj(patches), TransfusionUNetState(time_embedding, skips)
+        return self.proj(patches), TransfusionUNetState(time_embedding, skips), levels
 
 
 class TransfusionUNetPatchDecoder(nn.Module):
@@ -610,19 +621,70 @@ class TransfusionModel(TransfusionPreTrainedModel):
             return mask
         return {"full_attention": mask, "sliding_attention": create_sliding_window_causal_mask(**mask_kwargs)}
 
-    # The image step: latents at a timestep -> slot embeddings; slot outputs -> prediction
+    # The image encoder (clean images -> slot embeddings, the VLM convention) and the diffusion step (latents at a
+    # timestep -> slot embeddings; slot outputs -> prediction)
 
+    @can_return_tuple
     def get_image_features(
+        self,
+        pixel_values: torch.FloatTensor | list[torch.FloatTensor],
+        image_sizes: torch.LongTensor | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPooling:
+        r"""
+        Encodes clean images as the backbone reads them: VAE, then the patch encoder at timestep 0 (with the 2-D patch
+        positions when the config has them). `pixel_values` and `image_sizes` are taken as in `forward`.
+
+        Returns a `BaseModelOutputWithPooling` (a tuple with `return_dict=False`):
+            last_hidden_state (`torch.FloatTensor` of shape `(num_images, num_slots, hidden_size)`): the embeddings each
+                image puts in its `<image>` slots, in raster order; images of fewer slots are padded with zeros.
+            pooler_output (`torch.FloatTensor` of shape `(num_images, hidden_size)`): the mean of each image's slots.
+            hidden_states (`tuple(torch.FloatTensor)`, with `output_hidden_states=True`): the patch encoder's states,
+                each with one row per image (zero-padded to the largest image): the patches and their projection for
+                the linear encoder; the input convolution and each down block's output for the U-Net. No encoder has
+                attention, so there are no attentions.
+        """
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        latents = self.get_image_latents(pixel_values=pixel_values, image_sizes=image_sizes)
+        if not latents:
+            raise ValueError("get_image_features needs pixel_values holding at least one image.")
+        groups = []
+        for index in indices_by_shape(latents):
+            group = torch.stack([latents[i] for i in index])
+            timesteps = torch.zeros(len(index), dtype=torch.long, device=group.device)
+            embeddings, _, hidden_states = self._encode_latents(group, timesteps)
+            groups.append((torch.tensor(index, device=group.device), embeddings, hidden_states))
+        num_images = len(latents)
+        hidden_states = None
+        if output_hidden_states:
+            hidden_states = tuple(
+                _merge_groups([(index, states[level]) for index, _, states in groups], num_images)
+                for level in range(len(groups[0][2]))
+            )
+        return BaseModelOutputWithPooling(
+            last_hidden_state=_merge_groups([(index, embeddings) for index, embeddings, _ in groups], num_images),
+            pooler_output=_merge_groups([(index, embeddings.mean(1)) for index, embeddings, _ in groups], num_images),
+            hidden_states=hidden_states,
+        )
+
+    def embed_latents(
         self, latents: torch.Tensor, timesteps: torch.Tensor
     ) -> tuple[torch.Tensor, TransfusionUNetState | None]:
-        """Embeds latents of one size `(num_images, latent_channels, latent_height, latent_width)` that are at
-        `timesteps` `(num_images,)` into the `(num_images, num_slots, hidden_size)` embeddings of their slots (patches
-        in raster order, with their 2-D positions when the config has them). Also returns what the patch decoder needs
-        from the encoder (the U-Net's skips; `None` for the linear encoder)."""
-        embeddings, encoder_state = self.patch_encoder(latents, timesteps)
+        """The diffusion step's input: embeds latents of one size `(num_images, latent_channels, latent_height,
+        latent_width)` that are at `timesteps` `(num_images,)` into the `(num_images, num_slots, hidden_size)`
+        embeddings of their slots (patches in raster order, with their 2-D positions when the config has them). Also
+        returns what the patch decoder needs from the encoder (the U-Net's skips; `None` for the linear encoder)."""
+        embeddings, encoder_state, _ = self._encode_latents(latents, timesteps)
+        return embeddings, encoder_state
+
+    def _encode_latents(self, latents: torch.Tensor, timesteps: torch.Tensor):
+        """[`~TransfusionModel.embed_latents`] plus the patch encoder's hidden states."""
+        embeddings, encoder_state, hidden_states = self.patch_encoder(latents, timesteps)
         if self.patch_position_embedding is not None:
             embeddings = embeddings + self.patch_position_embedding(self._grid_size(latents)).to(embeddings.dtype)
-        return embeddings, encoder_state
+        return embeddings, encoder_state, hidden_states
 
     def get_image_prediction(
         self,
@@ -654,7 +716,7 @@ class TransfusionModel(TransfusionPreTrainedModel):
                 `(batch_size, cache_length + num_slots)`, or the 4D mask that
                 [`~TransfusionModel.get_attention_mask`] built for them (the same for every step of an image).
         """
-        embeds, encoder_state = self.get_image_features(latents, timesteps)
+        embeds, encoder_state = self.embed_latents(latents, timesteps)
         embeds = embeds.to(self.get_input_embeddings().weight.dtype)
         if attention_mask is None or attention_mask.dim() != 4:
             slots = torch.ones(embeds.shape[:2], dtype=torch.bool, device=embeds.device)
@@ -782,7 +844,7 @@ class TransfusionModel(TransfusionPreTrainedModel):
                     noisy, target = noise_latents(self.noise_scheduler, group, group_noise, timesteps)
                     # Timestep 0 means clean whatever the other images of the batch are noised to.
                     noisy = torch.where((timesteps == 0).view(-1, 1, 1, 1), group, noisy)
-                embeds, encoder_state = self.get_image_features(noisy, timesteps)
+                embeds, encoder_state = self.embed_latents(noisy, timesteps)
                 slots = starts[index, None] + torch.arange(embeds.shape[1], device=device)
                 inputs_embeds[rows[index, None], slots] = embeds.to(inputs_embeds.dtype)
                 groups.append((index, slots, encoder_state, target, grids[index[0]]))
@@ -891,16 +953,15 @@ class TransfusionModel(TransfusionPreTrainedModel):
 
 
 def _merge_groups(groups: list[tuple[torch.Tensor, torch.Tensor]], num_images: int) -> torch.Tensor:
-    """Per-group results `(index, (group, channels, height, width))` back in image order, in one tensor padded with
-    zeros to the largest height and width."""
+    """Per-group results `(index, (group, ...))` back in image order, in one tensor padded with zeros to the largest
+    size along every dimension."""
     if len(groups) == 1:
         return groups[0][1]
-    channels = groups[0][1].shape[1]
-    height = max(values.shape[2] for _, values in groups)
-    width = max(values.shape[3] for _, values in groups)
-    merged = groups[0][1].new_zeros(num_images, channels, height, width)
+    first = groups[0][1]
+    sizes = [max(values.shape[dim] for _, values in groups) for dim in range(1, first.dim())]
+    merged = first.new_zeros(num_images, *sizes)
     for index, values in groups:
-        merged[index, :, : values.shape[2], : values.shape[3]] = values
+        merged[(index, *(slice(0, size) for size in values.shape[1:]))] = values
     return merged
 
 
@@ -922,6 +983,9 @@ class TransfusionForConditionalGeneration(TransfusionPreTrainedModel, Transfusio
     """
 
     _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+    # The backbone's plan shards the input embedding along the vocabulary; the head is sharded the same way, so that
+    # tied weights stay one tensor (as in transformers' causal LMs).
+    _tp_plan = {"lm_head": "colwise_gather_output"}
     output_modalities = ("image", "text")
 
     def __init__(self, config: TransfusionConfig):
@@ -977,6 +1041,10 @@ class TransfusionForConditionalGeneration(TransfusionPreTrainedModel, Transfusio
     def noise_scheduler(self):
         """The diffusers scheduler of the training (noising) process."""
         return self.model.noise_scheduler
+
+    def get_image_features(self, pixel_values, image_sizes=None, **kwargs) -> BaseModelOutputWithPooling:
+        """See [`TransfusionModel.get_image_features`]."""
+        return self.model.get_image_features(pixel_values=pixel_values, image_sizes=image_sizes, **kwargs)
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """See [`TransfusionModel.encode_images`]."""
@@ -1041,7 +1109,9 @@ class TransfusionForConditionalGeneration(TransfusionPreTrainedModel, Transfusio
         **kwargs,
     ):
         """As `GenerationMixin`'s; the prompt's images (`pixel_values` or `image_latents`, with `image_sizes`) reach
-        only the forward that reads the prompt (after it they are in the cache), or every forward without a cache."""
+        the forwards that read their `<image>` slots: the one that reads the prompt (after it they are in the cache),
+        every forward without a cache, an assistant's first forward, and none when continuing from a cache that holds
+        them."""
         model_inputs = super().prepare_inputs_for_generation(
             input_ids,
             cache=cache,
@@ -1050,9 +1120,10 @@ class TransfusionForConditionalGeneration(TransfusionPreTrainedModel, Transfusio
             is_first_iteration=is_first_iteration,
             **kwargs,
         )
-        if is_first_iteration or not kwargs.get("use_cache", True):
-            model_inputs["pixel_values"], model_inputs["image_latents"] = pixel_values, image_latents
-            model_inputs["image_sizes"] = image_sizes
+        if pixel_values is not None or image_latents is not None:
+            if self.model.get_placeholder_mask(model_inputs["input_ids"], model_inputs.get("inputs_embeds")).any():
+                model_inputs["pixel_values"], model_inputs["image_latents"] = pixel_values, image_latents
+                model_inputs["image_sizes"] = image_sizes
         return model_inputs
 
     @can_return_tuple

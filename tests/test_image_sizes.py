@@ -195,11 +195,11 @@ def test_patch_positions_tell_an_image_from_its_transpose():
     plain = sized_model(position_embedding=None)
     assert plain.model.patch_position_embedding is None
     assert torch.equal(
-        plain.model.get_image_features(wide, timesteps)[0], plain.model.get_image_features(tall, timesteps)[0]
+        plain.model.embed_latents(wide, timesteps)[0], plain.model.embed_latents(tall, timesteps)[0]
     )
     model = sized_model()
     positions = model.model.patch_position_embedding
-    wide_embeds, tall_embeds = (model.model.get_image_features(x, timesteps)[0] for x in (wide, tall))
+    wide_embeds, tall_embeds = (model.model.embed_latents(x, timesteps)[0] for x in (wide, tall))
     difference = (wide_embeds - tall_embeds)[0]  # [32, hidden]
     slot = torch.arange(32)
     expected = (
@@ -269,7 +269,7 @@ def uncached_prediction(model, input_ids, latents, timesteps, unconditional):
     transfusion = model.model
     slots = input_ids == IMAGE
     embeds = model.get_input_embeddings()(input_ids)
-    image_embeds, encoder_state = transfusion.get_image_features(latents, timesteps)
+    image_embeds, encoder_state = transfusion.embed_latents(latents, timesteps)
     embeds[slots] = image_embeds.reshape(-1, embeds.shape[-1])
     mask = transfusion.get_attention_mask(embeds, slots, None, None, None, torch.tensor([unconditional]))
     hidden = transfusion.language_model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
