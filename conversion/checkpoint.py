@@ -2,9 +2,12 @@
 silently, and a checkpoint is always saved whole (model, generation config, processor with its tokenizer)."""
 
 import contextlib
+import json
 import os
 from pathlib import Path
 
+import torch
+from diffusers import AutoencoderKL
 from transformers import AutoProcessor, GenerationConfig
 from transformers.utils import logging
 
@@ -56,6 +59,20 @@ def save_checkpoint(model, processor, output_dir: str | os.PathLike, generation_
     processor.save_pretrained(output_dir)
 
 
+def load_vae(path: str | os.PathLike) -> AutoencoderKL:
+    """A diffusers `AutoencoderKL` in float32, from its own folder or from a Transfusion checkpoint folder that holds
+    one (its frozen `vae`, e.g. the bundled MNIST checkpoint's)."""
+    path = Path(path)
+    config_file = path / "config.json"
+    is_transfusion = config_file.is_file() and json.loads(config_file.read_text()).get("model_type") == "transfusion"
+    if not is_transfusion:
+        return AutoencoderKL.from_pretrained(path, torch_dtype=torch.float32)
+    vae = TransfusionForConditionalGeneration.from_pretrained(path, dtype=torch.float32).vae
+    if vae is None:
+        raise ValueError(f"The Transfusion checkpoint {path} has no VAE (it works on pixels): give a VAE folder.")
+    return vae
+
+
 def vae_config_dict(vae) -> dict:
     """The config of a diffusers `AutoencoderKL` as plain JSON values, for `TransfusionConfig.vae_config` (without
     diffusers' private entries such as `_name_or_path`, which is a path object)."""
@@ -74,4 +91,4 @@ def quiet_loading():
         logging.set_verbosity(verbosity)
 
 
-__all__ = ["prepare_output_dir", "load_checkpoint", "save_checkpoint", "quiet_loading", "vae_config_dict"]
+__all__ = ["prepare_output_dir", "load_checkpoint", "save_checkpoint", "quiet_loading", "load_vae", "vae_config_dict"]

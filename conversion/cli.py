@@ -31,7 +31,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     llm.add_argument("llm_dir", help="folder of a Hugging Face causal LM with its tokenizer")
     llm.add_argument("output_dir", help="where to save the Transfusion checkpoint")
-    llm.add_argument("--vae", dest="vae_dir", help="folder of a diffusers AutoencoderKL (default: none, pixels)")
+    llm.add_argument(
+        "--vae",
+        dest="vae_dir",
+        help="folder of a diffusers AutoencoderKL, or a Transfusion checkpoint whose VAE to take (default: none: "
+        "pixels)",
+    )
     llm.add_argument("--gguf-file", help="a GGUF file inside llm_dir to load instead of safetensors")
     llm.add_argument("--image-size", type=int, help="image side in pixels (default: 32 x the VAE's downsampling)")
     llm.add_argument("--num-channels", type=int, help="image channels (default: the VAE's, or 3)")

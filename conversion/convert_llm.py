@@ -10,14 +10,13 @@ import os
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from ..configuration_transfusion import TransfusionConfig
 from ..experts_transfusion import copy_text_weights_to_experts
 from ..modeling_transfusion import TransfusionForConditionalGeneration
 from ..processing import TransfusionProcessor, add_image_tokens
-from .checkpoint import prepare_output_dir, quiet_loading, save_checkpoint, vae_config_dict
+from .checkpoint import load_vae, prepare_output_dir, quiet_loading, save_checkpoint, vae_config_dict
 from .report import ConversionReport
 
 # Prefixes of the parameters that Transfusion adds to a causal LM.
@@ -55,7 +54,8 @@ def convert_from_llm(
             Mistral, SmolLM, ...), with its tokenizer.
         output_dir (`str` or `os.PathLike`): where to save the checkpoint; must be empty unless `overwrite`.
         vae_path (`str` or `os.PathLike`, *optional*):
-            Folder of a diffusers `AutoencoderKL` (`config.json` + weights). Without it, the model works on pixels (the
+            Folder of a diffusers `AutoencoderKL` (`config.json` + weights), or of a Transfusion checkpoint whose VAE to
+            take (e.g. `checkpoints/transfusion-mnist-compose`). Without it, the model works on pixels (the
             identity autoencoder).
         gguf_file (`str`, *optional*): a GGUF file inside `llm_path` to load (de-quantised to `dtype`).
         image_size (`int`, *optional*):
@@ -96,7 +96,7 @@ def convert_from_llm(
 
     vae = None
     if vae_path is not None:
-        vae = AutoencoderKL.from_pretrained(vae_path, torch_dtype=torch.float32)
+        vae = load_vae(vae_path)
         if num_channels is not None and num_channels != vae.config.in_channels:
             raise ValueError(f"num_channels={num_channels} but the VAE reads {vae.config.in_channels} channels.")
         num_channels = vae.config.in_channels

@@ -9,12 +9,11 @@ import os
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL
 
 from ..configuration_transfusion import TransfusionConfig
 from ..modeling_transfusion import TransfusionForConditionalGeneration
 from ..processing import TransfusionProcessor
-from .checkpoint import load_checkpoint, prepare_output_dir, save_checkpoint, vae_config_dict
+from .checkpoint import load_checkpoint, load_vae, prepare_output_dir, save_checkpoint, vae_config_dict
 from .report import ConversionReport
 
 VAE_PREFIX = "model.vae."
@@ -39,7 +38,8 @@ def convert_from_vae(
 
     Args:
         checkpoint_dir (`str` or `os.PathLike`): a Transfusion checkpoint (model and processor).
-        vae_path (`str` or `os.PathLike`, *optional*): folder of a diffusers `AutoencoderKL`.
+        vae_path (`str` or `os.PathLike`, *optional*): folder of a diffusers `AutoencoderKL`, or of a Transfusion
+            checkpoint whose VAE to take.
         output_dir (`str` or `os.PathLike`): where to save the result; must be empty unless `overwrite`.
         image_size (`int`, *optional*): new image side in pixels; by default the checkpoint's, which must then be
             divisible by the new VAE's downsampling factor times `patch_size`.
@@ -58,7 +58,7 @@ def convert_from_vae(
     old_model, old_processor = load_checkpoint(checkpoint_dir)
     old_config = old_model.config
 
-    vae = AutoencoderKL.from_pretrained(vae_path, torch_dtype=torch.float32) if vae_path is not None else None
+    vae = load_vae(vae_path) if vae_path is not None else None
     num_channels = vae.config.in_channels if vae is not None else old_config.num_channels
     changes = {
         "vae_config": vae_config_dict(vae) if vae is not None else None,
