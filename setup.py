@@ -43,6 +43,7 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "dev": ["pytest>=8", "hypothesis>=6", "scikit-learn>=1.3", "ruff"],
+        # datasets: the collator and TransfusionTrainer are tested on real `datasets.Dataset`s (tested range, as above).
+        "dev": ["pytest>=8", "hypothesis>=6", "scikit-learn>=1.3", "ruff", "datasets>=5.2,<5.3"],
     },
 )

@@ -1,6 +1,11 @@
 """Exporting a Transfusion checkpoint as a self-contained Hub folder: weights, configs, processor, and the package's
 code as remote code, so that `AutoModel.from_pretrained(folder, trust_remote_code=True)` and
 `AutoProcessor.from_pretrained(folder, trust_remote_code=True)` work where this package is not installed.
+
+The model's and the processor's `save_pretrained` write their code and `auto_map` themselves (they are registered
+for the Auto classes); the export runs them on any checkpoint folder, also one saved before they did, checks that the
+code can be copied flat, and adds what a plain save leaves out: the `text-to-image` pipeline as remote code
+(`custom_pipelines`) and a model card.
 """
 
 import ast
@@ -18,12 +23,14 @@ from .. import (
     saving_transfusion,
 )
 from .. import modeling_transfusion as modeling_module
+from ..pipeline_transfusion import CUSTOM_PIPELINES
 from ..processing import image_processing_transfusion, processing_transfusion
 from .checkpoint import load_checkpoint, prepare_output_dir, save_checkpoint
 from .report import ConversionReport
 
-# The code a checkpoint needs, copied flat next to the weights (found through the modules, wherever the package is
-# installed). The files import each other only as `from .x import`, so the flat copy works as it is (checked below).
+# The code of an exported folder, flat next to the weights: what `save_pretrained` copies (the model's and the
+# processor's modules and those they import), and the pipeline. The files import each other only as `from .x import`,
+# so the flat copy works as it is (checked below).
 REMOTE_CODE_FILES = {
     Path(module.__file__).name: Path(module.__file__)
     for module in (
@@ -38,27 +45,6 @@ REMOTE_CODE_FILES = {
         image_processing_transfusion,
     )
 }
-MODEL_CLASS = "modeling_transfusion.TransfusionForConditionalGeneration"
-# One auto_map entry per Auto class; `register_for_auto_class` can record only one model class per checkpoint.
-CONFIG_AUTO_MAP = {
-    "AutoConfig": "configuration_transfusion.TransfusionConfig",
-    "AutoModel": MODEL_CLASS,
-    "AutoModelForCausalLM": MODEL_CLASS,
-    "AutoModelForImageTextToText": MODEL_CLASS,
-    "AutoModelForMultimodalLM": MODEL_CLASS,
-    "AutoProcessor": "processing_transfusion.TransfusionProcessor",
-    "AutoImageProcessor": "image_processing_transfusion.TransfusionImageProcessor",
-}
-PROCESSOR_AUTO_MAP = {"AutoProcessor": "processing_transfusion.TransfusionProcessor"}
-IMAGE_PROCESSOR_AUTO_MAP = {"AutoImageProcessor": "image_processing_transfusion.TransfusionImageProcessor"}
-CUSTOM_PIPELINES = {
-    "text-to-image": {
-        "impl": "pipeline_transfusion.TransfusionTextToImagePipeline",
-        "pt": ["AutoModelForMultimodalLM"],
-        "type": "multimodal",
-    }
-}
-
 MODEL_CARD = """---
 library_name: transformers
 pipeline_tag: text-to-image
@@ -91,10 +77,12 @@ def export_to_hub(
     checkpoint_dir: str | os.PathLike, output_dir: str | os.PathLike, overwrite: bool = False
 ) -> ConversionReport:
     """
-    Writes `checkpoint_dir` (a Transfusion checkpoint) to `output_dir` as a self-contained Hub folder: weights,
-    generation config, processor and tokenizer, the model code (remote code) with `auto_map` entries for `AutoConfig`,
-    `AutoModel`, `AutoModelForCausalLM`, `AutoModelForImageTextToText`, `AutoModelForMultimodalLM`, `AutoProcessor`
-    and `AutoImageProcessor`, the `text-to-image` pipeline (`custom_pipelines`), and a model card.
+    Writes `checkpoint_dir` (a Transfusion checkpoint) to `output_dir` as a self-contained Hub folder: what the model's
+    and the processor's `save_pretrained` write (weights, generation config, processor and tokenizer, the model and
+    processor code as remote code with `auto_map` entries for `AutoConfig`, `AutoModel`, `AutoModelForCausalLM`,
+    `AutoModelForImageTextToText`, `AutoModelForMultimodalLM`, `AutoProcessor` and `AutoImageProcessor`), plus the
+    `text-to-image` pipeline (its code and `custom_pipelines`) and a model card. It works on any checkpoint folder,
+    also one saved before `save_pretrained` wrote the code.
 
     The folder loads with `trust_remote_code=True` in an environment that does not have this package (the Hub's
     remote-code mechanism: `push_to_hub` it, or load it from disk).
@@ -113,21 +101,16 @@ def export_to_hub(
     report = ConversionReport(title=f"export-hub: {checkpoint_dir} -> {output_dir}", output_dir=str(output_dir))
     model, processor = load_checkpoint(checkpoint_dir)
     save_checkpoint(model, processor, output_dir)
-
-    for name, source in REMOTE_CODE_FILES.items():
-        shutil.copyfile(source, output_dir / name)
-    _update_json(output_dir / "config.json", auto_map=CONFIG_AUTO_MAP, custom_pipelines=CUSTOM_PIPELINES)
-    processor_file = output_dir / "processor_config.json"
-    processor_config = json.loads(processor_file.read_text(encoding="utf-8"))
-    processor_config["auto_map"] = PROCESSOR_AUTO_MAP
-    if isinstance(processor_config.get("image_processor"), dict):
-        processor_config["image_processor"]["auto_map"] = IMAGE_PROCESSOR_AUTO_MAP
-    processor_file.write_text(json.dumps(processor_config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    shutil.copyfile(REMOTE_CODE_FILES["pipeline_transfusion.py"], output_dir / "pipeline_transfusion.py")
+    config_file = output_dir / "config.json"
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    config["custom_pipelines"] = CUSTOM_PIPELINES
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     (output_dir / "README.md").write_text(MODEL_CARD.replace("{name}", output_dir.name), encoding="utf-8")
 
     report.notes.append(f"weights: {len(model.state_dict())} tensors, as in {checkpoint_dir}")
-    report.notes.append(f"remote code: {', '.join(REMOTE_CODE_FILES)}")
-    report.notes.append(f"auto_map: {', '.join(CONFIG_AUTO_MAP)}; custom pipeline: text-to-image")
+    report.notes.append(f"remote code: {', '.join(sorted(path.name for path in output_dir.glob('*.py')))}")
+    report.notes.append(f"auto_map: {', '.join(model.config.auto_map)}; custom pipeline: text-to-image")
     report.notes.append(f"files: {', '.join(sorted(path.name for path in output_dir.iterdir()))}")
     report.notes.append("load with trust_remote_code=True; the package itself is not needed")
     return report
@@ -155,12 +138,6 @@ def check_flat_imports() -> None:
                 continue
             if any(module.split(".")[0] == "modeling_transfusion" for module in imported):
                 raise ImportError(f"{source} imports the modeling_transfusion package, which remote code cannot do.")
-
-
-def _update_json(path: Path, **entries) -> None:
-    content = json.loads(path.read_text(encoding="utf-8"))
-    content.update(entries)
-    path.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 __all__ = ["export_to_hub", "check_flat_imports", "REMOTE_CODE_FILES"]

@@ -25,12 +25,14 @@ from .modeling_transfusion import (
 )
 from .pipeline_transfusion import TEXT_TO_IMAGE_TASK, TransfusionTextToImagePipeline
 from .processing import (
+    PLAIN_CHAT_TEMPLATE,
     TransfusionDataCollator,
     TransfusionImageProcessor,
     TransfusionProcessor,
     add_image_tokens,
     train_caption_tokenizer,
 )
+from .trainer_transfusion import TransfusionTrainer
 
 AutoConfig.register(TransfusionConfig.model_type, TransfusionConfig, exist_ok=True)
 # AutoModel gives the full model (it generates), as users of this package load it with AutoModel.from_pretrained.
@@ -63,5 +65,7 @@ __all__ = [
     "TransfusionDataCollator",
     "add_image_tokens",
     "train_caption_tokenizer",
+    "PLAIN_CHAT_TEMPLATE",
     "TransfusionTextToImagePipeline",
+    "TransfusionTrainer",
 ]

@@ -320,4 +320,7 @@ class TransfusionConfig(PreTrainedConfig):
         return int(math.log2(self.patch_size)) + 1
 
 
+# `save_pretrained` copies this file next to the config and names it in `auto_map` (remote code, see the model's save).
+TransfusionConfig.register_for_auto_class()
+
 __all__ = ["TransfusionConfig"]

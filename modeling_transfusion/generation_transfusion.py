@@ -26,6 +26,8 @@ from dataclasses import dataclass, replace
 
 import torch
 from diffusers import SchedulerMixin
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import GenerationMixin, LogitsProcessor, LogitsProcessorList
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
@@ -54,7 +56,15 @@ IMAGE_ARGUMENTS = (
     "progress_bar",
     "height",
     "width",
+    "latents",
+    "callback_on_step_end",
+    "callback_on_step_end_tensor_inputs",
+    "output_type",
 )
+# diffusers' output types: PIL images, float arrays / tensors in [0, 1], or the latents, not decoded.
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+# What `callback_on_step_end` may ask for in `callback_on_step_end_tensor_inputs` (diffusers' default: the latents).
+CALLBACK_TENSOR_INPUTS = ("latents",)
 # How a model writes an image's size before its `<boi>` (what `TransfusionProcessor(write_image_size=True)` renders in
 # training text: " 32x64<boi>"): the text of the row just before `<boi>` ends with it.
 WRITTEN_IMAGE_SIZE = re.compile(r"(\d+)\s*x\s*(\d+)\s*$")
@@ -77,7 +87,9 @@ class TransfusionGenerateOutput(GenerateDecoderOnlyOutput):
         One `(batch_size, vocab_size)` tensor per text sampling step (image slots are not sampled).
     images (`list[list[torch.FloatTensor]]`):
         Per row, the generated images in order of appearance, each `(num_channels, height, width)` in [-1, 1]
-        (`model.decode_latents` of the latents, clamped).
+        (`model.decode_latents` of the latents, clamped); with `output_type`, as diffusers' pipelines give them: PIL
+        images (`"pil"`), float32 arrays `(height, width, num_channels)` in [0, 1] (`"np"`), tensors
+        `(num_channels, height, width)` in [0, 1] (`"pt"`), or the latents, not decoded (`"latent"`).
     image_latents (`list[list[torch.FloatTensor]]`):
         Per row, the latents of those images, each `(latent_channels, height / f, width / f)`.
     """
@@ -252,6 +264,10 @@ class ImageSamplingOptions:
     default_size: tuple[int, int] | None = None  # the config's image_size when None
     tokenizer: object | None = None  # reads the size a row wrote before <boi>
     guidance_interval: tuple[float, float] | None = None  # timesteps (low, high) where guidance applies; None: all
+    latents: torch.Tensor | None = None  # [batch, latent_channels, h, w]: the starting noise, one image per row
+    callback_on_step_end: object | None = None  # called as diffusers does, after each denoising step
+    callback_tensor_inputs: tuple[str, ...] = CALLBACK_TENSOR_INPUTS
+    output_type: str | None = None  # None: images in [-1, 1]; else one of OUTPUT_TYPES
 
     def guidance_at(self, timestep: torch.Tensor) -> float:
         """The guidance scale of the denoising step at `timestep`: 1 (the conditional prediction alone) outside
@@ -280,6 +296,13 @@ class ImageSamplingOptions:
         scheduler = sampling_scheduler(model.noise_scheduler, model.config.objective, value("scheduler", None))
         sizes = requested_image_sizes(model.config, value("height", None), value("width", None), batch_size)
         default_size = (model.config.image_size, model.config.image_size)
+        output_type = arguments.get("output_type")
+        if output_type is not None and output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {list(OUTPUT_TYPES)} (or None), got {output_type!r}.")
+        callback = arguments.get("callback_on_step_end")
+        if callback is not None and not callable(callback):
+            raise TypeError(f"callback_on_step_end must be callable, got {type(callback).__name__}.")
+        tensor_inputs = callback_tensor_inputs(callback, arguments.get("callback_on_step_end_tensor_inputs"))
         return cls(
             scheduler,
             steps,
@@ -290,6 +313,10 @@ class ImageSamplingOptions:
             default_size,
             arguments.get("tokenizer"),
             guidance_interval(value("image_guidance_interval", None), model.config.num_train_timesteps),
+            starting_latents(model.config, arguments.get("latents"), sizes, default_size, batch_size),
+            callback,
+            tensor_inputs,
+            output_type,
         )
 
     def image_size(self, row: int, written: str | None, room: int, config) -> tuple[int, int]:
@@ -324,6 +351,39 @@ class ImageSamplingOptions:
         return self.generator
 
 
+def callback_tensor_inputs(callback, tensor_inputs: list[str] | None) -> tuple[str, ...]:
+    """What `callback_on_step_end` receives, as in diffusers: a `PipelineCallback`'s own `tensor_inputs`, else
+    `tensor_inputs` (default `["latents"]`), each of which the denoising loop must offer."""
+    if isinstance(callback, PipelineCallback | MultiPipelineCallbacks):
+        tensor_inputs = callback.tensor_inputs
+    tensor_inputs = tuple(tensor_inputs or CALLBACK_TENSOR_INPUTS)
+    unknown = sorted(set(tensor_inputs) - set(CALLBACK_TENSOR_INPUTS))
+    if unknown:
+        raise ValueError(
+            f"callback_on_step_end_tensor_inputs asks for {unknown}; the denoising loop offers "
+            f"{list(CALLBACK_TENSOR_INPUTS)}."
+        )
+    return tensor_inputs
+
+
+def starting_latents(config, latents, sizes, default_size, batch_size: int) -> torch.Tensor | None:
+    """Checks `latents`, the starting noise of image mode: `(batch_size, latent_channels, height / f, width / f)` for
+    the size each row asks for (else the default), f the VAE's downsampling."""
+    if latents is None:
+        return None
+    factor = config.vae_downsample_factor
+    expected = [
+        (batch_size, config.latent_channels, h // factor, w // factor) for h, w in (s or default_size for s in sizes)
+    ]
+    if not isinstance(latents, torch.Tensor) or len(set(expected)) > 1 or tuple(latents.shape) != expected[0]:
+        shape = tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__
+        raise ValueError(
+            f"latents must be one tensor of the shape (batch_size * num_images_per_prompt, latent_channels, "
+            f"height / {factor}, width / {factor}) = {expected[0]} for this call, got {shape}."
+        )
+    return latents
+
+
 def requested_image_sizes(config, height, width, batch_size: int) -> list[tuple[int, int] | None]:
     """Per row, the `(height, width)` asked for by `generate(height=, width=)` (an int, or a list with one per row;
     a missing one is the config's `image_size`), checked against the config; `None` per row when neither is given."""
@@ -338,6 +398,14 @@ def requested_image_sizes(config, height, width, batch_size: int) -> list[tuple[
 
     heights, widths = per_row(height, "height"), per_row(width, "width")
     return [config.check_image_size(h, w, name="height x width") for h, w in zip(heights, widths)]
+
+
+def postprocess_images(images: torch.Tensor, output_type: str):
+    """Decoded images `(num_images, channels, height, width)` in [-1, 1] as diffusers' pipelines return them
+    (`VaeImageProcessor.postprocess`): `"pil"` a list of PIL images, `"np"` a float32 array
+    `(num_images, height, width, channels)` in [0, 1], `"pt"` a tensor `(num_images, channels, height, width)` in
+    [0, 1]."""
+    return VaeImageProcessor().postprocess(images, output_type=output_type)
 
 
 def indices_by_shape(tensors: list[torch.Tensor]) -> list[list[int]]:
@@ -416,13 +484,18 @@ def denoise_images(
     generator = options.generators_for(rows)
     factor = config.vae_downsample_factor
     shape = (num_rows, config.latent_channels, height // factor, width // factor)
-    latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+    if options.latents is not None:
+        latents = options.latents[rows].to(device=device, dtype=torch.float32)
+    else:
+        latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
     latents = latents * getattr(scheduler, "init_noise_sigma", 1.0)
     step_kwargs = {}
     if generator is not None and "generator" in inspect.signature(scheduler.step).parameters:
         step_kwargs["generator"] = generator
 
-    for timestep in logging.tqdm(scheduler.timesteps, desc="Denoising", disable=not options.progress_bar):
+    for step, timestep in enumerate(
+        logging.tqdm(scheduler.timesteps, desc="Denoising", disable=not options.progress_bar)
+    ):
         model_input = latents
         if hasattr(scheduler, "scale_model_input"):
             model_input = scheduler.scale_model_input(latents, timestep)
@@ -437,6 +510,12 @@ def denoise_images(
             scale = options.guidance_at(timestep)
             prediction = unconditional_prediction + scale * (conditional - unconditional_prediction)
         latents = scheduler.step(prediction, timestep, latents, **step_kwargs).prev_sample
+        if options.callback_on_step_end is not None:
+            # As in diffusers: the callback sees the tensors it asked for and may return replacements.
+            tensors = {"latents": latents}
+            callback_kwargs = {name: tensors[name] for name in options.callback_tensor_inputs}
+            replaced = options.callback_on_step_end(model, step, timestep, callback_kwargs) or {}
+            latents = replaced.get("latents", latents)
     return latents
 
 
@@ -811,11 +890,14 @@ class InterleavedDecoding:
         sequences = self.batch.packed(self.pad_token_id)
         if not self.generation_config.return_dict_in_generate:
             return sequences
-        images = [[] for _ in self.row_latents]
+        output_type = self.options.output_type
         all_latents = [latents for row in self.row_latents for latents in row]
-        decoded = [None] * len(all_latents)
-        for index in indices_by_shape(all_latents):  # the VAE decodes images of one size at a time
+        decoded = list(all_latents)  # "latent": the latents themselves, not decoded
+        for index in indices_by_shape(all_latents) if output_type != "latent" else []:
+            # The VAE decodes images of one size at a time.
             pixels = self.model.decode_latents(torch.stack([all_latents[i] for i in index])).float().clamp(-1, 1)
+            if output_type is not None:
+                pixels = postprocess_images(pixels, output_type)
             for i, image in zip(index, pixels):
                 decoded[i] = image
         decoded = iter(decoded)
@@ -856,6 +938,10 @@ def transfusion_decode(
     height: int | list[int] | None = None,
     width: int | list[int] | None = None,
     tokenizer=None,
+    latents: torch.Tensor | None = None,
+    callback_on_step_end=None,
+    callback_on_step_end_tensor_inputs: list[str] | None = None,
+    output_type: str | None = None,
     **model_kwargs,
 ) -> TransfusionGenerateOutput | torch.LongTensor:
     """The image and interleaved decoding loop, called by `generate` (`custom_generate`) after its usual
@@ -883,7 +969,16 @@ def transfusion_decode(
         height=height,
         width=width,
         tokenizer=tokenizer,
+        latents=latents,
+        callback_on_step_end=callback_on_step_end,
+        callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+        output_type=output_type,
     )
+    if latents is not None and generation_mode != "image":
+        raise ValueError(
+            "latents is the starting noise of the image generation_mode='image' opens in every row; in "
+            f"generation_mode={generation_mode!r} a row may open any number of images: pass generator instead."
+        )
     if generation_config.num_beams > 1:
         raise ValueError(
             "The image loop samples or decodes greedily; `generate` runs beam search with transformers' own decoding "
@@ -978,6 +1073,28 @@ class TransfusionGenerationMixin(GenerationMixin):
             tokenizer (`PreTrainedTokenizerBase`, *optional*):
                 Reads the sizes rows write (and, as in transformers, serves `stop_strings`).
 
+        With diffusers' meanings:
+            num_images_per_prompt (`int`, *optional*, defaults to 1):
+                In `generation_mode="image"`: each prompt row is repeated this many times (rows `p0, p0, p1, p1, ...`),
+                so the output has `batch_size * num_images_per_prompt` rows (other modes: `num_return_sequences`).
+            latents (`torch.Tensor`, *optional*):
+                In `generation_mode="image"`: the starting noise, `(batch_size * num_images_per_prompt,
+                latent_channels, height / f, width / f)` (f: `config.vae_downsample_factor`), drawn from N(0, I)
+                instead of from `generator` (scaled by the scheduler's `init_noise_sigma`, as diffusers does).
+            callback_on_step_end (`Callable`, *optional*):
+                Called after each denoising step as `callback_on_step_end(model, step_index, timestep,
+                callback_kwargs)`, `callback_kwargs` holding the tensors named in `callback_on_step_end_tensor_inputs`
+                (the latents of the rows denoising, `(rows, latent_channels, h, w)`); a returned dict may replace them.
+                diffusers' `PipelineCallback` objects bring their own `tensor_inputs`.
+            callback_on_step_end_tensor_inputs (`list[str]`, *optional*, defaults to `["latents"]`):
+                What the callback receives; only `"latents"` exists here.
+            output_type (`str`, *optional*):
+                How `images` come back (see [`TransfusionGenerateOutput`]): `"pil"`, `"np"`, `"pt"` or `"latent"`
+                (no decoding). Default: tensors in [-1, 1].
+            return_dict (`bool`, *optional*):
+                The same as transformers' `return_dict_in_generate`: an output object (with `images`) instead of the
+                sequences alone.
+
         Every numeric argument (these and transformers' `max_new_tokens`, `temperature`, ...) is checked for type and
         finiteness before any compute; a `TypeError` or `ValueError` names the argument.
 
@@ -992,6 +1109,18 @@ class TransfusionGenerationMixin(GenerationMixin):
             raise ValueError(f"Unknown generation_mode {mode!r}: choose one of {list(GENERATION_MODES)}.")
         if getattr(defaults, "is_assistant", False):
             mode = "text"  # an assistant drafts text, which the main model checks
+        if "return_dict" in kwargs:
+            return_dict = kwargs.pop("return_dict")
+            if kwargs.setdefault("return_dict_in_generate", return_dict) != return_dict:
+                raise ValueError("return_dict and return_dict_in_generate name the same choice: pass one of them.")
+        num_images = _integer(kwargs.pop("num_images_per_prompt", None) or 1, "num_images_per_prompt", 1)
+        if num_images > 1:
+            if mode != "image":
+                raise ValueError(
+                    f"num_images_per_prompt repeats each prompt in generation_mode='image'; in generation_mode="
+                    f"{mode!r}, ask for several sequences with num_return_sequences (and do_sample=True)."
+                )
+            inputs = self._repeat_prompts(inputs, kwargs, num_images)
         if custom_generate is None and mode != "text" and kwargs.get("guidance_scale") is not None:
             raise ValueError(
                 f"guidance_scale is transformers' classifier-free guidance of text; for images in "
@@ -1244,6 +1373,25 @@ class TransfusionGenerationMixin(GenerationMixin):
                 "num_beams / num_return_sequences > 1 with images in the prompt need exactly one image per row; the "
                 f"rows hold {per_row.tolist()} images."
             )
+
+    def _repeat_prompts(self, inputs: torch.Tensor | None, kwargs: dict, times: int) -> torch.Tensor | None:
+        """Repeats every prompt row `times` times in place (rows `p0, p0, p1, p1, ...`, as diffusers'
+        `num_images_per_prompt`): the ids or embeddings, their mask and positions, and the images of the prompts."""
+        prompt = inputs if inputs is not None else kwargs.get("input_ids")
+        slots = self.model.get_placeholder_mask(prompt, kwargs.get("inputs_embeds"))
+        image_rows = self.model.locate_images(slots)[0].tolist()
+        per_row = [[index for index, r in enumerate(image_rows) if r == row] for row in range(slots.shape[0])]
+        order = [index for images in per_row for _ in range(times) for index in images]
+        for name in ("input_ids", "inputs_embeds", "attention_mask", "position_ids"):
+            if isinstance(kwargs.get(name), torch.Tensor):
+                kwargs[name] = kwargs[name].repeat_interleave(times, dim=0)
+        for name in ("pixel_values", "image_latents", "image_sizes"):
+            images = kwargs.get(name)
+            if isinstance(images, torch.Tensor):
+                kwargs[name] = images[torch.tensor(order, dtype=torch.long, device=images.device)]
+            elif isinstance(images, list | tuple):
+                kwargs[name] = [images[index] for index in order]
+        return None if inputs is None else inputs.repeat_interleave(times, dim=0)
 
     def _check_prompt_length(self, prompt: torch.Tensor | None, image_tokens: int):
         """A prompt the backbone's positions cannot hold (or, in image mode, one that leaves no room for the

@@ -49,6 +49,9 @@ from .saving_transfusion import (
 
 logger = logging.get_logger(__name__)
 
+# The Auto classes a Transfusion checkpoint loads with (`register_for_auto_class` records only one of them).
+MODEL_AUTO_CLASSES = ("AutoModel", "AutoModelForCausalLM", "AutoModelForImageTextToText", "AutoModelForMultimodalLM")
+
 
 @dataclass
 class TransfusionModelOutputWithPast(BaseModelOutputWithPast):
@@ -1007,6 +1010,17 @@ class TransfusionForConditionalGeneration(TransfusionPreTrainedModel, Transfusio
     def set_input_embeddings(self, value):
         self.model.set_input_embeddings(value)
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """As [`TransfusionPreTrainedModel.save_pretrained`], with the model's code as remote code: the files of this
+        package the model needs are copied next to the weights, and `auto_map` in `config.json` names this class for
+        every Auto class in `MODEL_AUTO_CLASSES`. The folder (or `push_to_hub`, which saves through this) then loads
+        with `trust_remote_code=True` where this package is not installed; the processor's `save_pretrained` does
+        the same for the processor."""
+        model_class = f"{type(self).__module__.rsplit('.', 1)[-1]}.{type(self).__name__}"
+        auto_map = getattr(self.config, "auto_map", None) or {}
+        self.config.auto_map = {**auto_map, **dict.fromkeys(MODEL_AUTO_CLASSES, model_class)}
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
     def get_output_embeddings(self):
         return self.lm_head
 
@@ -1254,6 +1268,9 @@ class TransfusionForConditionalGeneration(TransfusionPreTrainedModel, Transfusio
         vocab_size = self.config.text_config.vocab_size
         return self.loss_function(logits=logits, labels=None, shift_labels=shift_labels, vocab_size=vocab_size)
 
+
+# `save_pretrained` copies this file and those it imports (relative imports) next to the weights: remote code.
+TransfusionForConditionalGeneration.register_for_auto_class("AutoModel")
 
 __all__ = [
     "TransfusionPreTrainedModel",

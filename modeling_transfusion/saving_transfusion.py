@@ -43,7 +43,9 @@ from typing import TypeVar
 
 from transformers.utils import logging
 
-from .configuration_transfusion import TransfusionConfig
+# `TransfusionConfig.model_type` (tests/test_saving.py checks it), written out: processing/ holds this module as a
+# link, where the package's other modules cannot be imported relatively.
+MODEL_TYPE = "transfusion"
 
 logger = logging.get_logger(__name__)
 
@@ -100,7 +102,7 @@ def check_save_directory(save_directory: str | os.PathLike) -> bool:
         found = json.loads(config_file.read_text(encoding="utf-8")).get("model_type")
     except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
         found = "unreadable"
-    if found != TransfusionConfig.model_type:
+    if found != MODEL_TYPE:
         raise FileExistsError(
             f"{save_directory} already holds another model (config.json with model_type={found!r}); save to another "
             "directory, or remove it first."

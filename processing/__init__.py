@@ -2,7 +2,7 @@
 
 from .data_collator_transfusion import TransfusionDataCollator
 from .image_processing_transfusion import TransfusionImageProcessor
-from .processing_transfusion import TransfusionProcessor, add_image_tokens
+from .processing_transfusion import PLAIN_CHAT_TEMPLATE, TransfusionProcessor, add_image_tokens
 from .tokenization_transfusion import train_caption_tokenizer
 
 __all__ = [
@@ -11,4 +11,5 @@ __all__ = [
     "TransfusionDataCollator",
     "add_image_tokens",
     "train_caption_tokenizer",
+    "PLAIN_CHAT_TEMPLATE",
 ]

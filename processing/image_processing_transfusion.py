@@ -345,4 +345,6 @@ def _stack_model_images(images: "torch.Tensor | np.ndarray | Sequence") -> np.nd
     return images.astype(np.float32)
 
 
+TransfusionImageProcessor.register_for_auto_class()  # saved with its code, as remote code
+
 __all__ = ["TransfusionImageProcessor"]

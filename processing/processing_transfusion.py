@@ -17,8 +17,9 @@ from .saving_transfusion import check_save_directory, save_atomically
 
 logger = logging.get_logger(__name__)
 
-# "User: <image> What digit is this?\nAssistant: seven</s>\n". Assistant turns end with EOS so a model learns to stop.
-DEFAULT_CHAT_TEMPLATE = (
+# A plain chat template for models trained on chats: "User: <image> What digit is this?\nAssistant: seven</s>\n".
+# Assistant turns end with EOS so a model learns to stop.
+PLAIN_CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
     "{{- message['role'] | capitalize -}}:"
     "{%- if message['content'] is string -%}{{- ' ' + message['content'] -}}"
@@ -99,8 +100,10 @@ class TransfusionProcessor(ProcessorMixin):
         tokenizer ([`PreTrainedTokenizerBase`]):
             Any Hugging Face tokenizer. It must have a pad token for batches of unequal length.
         chat_template (`str`, *optional*):
-            Jinja template for [`~ProcessorMixin.apply_chat_template`]. Defaults to a plain "Role: content" template
-            that renders `{"type": "image"}` content as the image marker.
+            Jinja template for [`~ProcessorMixin.apply_chat_template`], for a model trained on chats: an instruct
+            LLM's own (`transfusion-convert from-llm` keeps it), or `PLAIN_CHAT_TEMPLATE`, a "Role: content" template
+            that renders `{"type": "image"}` content as the image marker. None by default: a processor claims chat
+            only for a model that learned it (transformers' pipelines then ask for chat-formatted input).
         num_image_tokens (`int`):
             `<image>` slots of the default image: the model's `config.num_image_tokens`.
         image_size_divisor (`int`, *optional*):
@@ -189,7 +192,6 @@ class TransfusionProcessor(ProcessorMixin):
         self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
         self.boi_token_id = tokenizer.convert_tokens_to_ids(boi_token)
         self.eoi_token_id = tokenizer.convert_tokens_to_ids(eoi_token)
-        chat_template = DEFAULT_CHAT_TEMPLATE if chat_template is None else chat_template
         tokenizer.padding_side = "left"  # batched generation continues every row from its last token
         super().__init__(image_processor, tokenizer, chat_template=chat_template)
 
@@ -287,6 +289,11 @@ class TransfusionProcessor(ProcessorMixin):
                 PIL images, arrays or tensors. Either one list per row (`[[img_a, img_b], [], [img_c]]`), or a flat
                 list matched to the markers in reading order. Without `text`, each image (or each inner list) makes an
                 image-only row: `[bos] <boi> <image>... <eoi>`.
+            caption, image (*optional*):
+                The column names of image-text datasets, taken for `text` and `images`, so that `processor(**row)`
+                reads a row as it comes (its text still needs a marker per image; `TransfusionDataCollator` places
+                unmarked images itself). Any other keyword that holds image data is an error naming it: images are
+                never dropped silently.
             padding (`bool` or `str`, *optional*, defaults to `True`):
                 `True`/`"longest"`, `"max_length"` or `False`, as in tokenizers.
             padding_side (`str`, *optional*):
@@ -307,6 +314,7 @@ class TransfusionProcessor(ProcessorMixin):
             `ValueError`: no input or an empty batch; markers and images disagree in number (per row, or in total for
             a flat list); an unsupported image; a row longer than `max_length`/`context_length` without truncation.
         """
+        text, images = _dataset_columns(text, images, kwargs)
         texts, row_images = self._pair_text_and_images(text, images)
         merged = self._merge_kwargs(tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs)
         text_kwargs, images_kwargs = merged["text_kwargs"], merged["images_kwargs"]
@@ -563,6 +571,36 @@ def _pad_images(images: list[np.ndarray]) -> np.ndarray:
     return padded
 
 
+def holds_image_data(value: Any) -> bool:
+    """Whether `value` is an image (PIL), an array of two or more dimensions, a `datasets` image not decoded
+    (`{"bytes": ..., "path": ...}`), or a non-empty list of them."""
+    if isinstance(value, (list, tuple)):
+        return bool(value) and all(holds_image_data(item) for item in value)
+    if isinstance(value, dict):
+        return "bytes" in value and "path" in value
+    return isinstance(value, PIL.Image.Image) or (isinstance(value, (np.ndarray, torch.Tensor)) and value.ndim >= 2)
+
+
+def _dataset_columns(text, images, kwargs: dict) -> tuple[Any, Any]:
+    """`text` and `images`, else a dataset row's `caption` and `image` (taken out of `kwargs`). Image data under any
+    other keyword is refused, naming it: transformers would drop an unknown keyword with a warning."""
+    if "caption" in kwargs:
+        if text is not None:
+            raise ValueError("Got both text and caption: caption is another name for text, pass one.")
+        text = kwargs.pop("caption")
+    if "image" in kwargs:
+        if images is not None:
+            raise ValueError("Got both images and image: image is another name for images, pass one.")
+        images = kwargs.pop("image")
+    for key, value in kwargs.items():
+        if holds_image_data(value):
+            raise ValueError(
+                f"The keyword {key!r} holds image data, which the processor does not read: pass the images as "
+                "images= (or image=)."
+            )
+    return text, images
+
+
 def _is_image(item: Any) -> bool:
     return isinstance(item, (PIL.Image.Image, str)) or (
         isinstance(item, (np.ndarray, torch.Tensor)) and item.ndim in (2, 3)
@@ -585,4 +623,8 @@ def _as_image_list(images: Any) -> tuple[list, bool]:
     return list(images), bool(images) and all(is_row)
 
 
-__all__ = ["TransfusionProcessor", "add_image_tokens"]
+# `save_pretrained` copies this file and the ones it imports next to the processor files and names it in `auto_map`,
+# so that `AutoProcessor.from_pretrained(folder, trust_remote_code=True)` works where this package is not installed.
+TransfusionProcessor.register_for_auto_class()
+
+__all__ = ["TransfusionProcessor", "add_image_tokens", "holds_image_data", "PLAIN_CHAT_TEMPLATE"]

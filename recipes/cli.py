@@ -4,7 +4,7 @@
                                                                        and two-digit compositions in both layouts)
     transfusion caption IMAGE [IMAGE ...] [--model DIR]                captions of image files
     transfusion data install [--only NAME ...] [--yes]                 installs the datasets (asks first, unless --yes)
-    transfusion vae --out DIR                                          trains the AutoencoderKL
+    transfusion vae [--images DIR] --out DIR                           trains the AutoencoderKL (on your own images)
     transfusion classifier --out DIR                                   trains the judge CNN
     transfusion train --vae DIR --out DIR [--max-steps N] [--resume]   trains Transfusion with Trainer
     transfusion eval [--model DIR] [--judge DIR] [--compositions]      metrics of the recipe (docs/results.md)
@@ -135,16 +135,31 @@ def command_data(args: argparse.Namespace) -> None:
 
 
 def command_vae(args: argparse.Namespace) -> None:
-    """Trains the VAE on a dataset and saves it in diffusers format."""
+    """Trains the VAE on a dataset, or on a folder of images (every tenth held out to measure it), and saves it in
+    diffusers format."""
     _threads(args.threads)
-    from modeling_transfusion.recipes.data import load_dataset_images, to_model_range
+    import torch
+
+    from modeling_transfusion.recipes.data import load_dataset_images, load_image_folder, to_model_range
     from modeling_transfusion.recipes.vae import train_vae
 
-    train, _ = load_dataset_images(args.dataset, "train", args.image_size)
-    test, _ = load_dataset_images(args.dataset, "test", args.image_size)
+    if args.images:
+        pixels, paths = load_image_folder(args.images, args.image_size, args.num_channels)
+        if len(paths) < 2:
+            raise SystemExit(f"transfusion vae --images: {args.images} holds {len(paths)} image; it needs at least 2.")
+        held_out = torch.arange(len(paths)) % 10 == 0
+        train, test = pixels[~held_out], pixels[held_out]
+        print(
+            f"{len(paths)} images from {args.images} ({pixels.shape[1]} channel(s), {args.image_size} px): "
+            f"{len(train)} to train, {len(test)} held out"
+        )
+    else:
+        train, test = (
+            to_model_range(load_dataset_images(args.dataset, split, args.image_size)[0]) for split in ("train", "test")
+        )
     result = train_vae(
-        to_model_range(train),
-        to_model_range(test),
+        train,
+        test,
         steps=args.steps,
         batch_size=args.batch_size,
         learning_rate=args.lr,
@@ -184,7 +199,7 @@ def command_train(args: argparse.Namespace) -> None:
     from diffusers import AutoencoderKL
     from transformers import AutoProcessor
 
-    from modeling_transfusion import TransfusionProcessor
+    from modeling_transfusion import TransfusionProcessor, TransfusionTrainer
     from modeling_transfusion.recipes.data import (
         COMPOSITION_LAYOUTS,
         CaptionMix,
@@ -196,7 +211,6 @@ def command_train(args: argparse.Namespace) -> None:
         LatentCaptionDataset,
         LatentDataCollator,
         ModelSize,
-        TransfusionTrainer,
         build_model,
         build_tokenizer,
         init_from_checkpoint,
@@ -529,7 +543,8 @@ def command_generate(args: argparse.Namespace) -> None:
         images = generate_images(model, processor, prompts, seeds=seeds, height=height, width=width, **kwargs)
         pictures = [row[0] for row in processor.postprocess_images(images)]
         sheets.append(image_grid(pictures, columns=min(len(pictures), 10), scale=2))
-        print(f"{len(pictures)} images of {images.shape[2]}x{images.shape[3]} for {sorted(set(prompts))}")
+        in_order = ", ".join(repr(prompt) for prompt in dict.fromkeys(prompts))  # as the grid shows them
+        print(f"{len(pictures)} images of {images.shape[2]}x{images.shape[3]}, left to right: {in_order}")
     stack_sheets(sheets).save(args.out)
     print(f"wrote {args.out}")
     examples = _bundled_examples(Path(args.model))
@@ -666,8 +681,18 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--image-size", type=int, default=32)
         p.add_argument("--seed", type=int, default=0)
 
-    p = sub.add_parser("vae", help="train the AutoencoderKL")
+    p = sub.add_parser("vae", help="train the AutoencoderKL on a dataset, or on your own images (--images DIR)")
     common(p)
+    p.add_argument(
+        "--images",
+        default=None,
+        metavar="DIR",
+        help="train on the image files in DIR instead of --dataset (any size, RGB or grey: the shorter side resized "
+        "to --image-size, the centre cropped, as the model's processor does; every tenth image held out)",
+    )
+    p.add_argument(
+        "--num-channels", type=int, default=None, choices=[1, 3], help="with --images (default: 1 if all grey)"
+    )
     p.add_argument("--out", required=True)
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--batch-size", type=int, default=64)

@@ -283,6 +283,49 @@ def load_wordnet_glosses(split: str = "train", cache_dir: str | Path | None = No
     return glosses
 
 
+# Your own images: a folder of image files
+
+
+# PIL modes of single-channel images: a folder of only these trains a grey VAE.
+GREY_MODES = ("1", "L", "LA", "La", "I", "I;16", "F")
+
+
+def load_image_folder(
+    directory: str | Path, image_size: int, num_channels: int | None = None
+) -> tuple["torch.Tensor", list[Path]]:  # noqa: F821
+    """Every image file under `directory` (recursively, sorted by path; any format PIL reads), as the model's processor
+    prepares images: converted to `num_channels` (transparency composited onto white), the shorter side resized to
+    `image_size` (bicubic) and the centre cropped to a square, in [-1, 1].
+
+    Args:
+        directory: a folder of images of any size, RGB or grey.
+        image_size: the side of the square images.
+        num_channels: 1 (grey) or 3 (RGB); by default 1 when every image is grey, else 3.
+
+    Returns:
+        `(pixels, paths)`: a float tensor `(num_images, num_channels, image_size, image_size)` and each image's path.
+    """
+    import PIL.Image
+    import torch
+
+    from modeling_transfusion import TransfusionImageProcessor
+
+    extensions = {extension.lower() for extension in PIL.Image.registered_extensions()}
+    paths = sorted(path for path in Path(directory).rglob("*") if path.suffix.lower() in extensions)
+    if not paths:
+        raise FileNotFoundError(f"No image files in {directory} (looked for {', '.join(sorted(extensions)[:8])}, ...).")
+    images = []
+    for path in paths:
+        with PIL.Image.open(path) as image:
+            image.load()
+            images.append(image)
+    if num_channels is None:
+        num_channels = 1 if all(image.mode in GREY_MODES for image in images) else 3
+    processor = TransfusionImageProcessor(size=image_size, num_channels=num_channels)
+    pixels = processor(images, return_tensors="pt")["pixel_values"]
+    return torch.as_tensor(pixels), paths
+
+
 # Geometry
 
 
@@ -320,10 +363,37 @@ def class_names(dataset: str) -> tuple[str, ...]:
     raise ValueError(f"{dataset!r} has no classes: choose 'mnist' or 'fashion_mnist'.")
 
 
+# Words that start with a vowel letter and a consonant sound ("a one", "a unicorn"), or the other way ("an hour").
+CONSONANT_SOUND_PREFIXES = ("one", "once", "uni", "use", "usu", "uti", "ura", "ure", "uro", "eu", "ewe")
+VOWEL_SOUND_PREFIXES = ("hour", "honest", "honou", "honor", "heir")
+
+
+def indefinite_article(word: str) -> str:
+    """`"an"` before a word that starts with a vowel sound (`"an eight"`, `"an 8"`, `"an ankle boot"`), else `"a"`
+    (`"a seven"`, `"a one"`, `"a unicorn"`)."""
+    word = word.lower()
+    if word[:1].isdigit():
+        return "an" if re.match(r"8|1[18](?!\d)", word) else "a"
+    if word.startswith(VOWEL_SOUND_PREFIXES):
+        return "an"
+    return "an" if word[:1] in "aeiou" and not word.startswith(CONSONANT_SOUND_PREFIXES) else "a"
+
+
+def fill_template(template: str, **values) -> str:
+    """`template.format(**values)`, with each article `a` right before a placeholder made to agree with the value put
+    there: `"a {name}"` gives `"an eight"`, `"an ankle boot"`."""
+    template = re.sub(
+        r"\ba \{(\w+)\}",
+        lambda match: f"{indefinite_article(str(values[match.group(1)]))} {{{match.group(1)}}}",
+        template,
+    )
+    return template.format(**values)
+
+
 def _fill(template: str, dataset: str, label: int | str) -> str:
     if isinstance(label, str):
-        return template.format(name=label)
-    return template.format(name=class_names(dataset)[label], digit=label)
+        return fill_template(template, name=label)
+    return fill_template(template, name=class_names(dataset)[label], digit=label)
 
 
 def generation_prompt(dataset: str, label: int | str, variant: int = 0) -> str:
@@ -483,8 +553,8 @@ def make_compositions(
 
 def _fill_pair(template: str, pair: Sequence[int]) -> str:
     first, second = (int(k) for k in pair)
-    return template.format(
-        first_name=DIGIT_NAMES[first], first_digit=first, second_name=DIGIT_NAMES[second], second_digit=second
+    return fill_template(
+        template, first_name=DIGIT_NAMES[first], first_digit=first, second_name=DIGIT_NAMES[second], second_digit=second
     )
 
 
@@ -541,9 +611,12 @@ __all__ = [
     "load_emoji",
     "load_wordnet_glosses",
     "load_dataset_images",
+    "load_image_folder",
     "pad_images",
     "to_model_range",
     "class_names",
+    "indefinite_article",
+    "fill_template",
     "generation_prompt",
     "caption_corpus",
     "parse_class",

@@ -39,6 +39,7 @@ from modeling_transfusion import (
     TransfusionConfig,
     TransfusionForConditionalGeneration,
     TransfusionProcessor,
+    TransfusionTrainer,
     train_caption_tokenizer,
 )
 from modeling_transfusion.recipes.classifier import JudgeCNN
@@ -63,7 +64,6 @@ from modeling_transfusion.recipes.training import (
     LatentCaptionDataset,
     LatentDataCollator,
     ModelSize,
-    TransfusionTrainer,
     build_model,
     save_checkpoint,
     training_arguments,

@@ -4,7 +4,7 @@ The recipe: a byte-level BPE trained on the caption templates, a small Llama bac
 model (frozen), and records mixing caption-then-image (generation), image-then-caption (captioning) and text-only
 rows. Latents are encoded once, so training never runs the VAE encoder. The optimiser is the paper's, scaled down:
 AdamW (0.9, 0.95), weight decay 0.1, linear warm-up, cosine decay to 5% of the peak rate, gradient clipping at 1.
-`lm_loss` and `diffusion_loss` are logged separately.
+`modeling_transfusion.TransfusionTrainer` logs `lm_loss` and `diffusion_loss` separately.
 """
 
 import math
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL
-from transformers import GenerationConfig, PreTrainedTokenizerFast, Trainer, TrainingArguments
+from transformers import GenerationConfig, PreTrainedTokenizerFast, TrainingArguments
 
 from modeling_transfusion import (
     TransfusionConfig,
@@ -228,32 +228,6 @@ class LatentDataCollator:
         return batch
 
 
-class TransfusionTrainer(Trainer):
-    """`Trainer` that also logs the two terms of the loss, `lm_loss` and `diffusion_loss`, averaged over the steps
-    since the last log."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._term_sums = {"lm_loss": 0.0, "diffusion_loss": 0.0}
-        self._term_count = 0
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        outputs = model(**inputs)
-        if model.training:
-            self._term_sums["lm_loss"] += float(outputs.lm_loss.detach())
-            self._term_sums["diffusion_loss"] += float(outputs.diffusion_loss.detach())
-            self._term_count += 1
-        return (outputs.loss, outputs) if return_outputs else outputs.loss
-
-    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
-        if self._term_count and "loss" in logs:
-            for name, total in self._term_sums.items():
-                logs[name] = round(total / self._term_count, 5)
-                self._term_sums[name] = 0.0
-            self._term_count = 0
-        super().log(logs, *args, **kwargs)
-
-
 def training_arguments(
     output_dir: str | Path,
     max_steps: int,
@@ -319,7 +293,6 @@ __all__ = [
     "default_generation_config",
     "LatentCaptionDataset",
     "LatentDataCollator",
-    "TransfusionTrainer",
     "training_arguments",
     "save_checkpoint",
 ]

@@ -9,10 +9,17 @@ import functools
 import numpy as np
 import PIL.Image
 import pytest
+import torch
 from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerFast
 
-from modeling_transfusion import TransfusionConfig, TransfusionProcessor, add_image_tokens, train_caption_tokenizer
+from modeling_transfusion import (
+    TransfusionConfig,
+    TransfusionForConditionalGeneration,
+    TransfusionProcessor,
+    add_image_tokens,
+    train_caption_tokenizer,
+)
 
 # A tiny frozen VAE for 1-channel images: 2 latent channels, downsampling by 2.
 TINY_VAE = {
@@ -100,6 +107,16 @@ def build_tiny_config(
     return TransfusionConfig(
         text_config=text_config, image_size=image_size, num_channels=num_channels, patch_size=patch_size, **kwargs
     )
+
+
+def build_sampling_model(config: TransfusionConfig, seed: int = 0) -> TransfusionForConditionalGeneration:
+    """A random model for `config` in eval mode whose diffusion head is perturbed: a new head starts at zero and would
+    predict no noise, whatever the prompt, so that guidance, noise and the inputs would not matter."""
+    torch.manual_seed(seed)
+    model = TransfusionForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        model.model.patch_decoder.proj.weight.normal_(std=0.2)
+    return model
 
 
 @functools.lru_cache(maxsize=1)

@@ -1,5 +1,6 @@
 """Tests of TransfusionDataCollator, from records to a model loss (and through Trainer)."""
 
+import datasets
 import numpy as np
 import PIL.Image
 import pytest
@@ -7,7 +8,12 @@ import torch
 from torch.utils.data import Dataset
 from transformers import Trainer, TrainingArguments
 
-from modeling_transfusion import TransfusionDataCollator, TransfusionForConditionalGeneration, TransfusionProcessor
+from modeling_transfusion import (
+    TransfusionDataCollator,
+    TransfusionForConditionalGeneration,
+    TransfusionProcessor,
+    TransfusionTrainer,
+)
 
 from conftest import DIGIT_NAMES, build_tiny_config, build_tiny_tokenizer
 
@@ -120,12 +126,16 @@ def test_over_long_records_raise_without_max_length(processor, digit_images):
             [{"text": "a two"}, {"text": "<image> <image>", "images": ["image"]}],
             r"Row 1 has 2 <image> marker\(s\) but 1",
         ),
-        ([{"text": "a two", "images": ["image"]}], r"Row 0 has 0 <image> marker\(s\) but 1 image"),
+        ([{"text": "a two", "image": ["image"], "images": ["image"]}], "Record 0 has both 'images' and 'image'"),
+        ([{"text": "a two", "caption": "a three"}], "Record 0 has both 'text' and 'caption'"),
+        ([{"caption": ["a two", "a 2"]}], "Record 0's 'caption' is a list, not a string"),
+        ([{"input_ids": [1, 2, 3]}], r"Record 0 has neither text .* its columns are \['input_ids'\]"),
     ],
 )
 def test_bad_records(processor, digit_images, records, message):
+    image = digit_images[0][0]
     records = [
-        {**record, "images": [digit_images[0][0] for _ in record["images"]]} if "images" in record else record
+        {key: [image for _ in value] if key in ("image", "images") else value for key, value in record.items()}
         for record in records
     ]
     with pytest.raises(ValueError, match=message):
@@ -137,6 +147,99 @@ def test_collator_arguments_are_checked(processor):
         TransfusionDataCollator(processor, max_length=0)
     with pytest.raises(ValueError, match="padding_side must be"):
         TransfusionDataCollator(processor, padding_side="middle")
+
+
+# Datasets as they come: `datasets.Dataset` rows with the usual column names and no `<image>` markers.
+
+
+def digit_dataset(digit_images, text_column: str = "text", images_column: str = "image") -> datasets.Dataset:
+    """Real digits and their captions as a `datasets.Dataset` (an `Image` column and a string column)."""
+    return datasets.Dataset.from_dict(
+        {
+            images_column: [image for image, _ in digit_images],
+            text_column: [f"a handwritten {DIGIT_NAMES[label]}" for _, label in digit_images],
+        },
+        features=datasets.Features({images_column: datasets.Image(), text_column: datasets.Value("string")}),
+    )
+
+
+def layouts(batch, processor) -> list[str]:
+    """Per row: "image first" when the row opens with its image (after BOS), else "caption first"."""
+    opening = [ids[1] for ids in batch["input_ids"].tolist()]
+    return ["image first" if token == processor.boi_token_id else "caption first" for token in opening]
+
+
+@pytest.mark.parametrize("text_column", ["text", "caption"])
+@pytest.mark.parametrize("images_column", ["image", "images"])
+def test_dataset_rows_as_they_come(processor, tiny_config, digit_images, text_column, images_column):
+    dataset = digit_dataset(digit_images[:4], text_column, images_column)
+    batch = TransfusionDataCollator(processor)([dataset[i] for i in range(4)])
+    assert batch["pixel_values"].shape == (4, 1, 8, 8)
+    assert (batch["input_ids"] == processor.image_token_id).sum(-1).tolist() == [N] * 4
+    # Each row is its caption and its image, in one order or the other.
+    assert processor.batch_decode(batch["input_ids"], skip_special_tokens=True) == dataset[text_column]
+    torch.manual_seed(0)
+    assert TransfusionForConditionalGeneration(tiny_config)(**batch).diffusion_loss > 0
+
+
+def test_where_an_unmarked_image_goes(processor, digit_images):
+    records = [{"caption": "a handwritten seven", "image": digit_images[7][0]}] * 1000
+    torch.manual_seed(0)
+    share = layouts(TransfusionDataCollator(processor)(records), processor).count("caption first") / len(records)
+    assert 0.76 < share < 0.84  # the paper's 80%; the standard deviation of a share of 1,000 draws is 0.013
+    for caption_first, expected in ((1.0, "caption first"), (0.0, "image first")):
+        batch = TransfusionDataCollator(processor, caption_first=caption_first)(records[:50])
+        assert set(layouts(batch, processor)) == {expected}
+    # A marker places the image where it stands, whatever the policy.
+    marked = [{"text": "<image> a handwritten seven", "image": digit_images[7][0]}] * 50
+    assert set(layouts(TransfusionDataCollator(processor, caption_first=1.0)(marked), processor)) == {"image first"}
+    with pytest.raises(ValueError, match=r"caption_first must be a probability in \[0, 1\], got 1.5"):
+        TransfusionDataCollator(processor, caption_first=1.5)
+
+
+def test_image_data_the_collator_does_not_read_is_an_error(processor, digit_images):
+    seven = digit_images[7][0]
+    undecoded = digit_dataset(digit_images[:1]).cast_column("image", datasets.Image(decode=False))
+    cases = [
+        ({"text": "a seven", "image": seven}, {"images_column": "images"}, "image"),  # told another column
+        ({"text": "a seven", "photo": [seven, seven]}, {}, "photo"),  # a name the collator does not know
+        ({"text": "a seven <image>", "pixel_values": np.zeros((1, 8, 8), np.float32)}, {}, "pixel_values"),
+        ({"text": "a seven", "photo": undecoded[0]["image"]}, {}, "photo"),  # datasets' Image(decode=False)
+    ]
+    for record, arguments, column in cases:
+        with pytest.raises(ValueError, match=f"Record 0 holds image data in the column '{column}'"):
+            TransfusionDataCollator(processor, **arguments)([record])
+    # Told the right column, it trains on the images.
+    batch = TransfusionDataCollator(processor, images_column="photo")([{"text": "a seven", "photo": [seven, seven]}])
+    assert batch["pixel_values"].shape == (2, 1, 8, 8)
+
+
+def test_trainer_on_datasets_with_transform_and_streaming(processor, tiny_config, digit_images, tmp_path):
+    dataset = digit_dataset(digit_images)
+
+    def transform(batch):  # another caption column and mirrored images, computed on access
+        return {"caption": [f"{text}, mirrored" for text in batch["text"]], "image": [
+            image.transpose(PIL.Image.Transpose.FLIP_LEFT_RIGHT) for image in batch["image"]]}  # fmt: skip
+
+    arguments = {"per_device_train_batch_size": 4, "max_steps": 2, "logging_steps": 1, "report_to": [],
+                 "save_strategy": "no", "use_cpu": True, "disable_tqdm": True}  # fmt: skip
+    collator = TransfusionDataCollator(processor)
+    for train_dataset in (dataset.with_transform(transform), dataset.to_iterable_dataset()):
+        torch.manual_seed(0)
+        args = TrainingArguments(output_dir=str(tmp_path), remove_unused_columns=False, **arguments)
+        model = TransfusionForConditionalGeneration(tiny_config)
+        trainer = TransfusionTrainer(model=model, args=args, train_dataset=train_dataset, data_collator=collator)
+        trainer.train()
+        diffusion = [log["diffusion_loss"] for log in trainer.state.log_history if "loss" in log]
+        assert len(diffusion) == 2 and min(diffusion) > 0.1  # every step trained on images
+    # Trainer's default removes the columns the model's forward does not name: the collator says so.
+    args = TrainingArguments(output_dir=str(tmp_path), **arguments)
+    model = TransfusionForConditionalGeneration(tiny_config)
+    trainer = TransfusionTrainer(
+        model=model, args=args, train_dataset=dataset.to_iterable_dataset(), data_collator=collator
+    )
+    with pytest.raises(ValueError, match=r"its columns are \[\]\. With Trainer, pass .*remove_unused_columns=False"):
+        trainer.train()
 
 
 class DigitCaptions(Dataset):

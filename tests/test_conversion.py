@@ -11,6 +11,7 @@ import sysconfig
 import pytest
 import torch
 from diffusers import AutoencoderKL
+from peft import LoraConfig, get_peft_model
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoProcessor, AutoTokenizer
 
 import modeling_transfusion as mt
@@ -244,11 +245,51 @@ with torch.no_grad():
     logits = model(**batch).logits
 out = model.generate(**batch, generation_mode="image", num_inference_steps=2, return_dict_in_generate=True,
                      generator=torch.Generator().manual_seed(0), progress_bar=False)
-image = pipeline("text-to-image", model=folder, trust_remote_code=True)(
-    "a handwritten seven", num_inference_steps=2, seed=0, progress_bar=False)["image"]
-torch.save({"logits": logits, "images": out.images[0][0], "module": type(model).__module__,
-            "processor": type(processor).__name__, "size": image.size}, output)
+saved = {"logits": logits, "images": out.images[0][0], "module": type(model).__module__,
+         "processor": type(processor).__name__}
+if "custom_pipelines" in model.config:  # exported with the text-to-image pipeline
+    image = pipeline("text-to-image", model=folder, trust_remote_code=True)(
+        "a handwritten seven", num_inference_steps=2, seed=0, output_type="pt", progress_bar=False)["image"]
+    saved["pipeline_image"] = image
+torch.save(saved, output)
 """
+
+
+def load_without_the_package(folder, tmp_path) -> dict:
+    """Runs `CLEAN_LOAD` on `folder` in a fresh interpreter without site-packages' .pth files (so no editable install)
+    and without the repository on its path: only the installed libraries. Returns what it computed."""
+    site_packages = sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
+    bootstrap = f"import sys; sys.path.extend({site_packages!r}); exec(sys.argv.pop(1))"
+    result = run(
+        [sys.executable, "-I", "-S", "-c", bootstrap, CLEAN_LOAD, str(folder), str(tmp_path / "remote.pt")],
+        cwd=tmp_path,
+        env={"HF_HOME": str(tmp_path / "hf_home")},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "package not importable" in result.stdout
+    remote = torch.load(tmp_path / "remote.pt")
+    assert remote["module"].startswith("transformers_modules.") and remote["processor"] == "TransfusionProcessor"
+    return remote
+
+
+def assert_same_outputs(folder, remote: dict):
+    """The package computes, from `folder`, the logits and the image the remote code computed (and its pipeline's)."""
+    model = AutoModel.from_pretrained(folder).eval()
+    processor = AutoProcessor.from_pretrained(folder)
+    batch = processor(text=[PROMPT], return_tensors="pt")
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, remote["logits"])  # the remote code computes the same
+    out = model.generate(
+        **batch,
+        generation_mode="image",
+        num_inference_steps=2,
+        return_dict_in_generate=True,
+        generator=torch.Generator().manual_seed(0),
+        progress_bar=False,
+    )
+    assert torch.equal(out.images[0][0], remote["images"])
+    if "pipeline_image" in remote:  # the same image, in [0, 1] (diffusers' "pt")
+        torch.testing.assert_close(remote["pipeline_image"], (out.images[0][0] / 2 + 0.5).clamp(0, 1))
 
 
 @pytest.mark.parametrize("modality_experts", [False, True])
@@ -262,36 +303,47 @@ def test_export_hub_loads_without_the_package(tmp_path, converted, modality_expe
     assert config["auto_map"]["AutoModel"] == "modeling_transfusion.TransfusionForConditionalGeneration"
     for name in export_hub_module.REMOTE_CODE_FILES:
         assert (tmp_path / "hub" / name).is_file(), name
+    assert (tmp_path / "hub" / "README.md").is_file()
+    assert config["custom_pipelines"]["text-to-image"]["impl"] == "pipeline_transfusion.TransfusionTextToImagePipeline"
+    remote = load_without_the_package(tmp_path / "hub", tmp_path)
+    assert remote["pipeline_image"].shape == (1, 8, 8)
+    assert_same_outputs(checkpoint_dir, remote)
 
-    # A fresh interpreter without site-packages' .pth files (so no editable install) and without the repository on
-    # its path: only the installed libraries.
-    site_packages = sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
-    bootstrap = f"import sys; sys.path.extend({site_packages!r}); exec(sys.argv.pop(1))"
-    result = run(
-        [sys.executable, "-I", "-S", "-c", bootstrap, CLEAN_LOAD, str(tmp_path / "hub"), str(tmp_path / "remote.pt")],
-        cwd=tmp_path,
-        env={"HF_HOME": str(tmp_path / "hf_home")},
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "package not importable" in result.stdout
-    remote = torch.load(tmp_path / "remote.pt")
-    assert remote["module"].startswith("transformers_modules.") and remote["processor"] == "TransfusionProcessor"
-    assert remote["size"] == (8, 8)
 
-    model = AutoModel.from_pretrained(checkpoint_dir).eval()
+def test_save_pretrained_after_a_lora_merge_loads_without_the_package(tmp_path, converted):
+    _, checkpoint_dir, _ = converted
+    model = AutoModel.from_pretrained(checkpoint_dir)
     processor = AutoProcessor.from_pretrained(checkpoint_dir)
-    batch = processor(text=[PROMPT], return_tensors="pt")
-    with torch.no_grad():
-        assert torch.equal(model(**batch).logits, remote["logits"])  # the remote code computes the same
-    out = model.generate(
-        **batch,
-        generation_mode="image",
-        num_inference_steps=2,
-        return_dict_in_generate=True,
-        generator=torch.Generator().manual_seed(0),
-        progress_bar=False,
-    )
-    assert torch.equal(out.images[0][0], remote["images"])
+    lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], modules_to_save=["patch_encoder", "patch_decoder"],
+                      init_lora_weights=False)  # fmt: skip
+    torch.manual_seed(0)
+    merged = get_peft_model(model, lora).merge_and_unload()  # random adapters: the merge changes the weights
+    merged.save_pretrained(tmp_path / "merged")
+    processor.save_pretrained(tmp_path / "merged")
+
+    # The folder holds the code (every remote-code file but the pipeline's, the modality experts' included), names it,
+    # and leaves the text-to-image pipeline to export-hub.
+    written = {path.name for path in (tmp_path / "merged").glob("*.py")}
+    assert written == set(export_hub_module.REMOTE_CODE_FILES) - {"pipeline_transfusion.py"}
+    config = json.loads((tmp_path / "merged" / "config.json").read_text())
+    model_class = "modeling_transfusion.TransfusionForConditionalGeneration"
+    assert config["auto_map"] == {
+        "AutoConfig": "configuration_transfusion.TransfusionConfig",
+        **dict.fromkeys(
+            ["AutoModel", "AutoModelForCausalLM", "AutoModelForImageTextToText", "AutoModelForMultimodalLM"],
+            model_class,
+        ),
+    }
+    assert "custom_pipelines" not in config
+    processor_config = json.loads((tmp_path / "merged" / "processor_config.json").read_text())
+    assert processor_config["auto_map"] == {"AutoProcessor": "processing_transfusion.TransfusionProcessor"}
+
+    remote = load_without_the_package(tmp_path / "merged", tmp_path)
+    assert "pipeline_image" not in remote
+    assert_same_outputs(tmp_path / "merged", remote)
+    with torch.no_grad():  # and the merge did change the model
+        batch = processor(text=[PROMPT], return_tensors="pt")
+        assert not torch.equal(AutoModel.from_pretrained(checkpoint_dir).eval()(**batch).logits, remote["logits"])
 
 
 def test_export_refuses_code_that_a_flat_copy_cannot_import(tmp_path, monkeypatch):

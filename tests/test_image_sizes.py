@@ -194,9 +194,7 @@ def test_patch_positions_tell_an_image_from_its_transpose():
     timesteps = torch.tensor([10])
     plain = sized_model(position_embedding=None)
     assert plain.model.patch_position_embedding is None
-    assert torch.equal(
-        plain.model.embed_latents(wide, timesteps)[0], plain.model.embed_latents(tall, timesteps)[0]
-    )
+    assert torch.equal(plain.model.embed_latents(wide, timesteps)[0], plain.model.embed_latents(tall, timesteps)[0])
     model = sized_model()
     positions = model.model.patch_position_embedding
     wide_embeds, tall_embeds = (model.model.embed_latents(x, timesteps)[0] for x in (wide, tall))

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from transformers import AutoImageProcessor, AutoProcessor
 
 from modeling_transfusion import (
+    PLAIN_CHAT_TEMPLATE,
     TransfusionForConditionalGeneration,
     TransfusionImageProcessor,
     TransfusionProcessor,
@@ -487,7 +488,25 @@ def test_postprocess_images(processor):
         processor.postprocess_images(torch.zeros(1, 8, 8))
 
 
+def test_a_dataset_row_as_it_comes(processor, digit_images):
+    seven = digit_images[7][0]
+    row = {"caption": "a handwritten seven <image>", "image": seven}  # the usual column names
+    by_row = processor(**row, return_tensors="pt")
+    direct = processor(text="a handwritten seven <image>", images=seven, return_tensors="pt")
+    assert by_row.keys() == direct.keys() == {"input_ids", "attention_mask", "pixel_values", "image_sizes"}
+    assert all(torch.equal(by_row[key], direct[key]) for key in direct)
+    # Never the text alone: image data under another keyword, or an image without its marker, is an error.
+    with pytest.raises(ValueError, match="The keyword 'photo' holds image data, which the processor does not read"):
+        processor(text="a handwritten seven <image>", photo=seven)
+    with pytest.raises(ValueError, match=r"holds 0 <image> marker\(s\) in total but 1 image\(s\)"):
+        processor(caption="a handwritten seven", image=seven)
+    with pytest.raises(ValueError, match="Got both text and caption"):
+        processor(text="a seven", caption="a seven")
+
+
 def test_chat_template(processor, digit_images):
+    assert processor.chat_template is None  # a processor claims chat only when given a template
+    processor.chat_template = PLAIN_CHAT_TEMPLATE
     conversation = [
         {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what digit is this?"}]},
         {"role": "assistant", "content": "a seven"},
@@ -507,12 +526,18 @@ def test_chat_template(processor, digit_images):
 
 
 def test_save_load_round_trip(processor, tiny_config, digit_images, tmp_path):
+    processor.chat_template = PLAIN_CHAT_TEMPLATE
     processor.save_pretrained(tmp_path)
     tiny_config.save_pretrained(tmp_path)  # AutoProcessor finds the processor through config.json's model_type
     assert {"processor_config.json", "tokenizer.json", "chat_template.jinja"} <= {p.name for p in tmp_path.iterdir()}
     loaded = AutoProcessor.from_pretrained(tmp_path)
     assert type(loaded) is TransfusionProcessor and type(loaded.image_processor) is TransfusionImageProcessor
-    assert loaded.to_dict() == processor.to_dict() and loaded.chat_template == processor.chat_template
+    # Saving names the classes as remote code (`auto_map`, which transformers also records on the saved objects).
+    assert json.loads((tmp_path / "processor_config.json").read_text())["auto_map"] == {
+        "AutoProcessor": "processing_transfusion.TransfusionProcessor"
+    }
+    saved = {key: value for key, value in processor.to_dict().items() if key != "auto_map"}
+    assert loaded.to_dict() == saved and loaded.chat_template == processor.chat_template
 
     images = [image for image, _ in digit_images[:3]]
     texts = ["a handwritten <image> seven", "two", "<image> then <image>"]

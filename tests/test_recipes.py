@@ -9,7 +9,7 @@ import PIL.Image
 import pytest
 import torch
 
-from modeling_transfusion import TransfusionProcessor
+from modeling_transfusion import TransfusionImageProcessor, TransfusionProcessor
 from modeling_transfusion.recipes import data
 from modeling_transfusion.recipes.classifier import JudgeCNN, frechet_distance, predict, train_classifier
 from modeling_transfusion.recipes.cli import DEFAULT_JUDGE
@@ -100,6 +100,20 @@ def test_captions_go_both_ways_and_parse_back():
     assert data.generation_prompt("mnist", 3) == "a handwritten digit three"
     with pytest.raises(ValueError, match="sum to 1"):
         data.CaptionMix(0.5, 0.5, 0.5)
+
+
+def test_captions_agree_their_articles():
+    corpus = " | ".join(
+        [*data.caption_corpus("mnist"), *data.caption_corpus("fashion_mnist"), *data.composition_corpus()]
+    )
+    for wrong in ("a eight", "a ankle boot", "a 8 ", "an one", "an seven"):
+        assert wrong not in corpus, wrong
+    for right in ("an eight, written in white ink", "a product image of an ankle boot", "a one", "to the left of an 8"):
+        assert right in corpus, right
+    # Any name a user brings, such as the emoji's: the template's article follows it.
+    emoji = ["eagle", "owl", "unicorn", "umbrella", "one-piece swimsuit", "hourglass done", "8 ball", "red apple"]
+    assert [data.fill_template("a {name}", name=name).split(" ")[0] for name in emoji] == [
+        "an", "an", "a", "an", "a", "an", "an", "a"]  # fmt: skip
 
 
 # Compositions of two digits
@@ -300,6 +314,63 @@ def test_judge_learns_real_digits_and_round_trips(tmp_path):
 
 
 # VAE
+
+
+def test_vae_on_a_folder_of_your_own_images(tmp_path, capsys):
+    """`transfusion vae --images DIR`: images of any size, RGB, RGBA or grey, to a diffusers VAE that
+    `transfusion-convert from-llm --vae` takes."""
+    from diffusers import AutoencoderKL
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from modeling_transfusion import TransfusionForConditionalGeneration, train_caption_tokenizer
+    from modeling_transfusion.conversion import convert_from_llm
+    from modeling_transfusion.recipes.cli import main
+
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "my-images"
+    (folder / "nested").mkdir(parents=True)
+    sizes_and_modes = [((40, 20), "RGB"), ((16, 16), "RGBA"), ((30, 30), "L"), ((64, 48), "RGB"), ((17, 33), "RGB")]
+    for index, ((width, height), mode) in enumerate(sizes_and_modes * 3):
+        channels = {"RGB": 3, "RGBA": 4, "L": 1}[mode]
+        pixels = rng.integers(0, 256, (height, width, channels), dtype=np.uint8)
+        pixels = pixels[..., 0] if channels == 1 else pixels
+        PIL.Image.fromarray(pixels, mode=mode).save(folder / ("nested" if index % 2 else "") / f"{index:02d}.png")
+    (folder / "notes.txt").write_text("not an image")
+
+    # As the model's processor prepares them: the shorter side resized to 16, the centre cropped, in [-1, 1].
+    pixels, paths = data.load_image_folder(folder, image_size=16)
+    assert pixels.shape == (15, 3, 16, 16) and len(paths) == 15 and pixels.min() >= -1 and pixels.max() <= 1
+    with PIL.Image.open(folder / "nested" / "01.png") as rgba:  # 16x16 RGBA: composited onto white
+        expected = TransfusionImageProcessor(size=16, num_channels=3)(rgba, return_tensors="pt")["pixel_values"][0]
+    torch.testing.assert_close(pixels[paths.index(folder / "nested" / "01.png")], torch.as_tensor(expected))
+    grey, _ = data.load_image_folder(folder, image_size=16, num_channels=1)
+    assert grey.shape == (15, 1, 16, 16)
+    only_grey = tmp_path / "grey"
+    only_grey.mkdir()
+    PIL.Image.fromarray(np.zeros((20, 10), np.uint8)).save(only_grey / "a.png")
+    assert data.load_image_folder(only_grey, image_size=8)[0].shape == (1, 1, 8, 8)  # all grey: one channel
+    with pytest.raises(FileNotFoundError, match="No image files in"):
+        data.load_image_folder(tmp_path / "empty-nothing", 16)
+
+    out = tmp_path / "my-vae"
+    main(["vae", "--images", str(folder), "--image-size", "16", "--steps", "3", "--batch-size", "4",
+          "--channels", "8", "16", "--out", str(out)])  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "15 images from" in printed and "13 to train, 2 held out" in printed
+    assert {"config.json", "diffusion_pytorch_model.safetensors", "vae_metrics.json"} <= {p.name for p in out.iterdir()}
+    vae = AutoencoderKL.from_pretrained(out)
+    assert vae.config.in_channels == 3 and vae.config.latent_channels == 4
+
+    # What from-llm takes: a model whose images are 16x16 RGB through this VAE (latent 8x8x4).
+    tokenizer = train_caption_tokenizer(["a red square", "a blue circle"] * 20, with_image_tokens=False)
+    llm = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                       num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                                       max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id))  # fmt: skip
+    llm.save_pretrained(tmp_path / "llm")
+    tokenizer.save_pretrained(tmp_path / "llm")
+    convert_from_llm(tmp_path / "llm", tmp_path / "converted", vae_path=out, image_size=16)
+    model = TransfusionForConditionalGeneration.from_pretrained(tmp_path / "converted")
+    assert (model.config.num_channels, model.config.latent_channels, model.config.latent_size) == (3, 4, 8)
 
 
 def test_vae_geometry_and_metrics():

@@ -26,6 +26,10 @@ def test_generate_with_the_bundled_checkpoint_writes_a_grid_and_a_caption(tmp_pa
     assert grid.size[0] > 10 * 32 and grid.size[1] > 32
     printed = capsys.readouterr().out
     assert "caption of the real test image" in printed
+    # The prompts are printed in the order the grid shows them, left to right.
+    names = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+    in_order = ", ".join(f"'a handwritten digit {name}'" for name in names)
+    assert f"10 images of 32x32, left to right: {in_order}" in printed
 
 
 def test_generate_a_prompt_and_caption_files(tmp_path, capsys):

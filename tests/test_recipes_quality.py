@@ -8,14 +8,13 @@ import numpy as np
 import torch
 from sklearn.datasets import load_digits
 
-from modeling_transfusion import TransfusionProcessor
+from modeling_transfusion import TransfusionProcessor, TransfusionTrainer
 from modeling_transfusion.recipes.data import CaptionMix, parse_class, to_model_range
 from modeling_transfusion.recipes.evaluation import caption_images, text_perplexity
 from modeling_transfusion.recipes.training import (
     LatentCaptionDataset,
     LatentDataCollator,
     ModelSize,
-    TransfusionTrainer,
     build_model,
     build_tokenizer,
     training_arguments,

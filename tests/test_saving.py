@@ -22,14 +22,33 @@ import torch
 from huggingface_hub import HfApi, ModelCard
 from huggingface_hub.errors import EntryNotFoundError
 from transformers import AutoModel, AutoProcessor, modeling_utils, pipeline
+from transformers.dynamic_module_utils import get_relative_import_files
 
-from modeling_transfusion import TransfusionForConditionalGeneration, TransfusionProcessor, saving_transfusion
+from modeling_transfusion import (
+    TransfusionConfig,
+    TransfusionForConditionalGeneration,
+    TransfusionProcessor,
+    modeling_transfusion,
+    saving_transfusion,
+)
+from modeling_transfusion.processing import processing_transfusion
 from modeling_transfusion.recipes import cli
 
 from conftest import build_tiny_tokenizer
 
 BUNDLED = cli.DEFAULT_MODEL
 BUNDLED_NAMES = sorted(os.listdir(BUNDLED))
+
+
+def code_files(module) -> set[str]:
+    """The code a save copies next to the files of a registered class (remote code): its module and the modules it
+    imports, as transformers finds them."""
+    return {Path(path).name for path in (module.__file__, *get_relative_import_files(module.__file__))}
+
+
+# What a model save (and a processor save) writes into the bundled checkpoint's folder.
+SAVED_NAMES = sorted({*BUNDLED_NAMES, *code_files(modeling_transfusion)})
+SAVED_WITH_PROCESSOR = sorted({*SAVED_NAMES, *code_files(processing_transfusion)})
 SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors")
 
@@ -77,14 +96,14 @@ def test_a_sharded_resave_keeps_exactly_the_new_weights(tmp_path):
     assert len(shards) == 6 and "model.safetensors" not in names, names
     index = json.loads((directory / "model.safetensors.index.json").read_text())
     assert sorted(set(index["weight_map"].values())) == shards
-    assert names == sorted({*shards, "model.safetensors.index.json", *BUNDLED_NAMES} - {"model.safetensors"})
+    assert names == sorted({*shards, "model.safetensors.index.json", *SAVED_NAMES} - {"model.safetensors"})
     carried = {name: content for name, content in before.items() if name not in MODEL_FILES}
     assert {name: snapshot(directory)[name] for name in carried} == carried, "processor, examples, trainer state kept"
     assert stat.S_IMODE(directory.stat().st_mode) == mode
     assert_same_weights(AutoModel.from_pretrained(directory), weights(model))
 
     model.save_pretrained(directory)  # and back to one file: the shards and the index go
-    assert sorted(os.listdir(directory)) == BUNDLED_NAMES
+    assert sorted(os.listdir(directory)) == SAVED_NAMES
     assert_same_weights(AutoModel.from_pretrained(directory), weights(model))
     assert os.listdir(tmp_path) == ["transfusion-mnist"], "no temporary folder is left"
 
@@ -100,7 +119,7 @@ def test_a_model_and_its_processor_saved_into_one_folder_stay_consistent(tmp_pat
     model.save_pretrained(fresh)
     processor.save_pretrained(fresh)
     saved = snapshot(directory)
-    assert sorted(os.listdir(directory)) == BUNDLED_NAMES
+    assert sorted(os.listdir(directory)) == SAVED_WITH_PROCESSOR
     assert {name: saved[name] for name in snapshot(fresh)} == snapshot(fresh), "as saved into an empty folder"
     assert saved["trainer_state.json"] == (BUNDLED / "trainer_state.json").read_bytes()
     assert_same_weights(AutoModel.from_pretrained(directory), weights(model))
@@ -227,7 +246,7 @@ def test_a_save_killed_at_any_stage_leaves_one_whole_checkpoint(killed_saves, st
     model = AutoModel.from_pretrained(expected if STAGES[stage] == "mixed" else directory)
     model.save_pretrained(directory)  # the next save cleans up after the killed one
     assert os.listdir(directory.parent) == ["checkpoint"], "no orphan folder"
-    assert sorted(os.listdir(directory)) == BUNDLED_NAMES, "no orphan file"
+    assert sorted(os.listdir(directory)) == SAVED_NAMES, "no orphan file"
     assert_same_weights(AutoModel.from_pretrained(directory), weights(model))
 
 
@@ -242,7 +261,7 @@ def test_without_an_atomic_swap_the_next_save_restores_a_checkpoint_left_aside(t
     directory.rename(tmp_path / ".transfusion-mnist.transfusion-old-0123abcd")
     model.save_pretrained(directory)
     assert os.listdir(tmp_path) == ["transfusion-mnist"]
-    assert sorted(os.listdir(directory)) == BUNDLED_NAMES, "the examples and trainer state were put back and kept"
+    assert sorted(os.listdir(directory)) == SAVED_NAMES, "the examples and trainer state were put back and kept"
     carried = {name: content for name, content in snapshot(BUNDLED).items() if name not in MODEL_FILES}
     assert {name: snapshot(directory)[name] for name in carried} == carried
     assert_same_weights(AutoModel.from_pretrained(directory), weights(model))
@@ -507,3 +526,8 @@ def test_weights_truncated_while_they_are_mapped_are_reported_as_truncated(two_s
     )
     with pytest.raises(ValueError, match=message):
         AutoModel.from_pretrained(directory)
+
+
+def test_the_saving_module_names_the_model_type_of_the_config():
+    # Written out in saving_transfusion.py, which processing/ holds as a link and which cannot import the config there.
+    assert saving_transfusion.MODEL_TYPE == TransfusionConfig.model_type
