@@ -308,7 +308,7 @@ def test_a_folder_that_cannot_be_renamed_gets_the_new_files_moved_in(tmp_path, m
     assert directory.stat().st_ino == inode, "the folder itself stays"
     names = sorted(os.listdir(directory))
     shards = [name for name in names if SHARD.fullmatch(name)]
-    assert names == sorted({*shards, "model.safetensors.index.json", *BUNDLED_NAMES} - {"model.safetensors"})
+    assert names == sorted({*shards, "model.safetensors.index.json", *SAVED_NAMES} - {"model.safetensors"})
     carried = {name: content for name, content in before.items() if name not in MODEL_FILES}
     assert {name: snapshot(directory)[name] for name in carried} == carried, "processor, examples, trainer state kept"
     assert_same_weights(AutoModel.from_pretrained(directory), weights(model))
@@ -334,7 +334,7 @@ def test_a_writable_folder_in_a_parent_the_user_cannot_write_to(tmp_path, monkey
         processor.save_pretrained(directory)
     finally:
         tmp_path.chmod(0o755)
-    assert sorted(os.listdir(directory)) == BUNDLED_NAMES and os.listdir(tmp_path) == ["transfusion-mnist"]
+    assert sorted(os.listdir(directory)) == SAVED_WITH_PROCESSOR and os.listdir(tmp_path) == ["transfusion-mnist"]
     carried = {name: content for name, content in before.items() if name not in (*MODEL_FILES, *PROCESSOR_FILES)}
     assert {name: snapshot(directory)[name] for name in carried} == carried, "examples, trainer state kept"
     assert_same_weights(AutoModel.from_pretrained(directory), weights(model))
@@ -429,22 +429,24 @@ def test_processor_and_pipeline_saves_push_to_the_hub(tmp_path, monkeypatch):
     processor.save_pretrained(directory, push_to_hub=True, repo_id="me/transfusion-mnist")
     ((repo, message, files),) = hub.commits
     assert repo == "me/transfusion-mnist" and message == "Upload processor"
-    assert files == {name: (directory / name).read_bytes() for name in PROCESSOR_FILES}
+    assert files == {name: (directory / name).read_bytes() for name in PUSHED_WITH_PROCESSOR}
 
     hub.commits.clear()
     generator = pipeline("text-to-image", model=model, processor=processor)
     generator.save_pretrained(tmp_path / "pushed", push_to_hub=True, repo_id="me/t2i")
     assert hub.repos[1:] == ["me/t2i", "me/t2i"]
     assert [(repo, message, sorted(files)) for repo, message, files in hub.commits] == [
-        ("me/t2i", "Upload TransfusionForConditionalGeneration", ["README.md", *MODEL_FILES]),
-        ("me/t2i", "Upload processor", sorted(PROCESSOR_FILES)),
+        ("me/t2i", "Upload TransfusionForConditionalGeneration", sorted({"README.md", *MODEL_FILES, *MODEL_CODE})),
+        ("me/t2i", "Upload processor", PUSHED_WITH_PROCESSOR),
     ]
     pushed = {name: content for _, _, files in hub.commits for name, content in files.items()}
     assert pushed == {name: (tmp_path / "pushed" / name).read_bytes() for name in pushed}, "as kept, save id included"
     assert_same_weights(AutoModel.from_pretrained(tmp_path / "pushed"), weights(model))
 
 
-PROCESSOR_FILES = ("chat_template.jinja", "processor_config.json", "tokenizer.json", "tokenizer_config.json")
+PROCESSOR_FILES = ("processor_config.json", "tokenizer.json", "tokenizer_config.json")
+MODEL_CODE = code_files(modeling_transfusion)
+PUSHED_WITH_PROCESSOR = sorted({*PROCESSOR_FILES, *code_files(processing_transfusion)})
 
 
 @pytest.fixture
