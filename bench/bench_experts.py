@@ -7,6 +7,8 @@ repetitions of each interleaved:
 - training step (forward, backward, AdamW) at equal tokens, 8 rows of a 24-token caption then a 16-slot image:
   `dense` (no experts), `experts` (full experts, every weight trained) and `experts_frozen_text`
   (`freeze_text_path()`: the LMFusion recipe);
+- forward and backward alone (no optimizer) of the same batch, `dense` and `experts`: the routing's own cost, apart
+  from AdamW's, which grows with the number of trained parameters;
 - text decoding, 64 greedy tokens after a 16-token prompt (as bench_text_decoding.py): `lm_only` (transformers'
   `generate` on the plain `LlamaForCausalLM` with the text weights), `dense` and `experts` (`generation_mode="text"`);
 - one denoising step (16 slots against a cached 24-token prefix, `TransfusionModel.denoise_step`): `dense`, `experts`.
@@ -72,13 +74,14 @@ def training_batch(config) -> dict[str, torch.Tensor]:
     return {"input_ids": input_ids, "labels": input_ids.clone(), "image_latents": latents, "logits_to_keep": 1}
 
 
-def train_step(model, batch):
+def train_step(model, batch, optimize: bool = True):
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
 
     def step():
         model(**batch).loss.backward()
-        optimizer.step()
+        if optimize:
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
     return step
@@ -130,6 +133,10 @@ def main():
             "experts": train_step(experts, batch),
             "experts_frozen_text": train_step(frozen, batch),
         },
+        "forward+backward": {
+            "dense": train_step(dense, batch, optimize=False),
+            "experts": train_step(experts, batch, optimize=False),
+        },
         "text decoding": {
             "lm_only": lambda: decode(lm, prompt),
             "dense": lambda: decode(dense.eval(), prompt, generation_mode="text"),
@@ -137,16 +144,21 @@ def main():
         },
         "denoising step": {"dense": denoising_step(dense), "experts": denoising_step(experts)},
     }
-    baselines = {"training step": "dense", "text decoding": "lm_only", "denoising step": "dense"}
-    targets = {"training step": 1.10, "text decoding": 1.05, "denoising step": 1.05}
+    baselines = {
+        "training step": "dense",
+        "forward+backward": "dense",
+        "text decoding": "lm_only",
+        "denoising step": "dense",
+    }
+    targets = {"training step": 1.10, "forward+backward": 1.10, "text decoding": 1.05, "denoising step": 1.05}
 
     print(f"modality experts at the {args.shape} shape; {args.repeats} interleaved repeats, {args.threads} threads")
-    header = f"{'measurement':>15} | {'variant':>20} | {'median s':>9} | {'ratio':>7} | target"
+    header = f"{'measurement':>16} | {'variant':>20} | {'median s':>9} | {'ratio':>7} | target"
     print(header)
     print("-" * len(header))
     results = {}
     for name, variants in measurements.items():
-        if name != "training step":
+        if name not in ("training step", "forward+backward"):
             for model in (dense, experts):
                 model.eval()
         runs, summary, gflops = run_interleaved(variants, args.repeats, warmup=1)
@@ -155,7 +167,7 @@ def main():
         ratios = {variant: seconds / baseline for variant, seconds in median.items()}
         for variant in variants:
             target = f"<= {targets[name]:.2f}x" if variant.startswith("experts") else ""
-            print(f"{name:>15} | {variant:>20} | {median[variant]:>9.4f} | {ratios[variant]:>6.3f}x | {target}")
+            print(f"{name:>16} | {variant:>20} | {median[variant]:>9.4f} | {ratios[variant]:>6.3f}x | {target}")
         results[name] = {
             "baseline": baselines[name],
             "target": targets[name],

@@ -86,3 +86,22 @@ def test_scaling_bench(tmp_path):
     for name, seconds in small["median_wall"].items():
         assert large["median_wall"][name] > seconds, name
     assert large["memory_mb"]["transfusion_step"]["peak_rss_mb"] > small["memory_mb"]["transfusion_step"]["peak_rss_mb"]
+
+
+def test_experts_bench(tmp_path):
+    out = tmp_path / "experts.json"
+    command = [sys.executable, str(BENCH / "bench_experts.py"), "--shape", "small", "--threads", "1", "--repeats", "1"]
+    result = subprocess.run([*command, "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads(out.read_text())["results"]
+    variants = {name: set(result["summary"]["median_wall"]) for name, result in results.items()}
+    assert variants == {
+        "training step": {"dense", "experts", "experts_frozen_text"},
+        "forward+backward": {"dense", "experts"},
+        "text decoding": {"lm_only", "dense", "experts"},
+        "denoising step": {"dense", "experts"},
+    }
+    for result in results.values():
+        median = result["summary"]["median_wall"]
+        for variant, ratio in result["ratios_of_median_wall"].items():
+            assert ratio == pytest.approx(median[variant] / median[result["baseline"]])
