@@ -679,8 +679,8 @@ def command_edit(args: argparse.Namespace) -> None:
     results = edit_images(
         model, processor, pixels, [[text] for text in args.instructions], sizes, seeds=[args.seed], **kwargs
     )
-    pictures = processor.postprocess_images(torch.stack([pixels[0], *(step[0] for step in results)])[:, None])
-    image_row([row[0] for row in pictures], scale=args.scale).save(args.out)
+    pictures = [processor.postprocess_images(image[None])[0][0] for image in (pixels[0], *(r[0] for r in results))]
+    image_row(pictures, scale=args.scale).save(args.out)
     for text, step in zip(args.instructions, results):
         print(f"{text!r}: {step[0].shape[1]}x{step[0].shape[2]}")
     print(f"wrote {args.out} (source, then each edit)")

@@ -623,6 +623,13 @@ def _half(images: torch.Tensor, half: str) -> torch.Tensor:
     return images[..., :32] if half == "left" else images[..., 32:]
 
 
+def _ratio(value: float, baseline: float) -> float:
+    """`value / baseline`; 1 where both are 0, infinite where only the baseline is (an exact autoencoder)."""
+    if baseline == 0:
+        return 1.0 if value == 0 else math.inf
+    return value / baseline
+
+
 def _mse(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(((a.float() - b.float()) ** 2).mean())
 
@@ -656,7 +663,7 @@ def edit_metrics(
         metrics["mse"] = _mse(results, targets)
         metrics["mse_unedited_source"] = _mse(unedited, targets)
         metrics["mse_vae_round_trip"] = _mse(round_trip, targets)
-        metrics["mse_ratio"] = metrics["mse"] / metrics["mse_unedited_source"]
+        metrics["mse_ratio"] = _ratio(metrics["mse"], metrics["mse_unedited_source"])
         metrics["meets_target"] = metrics["mse_ratio"] <= 0.3
     if kind in CHANGED_HALF:
         changed = _half(results, CHANGED_HALF[kind])
@@ -666,7 +673,7 @@ def edit_metrics(
         metrics["asked_digit_accuracy"] = float(hits.float().mean())
         metrics["kept_half_mse"] = _mse(_half(results, kept), source_half)
         metrics["kept_half_mse_vae_round_trip"] = _mse(_half(round_trip, kept), _half(targets, kept))
-        metrics["kept_half_ratio"] = metrics["kept_half_mse"] / metrics["kept_half_mse_vae_round_trip"]
+        metrics["kept_half_ratio"] = _ratio(metrics["kept_half_mse"], metrics["kept_half_mse_vae_round_trip"])
         metrics["meets_target"] = metrics["asked_digit_accuracy"] >= 0.9 and metrics["kept_half_ratio"] <= 2.0
     return metrics
 
