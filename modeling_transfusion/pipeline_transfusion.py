@@ -317,7 +317,13 @@ class TransfusionTextToImagePipeline(Pipeline):
                 largest = self.model.config.num_image_slots(
                     self.model.config.max_image_size, self.model.config.max_image_size
                 )
-                mode = {"generation_mode": "interleaved", "max_new_images": 1, "max_new_tokens": largest + 16}
+                config = self.model.config
+                mode = {
+                    "generation_mode": "interleaved",
+                    "max_new_images": 1,
+                    "max_new_tokens": largest + 16,
+                    "eos_token_id": [config.text_config.eos_token_id, config.eoi_token_id],  # done at its <eoi>
+                }
                 if num_images_per_prompt > 1:
                     raise ValueError(
                         "An edit without height and width makes one image per prompt: pass height and width."

@@ -401,6 +401,8 @@ def _latent_fingerprint(images, vae) -> str:
 
 def command_eval(args: argparse.Namespace) -> None:
     """Evaluates a checkpoint (see `modeling_transfusion.recipes.evaluation`) and prints a Markdown table."""
+    if args.edits_only and not args.edits:
+        raise ValueError("--edits-only measures the edits alone: pass --edits too.")
     _threads(args.threads)
     from modeling_transfusion.recipes.classifier import JudgeCNN
     from modeling_transfusion.recipes.data import load_dataset_images, to_model_range
@@ -418,21 +420,23 @@ def command_eval(args: argparse.Namespace) -> None:
         "image_guidance_interval": args.guidance_interval,
         "seed": args.seed,
     }
-    report, generated = evaluate(
-        model,
-        processor,
-        judge,
-        to_model_range(images),
-        labels,
-        dataset=args.dataset,
-        num_generated=args.num_generated,
-        num_captioned=args.num_captioned,
-        **sampling,
-    )
-    print(report.table())
-    print(f"({report.seconds:.0f} s)")
-    results = vars(report)
-    grids = {"": generated}
+    results, grids = {}, {}
+    if not args.edits_only:
+        report, generated = evaluate(
+            model,
+            processor,
+            judge,
+            to_model_range(images),
+            labels,
+            dataset=args.dataset,
+            num_generated=args.num_generated,
+            num_captioned=args.num_captioned,
+            **sampling,
+        )
+        print(report.table())
+        print(f"({report.seconds:.0f} s)")
+        results = vars(report)
+        grids[""] = generated
     if args.compositions:
         from modeling_transfusion.recipes.data import COMPOSITION_LAYOUTS
         from modeling_transfusion.recipes.evaluation import (
@@ -485,17 +489,14 @@ def command_eval(args: argparse.Namespace) -> None:
             labels,
             num_per_kind=args.num_edits,
             num_chains=args.num_edits,
-            seed=args.seed,
-            scheduler=args.scheduler,
-            num_inference_steps=args.steps,
-            image_guidance_scale=args.guidance,
             source_image_guidance_scale=source_guidance,
-            image_guidance_interval=args.guidance_interval,
+            **sampling,
         )
         print(edit_table(results["edits"]["kinds"]))
         print("chained (second edit of two, by its kind):")
         print(edit_table(results["edits"]["chains"]))
-        grids.update({f"_edit_{kind}": torch.cat(list(triple), -1) for kind, triple in edited.items()})
+        # Each picture: the source, the result and the target (chains: the source and both results), side by side.
+        grids.update({f"_edit_{kind.replace(' ', '_')}": torch.cat(triple, -1) for kind, triple in edited.items()})
     if args.text_reference:
         results["text"] = _text_comparison(model, processor, args.text_reference, args.num_texts)
     if args.json:
@@ -504,8 +505,9 @@ def command_eval(args: argparse.Namespace) -> None:
         grid = Path(args.grid)
         for suffix, pictures in grids.items():
             path = grid.with_name(grid.stem + suffix + grid.suffix)
-            pictures = [row[0] for row in processor.postprocess_images(pictures[:100])]
-            image_grid(pictures, columns=10, scale=2).save(path)
+            count, columns = (12, 3) if suffix.startswith("_edit") else (100, 10)  # an edit is three images wide
+            pictures = [row[0] for row in processor.postprocess_images(pictures[:count])]
+            image_grid(pictures, columns=columns, scale=2).save(path)
             print(f"wrote {path}")
 
 
@@ -918,6 +920,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--compositions", action="store_true", help="also measure two-digit compositions (both layouts)")
     p.add_argument("--edits", action="store_true", help="also measure image editing (docs/editing.md)")
+    p.add_argument("--edits-only", action="store_true", help="with --edits: skip the single-digit metrics")
     p.add_argument("--num-edits", type=int, default=200, help="held-out edits per kind, and chains of two")
     p.add_argument(
         "--image-guidance",

@@ -53,14 +53,14 @@ def edit_prompt(processor, digit_images, texts=(INSTRUCTION,)):
 
 def generate(model, batch, processor, **kwargs):
     kwargs.setdefault("num_inference_steps", 3)
+    kwargs.setdefault("output_type", "latent")
     return model.generate(
         **batch,
         generation_mode="image",
         tokenizer=processor.tokenizer,
-        generator=torch.Generator().manual_seed(0),
+        generator=[torch.Generator().manual_seed(0)],
         return_dict_in_generate=True,
         progress_bar=False,
-        output_type="latent",
         **kwargs,
     )
 
@@ -328,30 +328,20 @@ def test_edit_metrics_against_the_baselines():
 def test_the_pipeline_edits_with_diffusers_names(model, sizing_processor, digit_images):
     edit = pipeline("text-to-image", model=model, processor=sizing_processor)
     image = digit_images[0][0]
+    scales = {"guidance_scale": 2.0, "image_guidance_scale": 1.5}  # diffusers' (InstructPix2Pix's) names
     result = edit(
-        INSTRUCTION,
-        image=image,
-        guidance_scale=2.0,
-        image_guidance_scale=1.5,
-        height=8,
-        width=8,
-        num_inference_steps=3,
-        seed=0,
-        output_type="pt",
-    )["image"]
+        INSTRUCTION, image=image, height=8, width=8, num_inference_steps=3, seed=0, output_type="pt", **scales
+    )
+    result = result["image"]
     batch = edit_prompt(sizing_processor, digit_images)
-    direct = model.generate(
-        **batch,
-        generation_mode="image",
+    direct = generate(
+        model,
+        batch,
+        sizing_processor,
         height=8,
         width=8,
-        tokenizer=sizing_processor.tokenizer,
-        generator=[torch.Generator().manual_seed(0)],
         image_guidance_scale=2.0,
         source_image_guidance_scale=1.5,
-        num_inference_steps=3,
-        progress_bar=False,
-        return_dict_in_generate=True,
         output_type="pt",
     )
     torch.testing.assert_close(result, direct.images[0][0])
