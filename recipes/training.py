@@ -195,7 +195,8 @@ class LatentEditDataset(torch.utils.data.Dataset):
     """Training records of image edits over precomputed latents: item `i` is `"<image> instruction <image>"` (one more
     `" instruction <image>"` per chained edit, [`edit_record_text`]) with the latents of its images. A one-step edit
     loses its instruction with probability `drop_instruction`, or its source image with probability `drop_source`
-    (drawn from `seed` and `i`): the conditions that editing guidance leaves out.
+    (drawn from `seed` and `i`): the conditions that editing guidance leaves out. The instructions carry no LM loss
+    (`"no_loss"`, see [`LatentDataCollator`]).
 
     Args:
         latents (`list[list[torch.Tensor]]`): per example, the `(latent_channels, h, w)` latents of its images.
@@ -215,13 +216,17 @@ class LatentEditDataset(torch.utils.data.Dataset):
         rng = random.Random(self.seed * 1_000_003 + index)
         text = edit_record_text(self.examples[index], rng, self.drop_instruction, self.drop_source)
         latents = self.latents[index]
-        return {"text": text, "latents": latents[len(latents) - text.count("<image>") :]}
+        # The instructions are the user's, not the model's to write: the LM learns only the edited images' sizes (and,
+        # from the other records, to caption what follows an image).
+        instructions = [instruction for instruction in self.examples[index].instructions if instruction in text]
+        return {"text": text, "latents": latents[len(latents) - text.count("<image>") :], "no_loss": instructions}
 
 
 @dataclass
 class LatentDataCollator:
     """Collates records `{"text": "caption <image>", "latents": (1, c, h, w)}` (or a list of `(c, h, w)` latents, one
-    per marker in order) into model inputs with `image_latents`
+    per marker in order; `"no_loss"`: parts of the text, in order, that carry no LM loss) into model inputs with
+    `image_latents`
     (instead of pixels; a list when their sizes differ), padded on the right, with `labels` (-100 on padding and image
     slots) and EOS appended. `logits_to_keep=1` goes into every batch when set: the model then computes the logits of
     the text targets alone (the loss is the same, the LM head's work on image slots is saved).
@@ -251,7 +256,8 @@ class LatentDataCollator:
                 )
 
             texts.append(marker.sub(expand, record["text"]) + tokenizer.eos_token)
-        rows = tokenizer(texts, add_special_tokens=True)["input_ids"]
+        encoded = tokenizer(texts, add_special_tokens=True, return_offsets_mapping=True)
+        rows = encoded["input_ids"]
         length = max(len(row) for row in rows)
         input_ids = torch.full((len(rows), length), tokenizer.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
@@ -259,6 +265,10 @@ class LatentDataCollator:
             input_ids[i, : len(row)] = torch.tensor(row)
             attention_mask[i, : len(row)] = 1
         labels = input_ids.masked_fill((attention_mask == 0) | (input_ids == self.processor.image_token_id), -100)
+        for i, record in enumerate(records):
+            labels[i, : len(rows[i])] = labels[i, : len(rows[i])].masked_fill(
+                _tokens_within(texts[i], encoded["offset_mapping"][i], record.get("no_loss", ())), -100
+            )
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
         latents = [latent for r in records for latent in r.get("latents", ())]
         if latents:
@@ -266,6 +276,18 @@ class LatentDataCollator:
         if self.logits_to_keep is not None:
             batch["logits_to_keep"] = self.logits_to_keep
         return batch
+
+
+def _tokens_within(text: str, offsets: list[tuple[int, int]], spans: Sequence[str]) -> torch.BoolTensor:
+    """Which tokens (by their character `offsets` in `text`) belong to the texts `spans`, found in `text` in order
+    (a token's leading space included)."""
+    inside = torch.zeros(len(offsets), dtype=torch.bool)
+    position = 0
+    for span in spans:
+        start = text.index(span, position)
+        position = start + len(span)
+        inside |= torch.tensor([begin < position and end > start - 1 for begin, end in offsets], dtype=torch.bool)
+    return inside
 
 
 def training_arguments(

@@ -15,11 +15,13 @@ from modeling_transfusion.recipes.editing import (
     CHANGED_HALF,
     EDIT_KINDS,
     EDIT_TEMPLATES,
+    EditExample,
     apply_edit,
     edit_record_text,
     make_edits,
 )
 from modeling_transfusion.recipes.evaluation import edit_images, edit_metrics
+from modeling_transfusion.recipes.training import LatentDataCollator, LatentEditDataset
 
 from conftest import build_sampling_model
 
@@ -123,6 +125,18 @@ def test_record_text_drops_the_instruction_or_the_source(digits):
     counts = {text: texts.count(text) for text in set(texts)}
     assert set(counts) == {full, "<image> <image>", f" {example.instructions[0]} <image>"}
     assert 60 <= counts["<image> <image>"] <= 140 and 150 <= counts[full] <= 250
+
+
+def test_edit_records_carry_no_loss_on_their_instructions(sizing_processor):
+    example = EditExample([np.zeros((8, 8), np.uint8)] * 3, ["mirror it", "swap them"], ["mirror"] * 2, [None] * 2)
+    dataset = LatentEditDataset([[torch.zeros(1, 8, 8)] * 3], [example], drop_instruction=0, drop_source=0)
+    batch = LatentDataCollator(sizing_processor, vae_downsample_factor=1)([dataset[0]])
+    ids, labels = batch["input_ids"][0], batch["labels"][0]
+    decode = sizing_processor.tokenizer.decode
+    without_loss = (labels == -100) & (ids != sizing_processor.image_token_id)
+    assert decode(ids[without_loss]).split() == ["mirror", "it", "swap", "them"]
+    # The sizes the model writes before each image, the image markers and the end of text keep their loss.
+    assert decode(ids[labels != -100]) == "<s> 8x8<boi><eoi> 8x8<boi><eoi> 8x8<boi><eoi></s>"
 
 
 # Guidance
