@@ -17,6 +17,7 @@ from pathlib import Path
 from .. import (
     configuration_transfusion,
     diffusion_transfusion,
+    editing_transfusion,
     experts_transfusion,
     generation_transfusion,
     pipeline_transfusion,
@@ -37,6 +38,7 @@ REMOTE_CODE_FILES = {
         configuration_transfusion,
         modeling_module,
         diffusion_transfusion,
+        editing_transfusion,
         experts_transfusion,
         generation_transfusion,
         pipeline_transfusion,

@@ -43,6 +43,7 @@ from transformers.generation import (
 from transformers.utils import logging
 
 from .diffusion_transfusion import sampling_scheduler
+from .editing_transfusion import EditBranches, edit_branches
 
 GENERATION_MODES = ("interleaved", "text", "image")
 DEFAULT_NUM_INFERENCE_STEPS = 50
@@ -52,6 +53,7 @@ IMAGE_ARGUMENTS = (
     "scheduler",
     "num_inference_steps",
     "image_guidance_scale",
+    "source_image_guidance_scale",
     "image_guidance_interval",
     "progress_bar",
     "height",
@@ -211,6 +213,7 @@ NUMERIC_ARGUMENTS = {
     "repetition_penalty": (_finite_float, 0.0),
     "guidance_scale": (_finite_float, 0.0),
     "image_guidance_scale": (_finite_float, 0.0),
+    "source_image_guidance_scale": (_finite_float, 0.0),
     "length_penalty": (_finite_float, -math.inf),
 }
 TOKEN_ID_ARGUMENTS = ("pad_token_id", "bos_token_id", "eos_token_id")
@@ -268,14 +271,25 @@ class ImageSamplingOptions:
     callback_on_step_end: object | None = None  # called as diffusers does, after each denoising step
     callback_tensor_inputs: tuple[str, ...] = CALLBACK_TENSOR_INPUTS
     output_type: str | None = None  # None: images in [-1, 1]; else one of OUTPUT_TYPES
+    # Editing guidance on the source image; set, `guidance_scale` guides on the instruction (three branches).
+    source_guidance_scale: float | None = None
 
-    def guidance_at(self, timestep: torch.Tensor) -> float:
-        """The guidance scale of the denoising step at `timestep`: 1 (the conditional prediction alone) outside
-        `guidance_interval`."""
+    def guidance_at(self, timestep: torch.Tensor, scale: float | None = None) -> float:
+        """The guidance scale (`guidance_scale` unless `scale` is given) of the denoising step at `timestep`: 1 (the
+        conditional prediction alone) outside `guidance_interval`."""
+        scale = self.guidance_scale if scale is None else scale
         if self.guidance_interval is None:
-            return self.guidance_scale
+            return scale
         low, high = self.guidance_interval
-        return self.guidance_scale if low <= float(timestep) <= high else 1.0
+        return scale if low <= float(timestep) <= high else 1.0
+
+    def edit_branch_names(self) -> tuple[str, ...] | None:
+        """The editing branches the guidance scales ask for (`None`: no editing guidance): without the instruction
+        when `guidance_scale` is not 1, without the source when `source_guidance_scale` is not 1."""
+        if self.source_guidance_scale is None:
+            return None
+        scales = (("no_instruction", self.guidance_scale), ("no_source", self.source_guidance_scale))
+        return tuple(name for name, scale in scales if scale != 1.0)
 
     @classmethod
     def resolve(cls, model, generation_config, batch_size: int, generator: GeneratorArg = None, **arguments):
@@ -289,6 +303,9 @@ class ImageSamplingOptions:
 
         steps = _integer(value("num_inference_steps", DEFAULT_NUM_INFERENCE_STEPS), "num_inference_steps", 1)
         guidance = _finite_float(value("image_guidance_scale", 1.0), "image_guidance_scale", 0.0)
+        source_guidance = value("source_image_guidance_scale", None)
+        if source_guidance is not None:
+            source_guidance = _finite_float(source_guidance, "source_image_guidance_scale", 0.0)
         if isinstance(generator, list | tuple):
             generator = list(generator)
             if len(generator) != batch_size:
@@ -317,6 +334,7 @@ class ImageSamplingOptions:
             callback,
             tensor_inputs,
             output_type,
+            source_guidance,
         )
 
     def image_size(self, row: int, written: str | None, room: int, config) -> tuple[int, int]:
@@ -428,6 +446,7 @@ def denoise_images(
     rows: list[int],
     options: ImageSamplingOptions,
     size: tuple[int, int] | None = None,
+    edit: EditBranches | None = None,
 ) -> torch.FloatTensor:
     """Samples one image of `size` `(height, width)` (the config's default by default) for each row in `rows`, whose
     last cached token is `<boi>`, by running the diffusion loop against the cached prefix
@@ -438,6 +457,10 @@ def denoise_images(
         attention_mask (`torch.Tensor` of shape `(batch_size, cache_length)`, *optional*): 2D padding mask.
         positions (`torch.LongTensor` of shape `(batch_size,)`): position id of the first slot of each row.
         rows (`list[int]`): the batch rows that opened an image.
+        edit (`EditBranches`, *optional*): the prefixes of editing guidance ([`edit_branches`]), which replace the
+            rows of `cache`: the prediction is `full + sum((scale - 1) * (full - branch))` over its branches, with
+            `options.guidance_scale` for the one without the instruction and `options.source_guidance_scale` for the
+            one without the source image.
     Returns:
         `torch.FloatTensor` of shape `(len(rows), latent_channels, height / f, width / f)`: the clean latents.
     """
@@ -445,23 +468,27 @@ def denoise_images(
     height, width = size if size is not None else (config.image_size, config.image_size)
     num_slots, num_rows = config.num_image_slots(height, width), len(rows)
     device = positions.device
-    guided = options.guidance_scale != 1.0
+    guided = options.guidance_scale != 1.0 and edit is None
     # Classifier-free guidance doubles the rows: conditional first, then unconditional (slots that see only their
     # <boi> and themselves), both against the same cached prefix.
     branch_rows = rows + rows if guided else rows
     unconditional = None
     if guided:
         unconditional = torch.arange(2 * num_rows, device=device) >= num_rows
-    if branch_rows == list(range(positions.shape[0])):
-        branch = cache  # every row denoises: crop the batch cache in place, no copy
+    if edit is not None:
+        branch, step_mask, first_positions = edit.cache, edit.attention_mask, edit.positions
+        branch_rows = list(range(len(first_positions)))
     else:
-        index = torch.tensor(branch_rows, device=device)
-        branch = DynamicCache(ddp_cache_data=[(layer.keys[index], layer.values[index]) for layer in cache.layers])
-    step_mask = None
-    if attention_mask is not None:
-        step_mask = attention_mask[branch_rows]
+        if branch_rows == list(range(positions.shape[0])):
+            branch = cache  # every row denoises: crop the batch cache in place, no copy
+        else:
+            index = torch.tensor(branch_rows, device=device)
+            branch = DynamicCache(ddp_cache_data=[(layer.keys[index], layer.values[index]) for layer in cache.layers])
+        step_mask = attention_mask[branch_rows] if attention_mask is not None else None
+        first_positions = positions[branch_rows]
+    if step_mask is not None:
         step_mask = torch.cat([step_mask, step_mask.new_ones(len(branch_rows), num_slots)], dim=-1)
-    slot_positions = positions[branch_rows, None] + torch.arange(num_slots, device=device)  # [branch_rows, N]
+    slot_positions = first_positions[:, None] + torch.arange(num_slots, device=device)  # [branch_rows, N]
     # The cache is cropped back after every step, so every step has the same mask: build it once (with guidance it
     # costs about half a forward). A mask that is not a tensor (flex attention's BlockMask) is rebuilt per step.
     slot_embeds = model.get_input_embeddings().weight.new_empty(
@@ -499,8 +526,8 @@ def denoise_images(
         model_input = latents
         if hasattr(scheduler, "scale_model_input"):
             model_input = scheduler.scale_model_input(latents, timestep)
-        if guided:
-            model_input = torch.cat([model_input, model_input])
+        if len(branch_rows) > num_rows:
+            model_input = model_input.repeat(len(branch_rows) // num_rows, 1, 1, 1)
         timesteps = timestep.expand(len(branch_rows)).to(device)
         prediction = transfusion.denoise_step(
             model_input, timesteps, branch, slot_positions, mask, unconditional_images=unconditional
@@ -509,6 +536,12 @@ def denoise_images(
             conditional, unconditional_prediction = prediction.chunk(2)
             scale = options.guidance_at(timestep)
             prediction = unconditional_prediction + scale * (conditional - unconditional_prediction)
+        elif edit is not None and edit.names:
+            full, *without = prediction.chunk(len(edit.names) + 1)
+            scales = {"no_instruction": options.guidance_scale, "no_source": options.source_guidance_scale}
+            prediction = full
+            for name, branch_prediction in zip(edit.names, without):
+                prediction = prediction + (options.guidance_at(timestep, scales[name]) - 1) * (full - branch_prediction)
         latents = scheduler.step(prediction, timestep, latents, **step_kwargs).prev_sample
         if options.callback_on_step_end is not None:
             # As in diffusers: the callback sees the tensors it asked for and may return replacements.
@@ -838,10 +871,24 @@ class InterleavedDecoding:
         rows = opened.nonzero().flatten().tolist()
         sizes = {row: self._image_size(row) for row in rows}
         latents = {}
+        edit_names = self.options.edit_branch_names()
         for size in dict.fromkeys(sizes.values()):  # rows opening images of one size denoise together
             group = [row for row in rows if sizes[row] == size]
+            edit = None
+            if edit_names:
+                edit = edit_branches(
+                    self.model,
+                    self.cache,
+                    batch.input_ids,
+                    batch.keep,
+                    batch.attention_mask,
+                    batch.positions,
+                    group,
+                    [self._size_text_length(row, size) for row in group],
+                    edit_names,
+                )
             group_latents = denoise_images(
-                self.model, self.cache, batch.attention_mask, batch.positions, group, self.options, size
+                self.model, self.cache, batch.attention_mask, batch.positions, group, self.options, size, edit
             )
             latents.update(zip(group, group_latents))
         latents = [latents[row] for row in rows]
@@ -879,6 +926,15 @@ class InterleavedDecoding:
             written = self.options.tokenizer.decode(tokens[-16:].tolist(), skip_special_tokens=True)
         room = self.max_new_tokens - int(self.new_tokens[row])
         return self.options.image_size(row, written, room, self.config)
+
+    def _size_text_length(self, row: int, size: tuple[int, int]) -> int:
+        """How many of the tokens before `row`'s `<boi>` are the size text of its image (`" 32x64"`, read with the
+        tokenizer; 0 without one, or where the row wrote none)."""
+        if self.options.tokenizer is None:
+            return 0
+        size_ids = self.options.tokenizer(f" {size[0]}x{size[1]}", add_special_tokens=False)["input_ids"]
+        tokens = self.batch.input_ids[row][self.batch.keep[row]][:-1].tolist()
+        return len(size_ids) if tokens[-len(size_ids) :] == size_ids else 0
 
     def _done(self) -> torch.BoolTensor:
         return self.criteria(self.batch.view(self.filler), self.scores) | (self.new_tokens >= self.max_new_tokens)
@@ -932,6 +988,7 @@ def transfusion_decode(
     scheduler: str | SchedulerMixin | None = None,
     num_inference_steps: int | None = None,
     image_guidance_scale: float | None = None,
+    source_image_guidance_scale: float | None = None,
     image_guidance_interval: tuple[float, float] | None = None,
     generator: GeneratorArg = None,
     progress_bar: bool | None = None,
@@ -964,6 +1021,7 @@ def transfusion_decode(
         scheduler=scheduler,
         num_inference_steps=num_inference_steps,
         image_guidance_scale=image_guidance_scale,
+        source_image_guidance_scale=source_image_guidance_scale,
         image_guidance_interval=image_guidance_interval,
         progress_bar=progress_bar,
         height=height,
@@ -1053,7 +1111,16 @@ class TransfusionGenerationMixin(GenerationMixin):
                 Denoising steps per image.
             image_guidance_scale (`float`, *optional*, defaults to 1.0):
                 Classifier-free guidance for images, `uncond + scale * (cond - uncond)`; 1 means no guidance (and no
-                extra compute). `guidance_scale` is transformers' guidance of text and is refused for images.
+                extra compute). `guidance_scale` is transformers' guidance of text and is refused for images. With
+                `source_image_guidance_scale` set, it guides an edit on its instruction instead.
+            source_image_guidance_scale (`float`, *optional*):
+                Editing guidance (docs/editing.md): for a prompt `<source image> instruction` (plus the size text of a
+                model that writes sizes), the image opened after it is denoised against three prefixes, as in
+                InstructPix2Pix: the full one, one without the instruction and one without the source image, and the
+                prediction is `full + (image_guidance_scale - 1) * (full - no_instruction) +
+                (source_image_guidance_scale - 1) * (full - no_source)`; a scale of 1 skips its branch. The pipelines'
+                `guidance_scale` and `image_guidance_scale` (diffusers' names) map to `image_guidance_scale` and this.
+                Pass `tokenizer` for a model that writes sizes, so that the branches keep the size text.
             image_guidance_interval (`tuple[float, float]`, *optional*):
                 Timesteps `(low, high)` of the training schedule (0 to `config.num_train_timesteps`, high is noisy):
                 guidance applies only at denoising steps whose timestep lies in `[low, high]`, the conditional

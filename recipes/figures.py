@@ -21,6 +21,21 @@ def image_grid(images: list[PIL.Image.Image], columns: int, scale: int = 1, gap:
     return sheet
 
 
+def image_row(images: list[PIL.Image.Image], scale: int = 1, gap: int = 2) -> PIL.Image.Image:
+    """Pastes images of any sizes side by side, top-aligned, each enlarged `scale` times, with `gap` pixels between
+    (e.g. a source image and its edits)."""
+    if not images:
+        raise ValueError("image_row needs at least one image.")
+    sizes = [(image.size[0] * scale, image.size[1] * scale) for image in images]
+    width = sum(w for w, _ in sizes) + gap * (len(images) + 1)
+    sheet = PIL.Image.new("RGB", (width, max(h for _, h in sizes) + 2 * gap), (128, 128, 128))
+    left = gap
+    for image, size in zip(images, sizes):
+        sheet.paste(image.convert("RGB").resize(size, PIL.Image.NEAREST), (left, gap))
+        left += size[0] + gap
+    return sheet
+
+
 def stack_sheets(sheets: list[PIL.Image.Image], gap: int = 2) -> PIL.Image.Image:
     """Stacks sheets (e.g. [`image_grid`]s of images of different sizes) top to bottom, left-aligned."""
     width = max(sheet.size[0] for sheet in sheets)

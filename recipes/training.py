@@ -30,6 +30,7 @@ from modeling_transfusion.recipes.data import (
     make_composition_record_text,
     make_record_text,
 )
+from modeling_transfusion.recipes.editing import edit_record_text
 
 
 @dataclass
@@ -108,11 +109,15 @@ def build_model(
 
 def init_from_checkpoint(directory: str | Path, **config_changes) -> TransfusionForConditionalGeneration:
     """A model with the config of the checkpoint in `directory` changed by `config_changes` (e.g.
-    `max_image_size=64, image_position_embedding="learned_2d"`), holding that checkpoint's weights in float32.
+    `max_image_size=64, image_position_embedding="learned_2d"`, or `text_config={"max_position_embeddings": 256}`,
+    merged into the backbone's), holding that checkpoint's weights in float32.
     Parameters the checkpoint lacks (such as the 2-D position embedding) keep their fresh initialisation; any other
     mismatch is an error."""
     trained = TransfusionForConditionalGeneration.from_pretrained(directory, dtype=torch.float32)
-    config = TransfusionConfig(**{**trained.config.to_dict(), **config_changes, "dtype": "float32"})
+    config = trained.config.to_dict()
+    text_changes = config_changes.pop("text_config", {})  # merged into the backbone's config
+    config["text_config"] = {**config["text_config"], **text_changes}
+    config = TransfusionConfig(**{**config, **config_changes, "dtype": "float32"})
     model = TransfusionForConditionalGeneration(config)
     missing, unexpected = model.load_state_dict(trained.state_dict(), strict=False)
     new = [name for name in missing if "patch_position_embedding" not in name]
@@ -186,9 +191,42 @@ class LatentCaptionDataset(torch.utils.data.Dataset):
         return record
 
 
+class LatentEditDataset(torch.utils.data.Dataset):
+    """Training records of image edits over precomputed latents: item `i` is `"<image> instruction <image>"` (one more
+    `" instruction <image>"` per chained edit, [`edit_record_text`]) with the latents of its images. A one-step edit
+    loses its instruction with probability `drop_instruction`, or its source image with probability `drop_source`
+    (drawn from `seed` and `i`): the conditions that editing guidance leaves out. The instructions carry no LM loss
+    (`"no_loss"`, see [`LatentDataCollator`]).
+
+    Args:
+        latents (`list[list[torch.Tensor]]`): per example, the `(latent_channels, h, w)` latents of its images.
+        examples (`list[EditExample]`): the edits, for their instructions.
+    """
+
+    def __init__(self, latents, examples, seed: int = 0, drop_instruction: float = 0.1, drop_source: float = 0.1):
+        if len(latents) != len(examples):
+            raise ValueError(f"Got {len(latents)} latent lists but {len(examples)} edit examples.")
+        self.latents, self.examples, self.seed = latents, examples, seed
+        self.drop_instruction, self.drop_source = drop_instruction, drop_source
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> dict:
+        rng = random.Random(self.seed * 1_000_003 + index)
+        text = edit_record_text(self.examples[index], rng, self.drop_instruction, self.drop_source)
+        latents = self.latents[index]
+        # The instructions are the user's, not the model's to write: the LM learns only the edited images' sizes (and,
+        # from the other records, to caption what follows an image).
+        instructions = [instruction for instruction in self.examples[index].instructions if instruction in text]
+        return {"text": text, "latents": latents[len(latents) - text.count("<image>") :], "no_loss": instructions}
+
+
 @dataclass
 class LatentDataCollator:
-    """Collates records `{"text": "caption <image>", "latents": (1, c, h, w)}` into model inputs with `image_latents`
+    """Collates records `{"text": "caption <image>", "latents": (1, c, h, w)}` (or a list of `(c, h, w)` latents, one
+    per marker in order; `"no_loss"`: parts of the text, in order, that carry no LM loss) into model inputs with
+    `image_latents`
     (instead of pixels; a list when their sizes differ), padded on the right, with `labels` (-100 on padding and image
     slots) and EOS appended. `logits_to_keep=1` goes into every batch when set: the model then computes the logits of
     the text targets alone (the loss is the same, the LM head's work on image slots is saved).
@@ -206,12 +244,20 @@ class LatentDataCollator:
         marker = re.compile(r"[ \t]*" + re.escape(self.processor.image_token))
         texts = []
         for record in records:
-            sequence = self.processor.image_sequence  # (a text-only record has no marker)
-            if "latents" in record and self.vae_downsample_factor is not None:
-                height, width = (side * self.vae_downsample_factor for side in record["latents"].shape[2:])
-                sequence = self.processor.image_sequence_for(height, width)
-            texts.append(marker.sub(lambda _, sequence=sequence: sequence, record["text"]) + tokenizer.eos_token)
-        rows = tokenizer(texts, add_special_tokens=True)["input_ids"]
+            images = iter(record.get("latents", ()))
+
+            def expand(_, images=images):
+                # Each marker in turn takes the next latent's size; without a downsample factor, the default size.
+                latent = next(images)
+                if self.vae_downsample_factor is None:
+                    return self.processor.image_sequence
+                return self.processor.image_sequence_for(
+                    *(side * self.vae_downsample_factor for side in latent.shape[1:])
+                )
+
+            texts.append(marker.sub(expand, record["text"]) + tokenizer.eos_token)
+        encoded = tokenizer(texts, add_special_tokens=True, return_offsets_mapping=True)
+        rows = encoded["input_ids"]
         length = max(len(row) for row in rows)
         input_ids = torch.full((len(rows), length), tokenizer.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
@@ -219,13 +265,29 @@ class LatentDataCollator:
             input_ids[i, : len(row)] = torch.tensor(row)
             attention_mask[i, : len(row)] = 1
         labels = input_ids.masked_fill((attention_mask == 0) | (input_ids == self.processor.image_token_id), -100)
+        for i, record in enumerate(records):
+            labels[i, : len(rows[i])] = labels[i, : len(rows[i])].masked_fill(
+                _tokens_within(texts[i], encoded["offset_mapping"][i], record.get("no_loss", ())), -100
+            )
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-        latents = [r["latents"][0] for r in records if "latents" in r]
+        latents = [latent for r in records for latent in r.get("latents", ())]
         if latents:
             batch["image_latents"] = latents if len({x.shape for x in latents}) > 1 else torch.stack(latents)
         if self.logits_to_keep is not None:
             batch["logits_to_keep"] = self.logits_to_keep
         return batch
+
+
+def _tokens_within(text: str, offsets: list[tuple[int, int]], spans: Sequence[str]) -> torch.BoolTensor:
+    """Which tokens (by their character `offsets` in `text`) belong to the texts `spans`, found in `text` in order
+    (a token's leading space included)."""
+    inside = torch.zeros(len(offsets), dtype=torch.bool)
+    position = 0
+    for span in spans:
+        start = text.index(span, position)
+        position = start + len(span)
+        inside |= torch.tensor([begin < position and end > start - 1 for begin, end in offsets], dtype=torch.bool)
+    return inside
 
 
 def training_arguments(
@@ -292,6 +354,7 @@ __all__ = [
     "init_from_checkpoint",
     "default_generation_config",
     "LatentCaptionDataset",
+    "LatentEditDataset",
     "LatentDataCollator",
     "training_arguments",
     "save_checkpoint",

@@ -96,6 +96,40 @@ def test_tiny_train_run_saves_a_checkpoint_and_resumes(tmp_path):
     assert list(model.generation_config.image_guidance_interval) == [0, 800]
 
 
+def test_tiny_edit_run_end_to_end_trains_edits_and_evaluates(tmp_path, capsys):
+    pytest.importorskip("mnist")
+    from modeling_transfusion.recipes.editing import EDIT_KINDS
+
+    out = tmp_path / "run"
+    tiny = "--hidden-size 32 --intermediate-size 64 --layers 1 --patch-encoder linear --patch-size 8".split()
+    cli.main(
+        ["train", "--out", str(out), "--limit", "64", "--edits", "24", "--batch-size", "8", *tiny, "--max-steps", "2"]
+    )
+    assert "edits: 24, chained: " in capsys.readouterr().out
+    model, processor = cli.load_checkpoint(out / "final")
+    # Two-digit pairs, their sizes written, and positions for a chain of two edits of pairs.
+    assert model.config.max_image_size == 64 and processor.write_image_size
+    assert model.config.text_config.max_position_embeddings == cli.EDIT_CONTEXT_LENGTH
+    seven = BUNDLED / cli.EXAMPLES_DIR / "mnist_test_09990_label_7.png"
+    png = tmp_path / "edit.png"
+    edit = ["edit", "--model", str(out / "final"), str(seven), "add a 3 on the right", "swap them", "--steps", "2"]
+    cli.main([*edit, "--size", "32x64", "32x64", "--scale", "1", "--out", str(png), "--image-guidance", "1.5"])
+    assert PIL.Image.open(png).size == (2 + 32 + 2 + 64 + 2 + 64 + 2, 2 + 32 + 2)  # source, then each edit
+    assert "'swap them': 32x64" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="Got 1 --size for 2 instruction"):
+        cli.main([*edit, "--size", "32x64"])
+    report = tmp_path / "report.json"
+    evaluation = ["eval", "--model", str(out / "final"), "--edits", "--num-edits", "2", "--steps", "2"]
+    cli.main([*evaluation, "--num-generated", "10", "--num-captioned", "2", "--json", str(report)])
+    edits = json.loads(report.read_text())["edits"]
+    assert [metrics["kind"] for metrics in edits["kinds"]] == list(EDIT_KINDS)
+    assert all(metrics["num_examples"] == 2 for metrics in edits["kinds"])
+    exact = [metrics for metrics in edits["kinds"] if "mse_ratio" in metrics]
+    assert len(exact) == 6 and all(metrics["mse_vae_round_trip"] < metrics["mse_unedited_source"] for metrics in exact)
+    assert sum(metrics["num_examples"] for metrics in edits["chains"]) == 2
+    assert "chained (second edit of two, by its kind):" in capsys.readouterr().out
+
+
 def test_the_latent_cache_is_only_read_for_the_images_and_vae_it_was_made_from(tmp_path, capsys):
     from safetensors.torch import load_file
 
@@ -183,10 +217,18 @@ BAD_ARGUMENTS = {
     "negative-images": ("generate a7 --num-images -3", f"--num-images: {NOT_POSITIVE} -3"),
     "zero-size": ("generate a7 --height 0 --width 0", f"--height: {NOT_POSITIVE} 0"),
     "zero-width": ("generate a7 --width 0", f"--width: {NOT_POSITIVE} 0"),
+    "edit-size": (
+        "edit a.png mirror --size 32by64",
+        "--size: must be a size HxW in pixels such as 32x64, got '32by64'",
+    ),
+    "edit-out": (
+        "edit a.png mirror --out {tmp}/a.txt",
+        f"--out: {{tmp}}/a.txt has its extension '.txt', {NOT_AN_IMAGE}",
+    ),
 }
 
 
-@pytest.mark.parametrize("case", [*BAD_ARGUMENTS, "empty-prompt"])
+@pytest.mark.parametrize("case", [*BAD_ARGUMENTS, "empty-prompt", "empty-instruction"])
 def test_bad_arguments_are_refused_before_any_work(tmp_path, monkeypatch, capsys, case):
     def work(*args, **kwargs):
         raise AssertionError("the command started its work before checking its arguments")
@@ -194,6 +236,9 @@ def test_bad_arguments_are_refused_before_any_work(tmp_path, monkeypatch, capsys
     monkeypatch.setattr(cli, "load_checkpoint", work)  # every command's work starts by loading the checkpoint
     if case == "empty-prompt":
         arguments, error = ["generate", ""], f"argument prompt: {EMPTY_PROMPT}"
+    elif case == "empty-instruction":
+        arguments = ["edit", "a.png", "mirror it", " "]
+        error = "argument instructions: the instruction is empty: say how to edit the image, e.g. 'mirror it'"
     else:
         command, message = BAD_ARGUMENTS[case]
         arguments, error = command.format(tmp=tmp_path).split(), f"argument {message.format(tmp=tmp_path)}"
