@@ -4,11 +4,11 @@ For each prompt length, on a random model of the peer's shape (hidden 256, 4 lay
 `--shape smollm2`: SmolLM2-135M's backbone), with the same number of denoising steps (32) everywhere:
 
 - `cached`, `cached_cfg3`: `model.generate(generation_mode="image")`, which denoises against the cached prefix,
-  without guidance and with guidance 3 (the unconditional slots see only their image, so they run without the
-  prefix, which the conditional rows read from the one cache);
+  without guidance and with guidance 3 (both branches in one batched forward, the unconditional slots masked off the
+  prefix);
 - `floor`, `floor_cfg3`: what any sampler of this design must run, on the bare backbone: the prefill of prompt and
   `<boi>`, then the steps' forwards of N embedded slots against the cached prefix (no mask: nothing is padded), each
-  followed by the crop; with guidance, also the unconditional slots alone (the second branch);
+  followed by the crop; with guidance, the two branches as two rows of one forward, under the mask built once;
 - `uncached`: the same sampler recomputing the whole sequence (prompt, `<boi>`, N slots) at every step;
 - `denoising_steps`: the steps of the loop alone (`denoise_images`: slots forward against the cache, cache crop,
   scheduler step), against `backbone_steps`: the floor's step forwards without its prefill;
@@ -29,6 +29,7 @@ import functools
 from pathlib import Path
 
 import torch
+from transformers import DynamicCache
 
 from modeling_transfusion.generation_transfusion import ImageSamplingOptions, denoise_images, sampling_scheduler
 
@@ -111,26 +112,36 @@ def denoising_steps(model, prompt, steps):
 def backbone_floor(model, prompt, steps, guided=False, with_prefill=True):
     """The bare backbone doing what a sampler must: prefill prompt and `<boi>` (unless `with_prefill` is False: the
     steps alone, against a cache prefilled once), then `steps` forwards of N embedded slots against the cache, each
-    followed by the crop; `guided`: each step also runs the unconditional slots alone."""
+    followed by the crop; `guided`: two rows per step, the second's slots seeing only themselves."""
     backbone, device = model.model.language_model, prompt.device
+    rows = 2 if guided else 1
     sequence = torch.cat([prompt, torch.tensor([[BOI]], device=device)], dim=-1)
-    cache = backbone(input_ids=sequence, use_cache=True).cache
     num_slots, length = model.config.num_image_tokens, sequence.shape[1]
-    slots = torch.full((1, num_slots), IMAGE, device=device)
+    slots = torch.full((rows, num_slots), IMAGE, device=device)
     embeds = model.get_input_embeddings()(slots)
-    positions = torch.arange(length, length + num_slots, device=device)[None]
-    # Built once, as cheap as it gets: the slots see the whole prefix and each other, so nothing is masked.
-    mask = model.model.get_attention_mask(embeds, slots == IMAGE, None, cache, positions)
-    alone = model.model.get_attention_mask(embeds, slots == IMAGE, None, None, positions)
+    positions = torch.arange(length, length + num_slots, device=device).expand(rows, -1)
+
+    def prefill_rows():
+        cache = backbone(input_ids=sequence, use_cache=True).cache
+        if guided:
+            cache = DynamicCache(
+                ddp_cache_data=[
+                    (layer.keys.repeat(2, 1, 1, 1), layer.values.repeat(2, 1, 1, 1)) for layer in cache.layers
+                ]
+            )
+        return cache
+
+    cache = prefill_rows()
+    # Built once, as cheap as it gets: without guidance the slots see the whole prefix and each other (no mask).
+    unconditional = torch.tensor([False, True], device=device) if guided else None
+    mask = model.model.get_attention_mask(embeds, slots == IMAGE, None, cache, positions, unconditional)
 
     @torch.no_grad()
     def run():
-        step_cache = backbone(input_ids=sequence, use_cache=True).cache if with_prefill else cache
+        step_cache = prefill_rows() if with_prefill else cache
         for _ in range(steps):
             backbone(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, cache=step_cache)
             step_cache.crop(-num_slots)
-            if guided:
-                backbone(inputs_embeds=embeds, attention_mask=alone, position_ids=positions, use_cache=False)
 
     return run
 

@@ -446,26 +446,29 @@ def denoise_images(
     num_slots, num_rows = config.num_image_slots(height, width), len(rows)
     device = positions.device
     guided = options.guidance_scale != 1.0
-    # Classifier-free guidance doubles the rows: conditional first, then unconditional. The unconditional slots see
-    # only their own image, so they run without the prefix, and the conditional rows read the batch's cache.
-    num_branch_rows = 2 * num_rows if guided else num_rows
+    # Classifier-free guidance doubles the rows: conditional first, then unconditional (slots that see only their
+    # <boi> and themselves), both against the same cached prefix.
+    branch_rows = rows + rows if guided else rows
     unconditional = None
     if guided:
-        unconditional = torch.arange(num_branch_rows, device=device) >= num_rows
-    if rows == list(range(positions.shape[0])):
+        unconditional = torch.arange(2 * num_rows, device=device) >= num_rows
+    if branch_rows == list(range(positions.shape[0])):
         branch = cache  # every row denoises: crop the batch cache in place, no copy
     else:
-        index = torch.tensor(rows, device=device)
+        index = torch.tensor(branch_rows, device=device)
         branch = DynamicCache(ddp_cache_data=[(layer.keys[index], layer.values[index]) for layer in cache.layers])
     step_mask = None
     if attention_mask is not None:
-        step_mask = torch.cat([attention_mask[rows], attention_mask.new_ones(num_rows, num_slots)], dim=-1)
-    slot_positions = positions[rows, None] + torch.arange(num_slots, device=device)  # [rows, N]
-    # The cache is cropped back after every step, so every step has the same mask: build it once. Without padding it
-    # masks nothing. A mask that is not a tensor (flex attention's BlockMask) is rebuilt per step.
-    slot_embeds = model.get_input_embeddings().weight.new_empty(num_rows, num_slots, config.text_config.hidden_size)
+        step_mask = attention_mask[branch_rows]
+        step_mask = torch.cat([step_mask, step_mask.new_ones(len(branch_rows), num_slots)], dim=-1)
+    slot_positions = positions[branch_rows, None] + torch.arange(num_slots, device=device)  # [branch_rows, N]
+    # The cache is cropped back after every step, so every step has the same mask: build it once. Without padding or
+    # guidance it masks nothing. A mask that is not a tensor (flex attention's BlockMask) is rebuilt per step.
+    slot_embeds = model.get_input_embeddings().weight.new_empty(
+        len(branch_rows), num_slots, config.text_config.hidden_size
+    )
     all_slots = torch.ones(slot_embeds.shape[:2], dtype=torch.bool, device=device)
-    mask = transfusion.get_attention_mask(slot_embeds, all_slots, step_mask, branch, slot_positions)
+    mask = transfusion.get_attention_mask(slot_embeds, all_slots, step_mask, branch, slot_positions, unconditional)
     if not (isinstance(mask, torch.Tensor) and mask.dim() == 4):
         if device.type == "cpu":
             # torch's CPU flex-attention kernel fails to compile for N slots against a cache (an inductor C++ error).
@@ -475,8 +478,6 @@ def denoise_images(
                 "images on CPU; flex attention works here for training forwards and text generation."
             )
         mask = step_mask
-    if guided:
-        slot_positions = torch.cat([slot_positions, slot_positions])
 
     # A fresh state for every image: options.scheduler is never stepped, and copying it skips its schedule set-up.
     scheduler = copy.deepcopy(options.scheduler)
@@ -503,12 +504,12 @@ def denoise_images(
             model_input = torch.cat([model_input, model_input])
         prediction = transfusion.denoise_step(
             model_input,
-            timestep.expand(num_branch_rows),
+            timestep.expand(len(branch_rows)),
             branch,
             slot_positions,
             mask,
             unconditional_images=unconditional,
-            time_embedding=time_embeddings[step].expand(num_branch_rows, -1),
+            time_embedding=time_embeddings[step].expand(len(branch_rows), -1),
         ).float()  # [branch_rows, C, h, w]
         if guided:
             conditional, unconditional_prediction = prediction.chunk(2)

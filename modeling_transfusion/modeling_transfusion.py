@@ -747,49 +747,32 @@ class TransfusionModel(TransfusionPreTrainedModel):
     ) -> torch.Tensor:
         """One denoising step of generation: every row of the batch holds one image at `latents`
         `(batch_size, latent_channels, latent_height, latent_width)`, whose slots attend to the row's cached prefix
-        (which ends with `<boi>`) and to each other. The rows flagged in `unconditional_images` `(batch_size,)` (the
-        unconditional branch of guidance) see only their own image, so they run without the prefix: `cache` and
-        `attention_mask` then hold the other rows alone, in order. Returns the prediction; the cache is left as it
-        was.
+        (which ends with `<boi>`) and to each other. Returns the prediction; the cache is left as it was.
 
         Args:
             position_ids (`torch.LongTensor` of shape `(batch_size, num_slots)`): positions of the slots.
             attention_mask (`torch.Tensor`, *optional*): the 2D padding mask of prefix and slots
-                `(rows, cache_length + num_slots)`, or the 4D mask that [`~TransfusionModel.get_attention_mask`]
-                built for them (the same for every step of an image).
+                `(batch_size, cache_length + num_slots)`, or the 4D mask that
+                [`~TransfusionModel.get_attention_mask`] built for them (the same for every step of an image).
             time_embedding (`torch.Tensor`, *optional*): [`~TransfusionModel.embed_timesteps`] of `timesteps`.
         """
         embeds, encoder_state = self.embed_latents(latents, timesteps, time_embedding)
         embeds = embeds.to(self.get_input_embeddings().weight.dtype)
-        if unconditional_images is None or not unconditional_images.any():
-            hidden = self._run_slots(embeds, position_ids, cache, attention_mask)
-        else:
-            hidden = torch.empty_like(embeds)
-            for rows, rows_cache, rows_mask in (
-                (~unconditional_images, cache, attention_mask),
-                (unconditional_images, None, None),
-            ):
-                if rows.any():
-                    hidden[rows] = self._run_slots(embeds[rows], position_ids[rows], rows_cache, rows_mask)
-        return self.get_image_prediction(hidden, encoder_state, self._grid_size(latents))
-
-    def _run_slots(self, embeds, position_ids, cache, attention_mask) -> torch.Tensor:
-        """The backbone's last hidden states at the slots `embeds` `(rows, num_slots, hidden_size)` of one image per
-        row, against `cache` (whose length it leaves unchanged) or, without one, alone."""
         slots = torch.ones(embeds.shape[:2], dtype=torch.bool, device=embeds.device)
         if attention_mask is None or attention_mask.dim() != 4:
-            attention_mask = self.get_attention_mask(embeds, slots, attention_mask, cache, position_ids)
+            attention_mask = self.get_attention_mask(
+                embeds, slots, attention_mask, cache, position_ids, unconditional_images
+            )
         hidden = self.language_model(
             inputs_embeds=embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
             cache=cache,
-            use_cache=cache is not None,
+            use_cache=True,
             **self._routing_kwargs(slots),
         ).last_hidden_state
-        if cache is not None:
-            cache.crop(-embeds.shape[1])
-        return hidden
+        cache.crop(-embeds.shape[1])
+        return self.get_image_prediction(hidden, encoder_state, self._grid_size(latents))
 
     def _check_text_inputs(self, input_ids, attention_mask, cache):
         """Turns the mistakes that would otherwise fail deep inside torch into errors that say what is wrong."""
