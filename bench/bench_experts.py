@@ -27,22 +27,8 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from modeling_transfusion import TransfusionConfig, TransfusionForConditionalGeneration
 
-from common import PEER_TEXT_CONFIG, run_interleaved, write_report
+from common import SHAPES, run_interleaved, write_report
 
-SHAPES = {
-    "smollm2": {
-        "model_type": "llama",
-        "vocab_size": 49152,
-        "hidden_size": 576,
-        "intermediate_size": 1536,
-        "num_hidden_layers": 30,
-        "num_attention_heads": 9,
-        "num_key_value_heads": 3,
-        "max_position_embeddings": 2048,
-        "tie_word_embeddings": True,
-    },
-    "small": PEER_TEXT_CONFIG,
-}
 BATCH, CAPTION = 8, 24
 
 

@@ -11,7 +11,7 @@ image slots. For each size:
   the floor of the step;
 - `sample`: one image by `model.generate(generation_mode="image")` after a 16-token prompt, K denoising steps;
 - `backbone_floor`: K bare backbone forwards of the N embedded slots against the cached prompt prefix, mask built
-  once (`bench_sampling.py`'s floor).
+  once (`bench_sampling.py`'s `backbone_steps`: its floor without the prefill).
 
 All variants of all sizes are timed in one process, their repetitions interleaved; then each size's peak resident
 memory of a training step (ours and the floor's) and of sampling, in a fresh process per phase. Run from the
@@ -27,7 +27,7 @@ import math
 from pathlib import Path
 
 import torch
-from bench_sampling import backbone_steps, sample_cached
+from bench_sampling import backbone_floor, sample_cached
 from bench_training import train_step
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -81,7 +81,7 @@ def size_variants(slots: int, batch: int, steps: int) -> tuple[dict, dict[str, i
         "transfusion_step": train_step(model, torch.optim.AdamW(model.parameters(), lr=1e-4), multimodal),
         "lm_only_step": train_step(lm, torch.optim.AdamW(lm.parameters(), lr=1e-4), tokens),
         "sample": functools.partial(sample_cached, sampler, prompt, steps),
-        "backbone_floor": backbone_steps(sampler, prompt, steps),
+        "backbone_floor": backbone_floor(sampler, prompt, steps, with_prefill=False),
     }
     return variants, {"transfusion": count_parameters(model), "lm_only": count_parameters(lm)}
 

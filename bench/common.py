@@ -30,16 +30,53 @@ PEER_TEXT_CONFIG = {
     "max_position_embeddings": 4096,
 }
 PEER_SHAPE = "hidden 256, 4 layers, 4 heads, MLP 682, vocab 256; 64 patches of 16 latent values"
+# SmolLM2-135M's backbone (random weights): width 576, 30 layers, 9 heads of 64, 3 key-value heads, MLP 1536.
+SMOLLM2_TEXT_CONFIG = {
+    "model_type": "llama",
+    "vocab_size": 49152,
+    "hidden_size": 576,
+    "intermediate_size": 1536,
+    "num_hidden_layers": 30,
+    "num_attention_heads": 9,
+    "num_key_value_heads": 3,
+    "max_position_embeddings": 2048,
+    "tie_word_embeddings": True,
+}
+SHAPES = {"small": PEER_TEXT_CONFIG, "smollm2": SMOLLM2_TEXT_CONFIG}
+SHAPE_NAMES = {
+    "small": PEER_SHAPE,
+    "smollm2": "SmolLM2-135M's shape (random weights: hidden 576, 30 layers, 9 heads, 3 KV heads, MLP 1536, vocab "
+    "49152); 64 patches of 16 latent values",
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 PEER_PYTHON = Path(os.environ.get("TRANSFUSION_PEER_PYTHON", "~/.cache/transfusion-bench/peer-venv/bin/python"))
 BENCH_DIR = Path(__file__).resolve().parent
 
 
-def build_model(image_size: int = 16) -> TransfusionForConditionalGeneration:
-    """A random Transfusion model of the peer's shape, in eval mode. The patch decoder, zero-initialised for
-    training, gets random weights so that sampling does real arithmetic. `image_size` is the side of the identity
-    autoencoder's latents: `(image_size // 2) ** 2` image slots (64 at the peer's 16)."""
+def add_device_arguments(parser):
+    """`--shape`, `--device`, `--dtype` and `--attn-implementation`, shared by the benchmarks that run on a GPU too."""
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="small", help="backbone shape (random weights)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument("--attn-implementation", choices=["sdpa", "eager", "flex_attention"], default="sdpa")
+
+
+def device_arguments(args) -> list[str]:
+    """The arguments of `add_device_arguments` again, for a fresh process measuring one phase."""
+    return [
+        *("--shape", args.shape, "--device", args.device, "--dtype", args.dtype),
+        *("--attn-implementation", args.attn_implementation),
+    ]
+
+
+def build_model(
+    image_size: int = 16, shape: str = "small", device="cpu", dtype: str = "float32", attn_implementation="sdpa"
+) -> TransfusionForConditionalGeneration:
+    """A random Transfusion model of the peer's shape (or SmolLM2-135M's: `shape="smollm2"`), in eval mode. The patch
+    decoder, zero-initialised for training, gets random weights so that sampling does real arithmetic. `image_size` is
+    the side of the identity autoencoder's latents: `(image_size // 2) ** 2` image slots (64 at the peer's 16)."""
     config = TransfusionConfig(
-        text_config=PEER_TEXT_CONFIG,
+        text_config=SHAPES[shape],
         image_size=image_size,
         num_channels=4,
         latent_channels=4,
@@ -51,7 +88,8 @@ def build_model(image_size: int = 16) -> TransfusionForConditionalGeneration:
     torch.manual_seed(0)
     model = TransfusionForConditionalGeneration(config).eval()
     torch.nn.init.normal_(model.model.patch_decoder.proj.weight, std=0.02)
-    return model
+    model.set_attn_implementation(attn_implementation)
+    return model.to(device=device, dtype=DTYPES[dtype])
 
 
 def count_parameters(model: torch.nn.Module) -> int:
@@ -60,9 +98,17 @@ def count_parameters(model: torch.nn.Module) -> int:
 
 def timed(function) -> tuple[float, float]:
     """Runs `function` once; returns `(wall_seconds, cpu_seconds)`, the latter the CPU time of this process."""
+    synchronize()
     wall, cpu = time.perf_counter(), time.process_time()
     function()
+    synchronize()
     return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def synchronize():
+    """Waits for the GPU's queued work, so that a timing covers it (nothing to do on CPU)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 def interleave(variants: dict, repeats: int, warmup: int = 1) -> dict[str, list[tuple[float, float]]]:
@@ -123,9 +169,16 @@ def report_phase_memory(phase, repeats: int = 3):
     and the resident memory before the phase ran (imports, model, inputs). The peak is read from /proc (VmHWM), not
     from `getrusage`: a child's `ru_maxrss` starts from its parent's peak at the fork."""
     before = _proc_status_mb("VmRSS")
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    if cuda:
+        cuda_before = torch.cuda.memory_allocated() / 2**20
+        torch.cuda.reset_peak_memory_stats()
     for _ in range(repeats):
         phase()
-    print(json.dumps({"peak_rss_mb": _proc_status_mb("VmHWM"), "before_mb": before}))
+    memory = {"peak_rss_mb": _proc_status_mb("VmHWM"), "before_mb": before}
+    if cuda:
+        memory.update(cuda_peak_mb=torch.cuda.max_memory_allocated() / 2**20, cuda_before_mb=cuda_before)
+    print(json.dumps(memory))
 
 
 def peer_available() -> bool:
@@ -201,7 +254,10 @@ def phase_memory(script: str, phase: str, *args: str) -> dict[str, float]:
 
 
 def memory_cell(memory: dict[str, float]) -> str:
-    """`peak (+ what the phase added)` in MB, for the tables."""
+    """`peak (+ what the phase added)` in MB, for the tables: GPU memory allocated where the phase ran on a GPU, else
+    the process's resident memory."""
+    if "cuda_peak_mb" in memory:
+        return f"{memory['cuda_peak_mb']:.0f} (+{memory['cuda_peak_mb'] - memory['cuda_before_mb']:.0f}) GPU"
     return f"{memory['peak_rss_mb']:.0f} (+{memory['peak_rss_mb'] - memory['before_mb']:.0f})"
 
 

@@ -489,8 +489,8 @@ def denoise_images(
     if step_mask is not None:
         step_mask = torch.cat([step_mask, step_mask.new_ones(len(branch_rows), num_slots)], dim=-1)
     slot_positions = first_positions[:, None] + torch.arange(num_slots, device=device)  # [branch_rows, N]
-    # The cache is cropped back after every step, so every step has the same mask: build it once (with guidance it
-    # costs about half a forward). A mask that is not a tensor (flex attention's BlockMask) is rebuilt per step.
+    # The cache is cropped back after every step, so every step has the same mask: build it once. Without padding or
+    # guidance it masks nothing. A mask that is not a tensor (flex attention's BlockMask) is rebuilt per step.
     slot_embeds = model.get_input_embeddings().weight.new_empty(
         len(branch_rows), num_slots, config.text_config.hidden_size
     )
@@ -506,7 +506,8 @@ def denoise_images(
             )
         mask = step_mask
 
-    scheduler = type(options.scheduler).from_config(options.scheduler.config)  # fresh state for every image
+    # A fresh state for every image: options.scheduler is never stepped, and copying it skips its schedule set-up.
+    scheduler = copy.deepcopy(options.scheduler)
     scheduler.set_timesteps(options.num_inference_steps, device=device)
     generator = options.generators_for(rows)
     factor = config.vae_downsample_factor
@@ -520,17 +521,22 @@ def denoise_images(
     if generator is not None and "generator" in inspect.signature(scheduler.step).parameters:
         step_kwargs["generator"] = generator
 
-    for step, timestep in enumerate(
-        logging.tqdm(scheduler.timesteps, desc="Denoising", disable=not options.progress_bar)
-    ):
+    timesteps = scheduler.timesteps.to(device)
+    time_embeddings = transfusion.embed_timesteps(timesteps)  # [num_inference_steps, dim], once per image
+    for step, timestep in enumerate(logging.tqdm(timesteps, desc="Denoising", disable=not options.progress_bar)):
         model_input = latents
         if hasattr(scheduler, "scale_model_input"):
             model_input = scheduler.scale_model_input(latents, timestep)
         if len(branch_rows) > num_rows:
             model_input = model_input.repeat(len(branch_rows) // num_rows, 1, 1, 1)
-        timesteps = timestep.expand(len(branch_rows)).to(device)
         prediction = transfusion.denoise_step(
-            model_input, timesteps, branch, slot_positions, mask, unconditional_images=unconditional
+            model_input,
+            timestep.expand(len(branch_rows)),
+            branch,
+            slot_positions,
+            mask,
+            unconditional_images=unconditional,
+            time_embedding=time_embeddings[step].expand(len(branch_rows), -1),
         ).float()  # [branch_rows, C, h, w]
         if guided:
             conditional, unconditional_prediction = prediction.chunk(2)

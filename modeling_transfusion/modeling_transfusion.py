@@ -23,7 +23,11 @@ from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.conversion_mapping import register_checkpoint_conversion_mapping
 from transformers.core_model_loading import WeightRenaming
-from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.masking_utils import (
+    create_bidirectional_mask,
+    create_causal_mask,
+    create_sliding_window_causal_mask,
+)
 from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
 from transformers.utils import logging
 from transformers.utils.generic import can_return_tuple
@@ -140,13 +144,16 @@ class TransfusionLinearPatchEncoder(nn.Module):
         self.proj = nn.Linear(config.patch_dim, config.text_config.hidden_size)
 
     def forward(
-        self, latents: torch.Tensor, timesteps: torch.Tensor
+        self, latents: torch.Tensor, timesteps: torch.Tensor, time_embedding: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, None, tuple[torch.Tensor, torch.Tensor]]:
         """Returns the slot embeddings `(num_images, num_patches, hidden_size)`, no state for the decoder, and the
-        encoder's hidden states: the patches `(num_images, num_patches, patch_dim)` and their projection."""
+        encoder's hidden states: the patches `(num_images, num_patches, patch_dim)` and their projection.
+        `time_embedding` `(num_images, hidden_size)` is `self.time_embedding` of `timesteps` when already computed."""
         patches = patchify(latents, self.patch_size).to(self.proj.weight.dtype)
         projected = self.proj(patches)
-        embeddings = projected + self.time_embedding(timesteps, patches.dtype)[:, None]
+        if time_embedding is None:
+            time_embedding = self.time_embedding(timesteps, patches.dtype)
+        embeddings = projected + time_embedding[:, None]
         return embeddings, None, (patches, projected)
 
 
@@ -225,13 +232,14 @@ class TransfusionUNetPatchEncoder(nn.Module):
         self.proj = nn.Linear(channels[-1], config.text_config.hidden_size)
 
     def forward(
-        self, latents: torch.Tensor, timesteps: torch.Tensor
+        self, latents: torch.Tensor, timesteps: torch.Tensor, time_embedding: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, TransfusionUNetState, tuple[torch.Tensor, ...]]:
         """Returns the slot embeddings `(num_images, num_patches, hidden_size)`, what the decoder needs, and the
         encoder's hidden states: its levels `(num_images, channels, height, width)`, from the input convolution to
-        the last down block."""
+        the last down block. `time_embedding` is `self.time_embedding` of `timesteps` when already computed."""
         dtype = self.conv_in.weight.dtype
-        time_embedding = self.time_embedding(timesteps, dtype)
+        if time_embedding is None:
+            time_embedding = self.time_embedding(timesteps, dtype)
         hidden = self.conv_in(latents.to(dtype))
         skips = levels = (hidden,)
         for block in self.down_blocks:
@@ -596,8 +604,16 @@ class TransfusionModel(TransfusionPreTrainedModel):
         """[`~TransfusionModel.get_attention_mask`] for a slot mask with at least one slot, or `None`."""
         if (attention_mask is not None and attention_mask.dim() == 4) or image_slots is None:
             return attention_mask  # prebuilt, or text only: the backbone builds its own causal mask from it
-        past_length = cache.get_seq_length() if cache is not None else 0
         text_config = self.language_model.config
+        if (
+            image_slots.all()
+            and (attention_mask is None or attention_mask.all())
+            and (unconditional_images is None or not unconditional_images.any())
+            and "sliding_attention" not in (getattr(text_config, "layer_types", None) or [])
+        ):
+            # One image per row and nothing else (a denoising step), no padding: every query sees every key.
+            return self._full_attention_mask(inputs_embeds, cache)
+        past_length = cache.get_seq_length() if cache is not None else 0
         mask_kwargs = {
             "config": text_config,
             "inputs_embeds": inputs_embeds,
@@ -623,6 +639,18 @@ class TransfusionModel(TransfusionPreTrainedModel):
         if "sliding_attention" not in (getattr(text_config, "layer_types", None) or []):
             return mask
         return {"full_attention": mask, "sliding_attention": create_sliding_window_causal_mask(**mask_kwargs)}
+
+    def _full_attention_mask(self, inputs_embeds: torch.Tensor, cache: Cache | None):
+        """The mask under which every query sees every key, cached and new, for the backbone's attention kernel. Where
+        the kernel needs none (sdpa, eager), one of shape `(1, 1, 1, 1)` that masks nothing: from `None` the backbone
+        would build a causal mask."""
+        text_config = self.language_model.config
+        mask = create_bidirectional_mask(text_config, inputs_embeds, None, cache=cache)
+        if mask is None:
+            if text_config._attn_implementation == "sdpa":
+                return torch.ones((1, 1, 1, 1), dtype=torch.bool, device=inputs_embeds.device)
+            return torch.zeros((1, 1, 1, 1), dtype=inputs_embeds.dtype, device=inputs_embeds.device)  # additive
+        return mask
 
     # The image encoder (clean images -> slot embeddings, the VLM convention) and the diffusion step (latents at a
     # timestep -> slot embeddings; slot outputs -> prediction)
@@ -672,19 +700,26 @@ class TransfusionModel(TransfusionPreTrainedModel):
             hidden_states=hidden_states,
         )
 
+    def embed_timesteps(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """The patch encoder's embedding `(num_timesteps, embedding_dim)` of `timesteps` `(num_timesteps,)`, which
+        [`~TransfusionModel.embed_latents`] takes precomputed: a sampler embeds all its timesteps in one call."""
+        time_embedding = self.patch_encoder.time_embedding
+        return time_embedding(timesteps, time_embedding.time_mlp.linear_1.weight.dtype)
+
     def embed_latents(
-        self, latents: torch.Tensor, timesteps: torch.Tensor
+        self, latents: torch.Tensor, timesteps: torch.Tensor, time_embedding: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, TransfusionUNetState | None]:
         """The diffusion step's input: embeds latents of one size `(num_images, latent_channels, latent_height,
         latent_width)` that are at `timesteps` `(num_images,)` into the `(num_images, num_slots, hidden_size)`
         embeddings of their slots (patches in raster order, with their 2-D positions when the config has them). Also
-        returns what the patch decoder needs from the encoder (the U-Net's skips; `None` for the linear encoder)."""
-        embeddings, encoder_state, _ = self._encode_latents(latents, timesteps)
+        returns what the patch decoder needs from the encoder (the U-Net's skips; `None` for the linear encoder).
+        `time_embedding` is [`~TransfusionModel.embed_timesteps`] of `timesteps`, when already computed."""
+        embeddings, encoder_state, _ = self._encode_latents(latents, timesteps, time_embedding)
         return embeddings, encoder_state
 
-    def _encode_latents(self, latents: torch.Tensor, timesteps: torch.Tensor):
+    def _encode_latents(self, latents: torch.Tensor, timesteps: torch.Tensor, time_embedding=None):
         """[`~TransfusionModel.embed_latents`] plus the patch encoder's hidden states."""
-        embeddings, encoder_state, hidden_states = self.patch_encoder(latents, timesteps)
+        embeddings, encoder_state, hidden_states = self.patch_encoder(latents, timesteps, time_embedding)
         if self.patch_position_embedding is not None:
             embeddings = embeddings + self.patch_position_embedding(self._grid_size(latents)).to(embeddings.dtype)
         return embeddings, encoder_state, hidden_states
@@ -708,6 +743,7 @@ class TransfusionModel(TransfusionPreTrainedModel):
         position_ids: torch.LongTensor,
         attention_mask: torch.Tensor | None = None,
         unconditional_images: torch.BoolTensor | None = None,
+        time_embedding: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """One denoising step of generation: every row of the batch holds one image at `latents`
         `(batch_size, latent_channels, latent_height, latent_width)`, whose slots attend to the row's cached prefix
@@ -718,11 +754,12 @@ class TransfusionModel(TransfusionPreTrainedModel):
             attention_mask (`torch.Tensor`, *optional*): the 2D padding mask of prefix and slots
                 `(batch_size, cache_length + num_slots)`, or the 4D mask that
                 [`~TransfusionModel.get_attention_mask`] built for them (the same for every step of an image).
+            time_embedding (`torch.Tensor`, *optional*): [`~TransfusionModel.embed_timesteps`] of `timesteps`.
         """
-        embeds, encoder_state = self.embed_latents(latents, timesteps)
+        embeds, encoder_state = self.embed_latents(latents, timesteps, time_embedding)
         embeds = embeds.to(self.get_input_embeddings().weight.dtype)
+        slots = torch.ones(embeds.shape[:2], dtype=torch.bool, device=embeds.device)
         if attention_mask is None or attention_mask.dim() != 4:
-            slots = torch.ones(embeds.shape[:2], dtype=torch.bool, device=embeds.device)
             attention_mask = self.get_attention_mask(
                 embeds, slots, attention_mask, cache, position_ids, unconditional_images
             )
@@ -732,7 +769,7 @@ class TransfusionModel(TransfusionPreTrainedModel):
             position_ids=position_ids,
             cache=cache,
             use_cache=True,
-            **self._routing_kwargs(torch.ones(embeds.shape[:2], dtype=torch.bool, device=embeds.device)),
+            **self._routing_kwargs(slots),
         ).last_hidden_state
         cache.crop(-embeds.shape[1])
         return self.get_image_prediction(hidden, encoder_state, self._grid_size(latents))
@@ -808,9 +845,11 @@ class TransfusionModel(TransfusionPreTrainedModel):
             inputs_embeds = self.get_input_embeddings()(input_ids)
 
         image_slots = self.get_placeholder_mask(input_ids, inputs_embeds)
-        rows, starts, lengths = self.locate_images(image_slots)
-        num_images = rows.numel()
         latents = self.get_image_latents(pixel_values, image_latents, image_sizes)
+        num_images = 0
+        if latents or image_slots.any():  # a text decoding step has no image to locate
+            rows, starts, lengths = self.locate_images(image_slots)
+            num_images = rows.numel()
         if len(latents) != num_images:
             raise ValueError(
                 f"The inputs hold {num_images} image(s) (runs of <image> slots) but {len(latents)} image(s) were "

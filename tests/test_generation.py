@@ -11,6 +11,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
+from transformers.masking_utils import create_causal_mask
 
 from modeling_transfusion import TransfusionConfig, TransfusionForConditionalGeneration
 from modeling_transfusion.experts_transfusion import ROUTING_KWARG
@@ -117,9 +118,9 @@ class Oracle:
         encoder, decoder = self.model.model.patch_encoder, self.model.model.patch_decoder
         self.encoder_forward, self.decoder_forward = encoder.forward, decoder.forward
 
-        def record(latents, timesteps):
+        def record(latents, timesteps, time_embedding=None):
             self.inputs = (latents.float(), timesteps)
-            return self.encoder_forward(latents, timesteps)
+            return self.encoder_forward(latents, timesteps, time_embedding)
 
         def predict(hidden_states, encoder_state=None, grid_size=None):
             latents, timesteps = self.inputs
@@ -227,6 +228,57 @@ def uncached_prediction(model, input_ids, latents, timesteps, unconditional):
     routing = {ROUTING_KWARG: slots} if model.config.modality_experts else {}  # image slots through the image experts
     hidden = transfusion.language_model(inputs_embeds=embeds, attention_mask=mask, **routing).last_hidden_state
     return transfusion.get_image_prediction(hidden[slots].reshape(1, NUM_SLOTS, -1), encoder_state)
+
+
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+def test_unpadded_denoising_step_runs_without_a_mask_and_equals_the_masked_step(attn_implementation):
+    model = tiny_model(attn_implementation=attn_implementation)
+    transfusion = model.model
+    prefix = torch.tensor([[5, 6, 7, BOI], [8, 9, 10, BOI]])
+    latents = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    timesteps = torch.tensor([700, 300])
+    positions = 4 + torch.arange(NUM_SLOTS).expand(2, -1)
+    embeds = model.get_input_embeddings()(torch.full((2, NUM_SLOTS), IMAGE))
+    with torch.no_grad():
+        cache = model(input_ids=prefix, use_cache=True).cache
+        # One image per row, no padding: the slots see the whole prefix and each other, so nothing is masked.
+        mask = transfusion.get_attention_mask(
+            embeds, torch.ones(2, NUM_SLOTS, dtype=torch.bool), None, cache, positions
+        )
+        assert mask.shape == (1, 1, 1, 1)
+        # The Transfusion mask in full (causal, or inside the image), as for any other sequence.
+        block_ids = torch.tensor([[-1] * 4 + [0] * NUM_SLOTS, [-1] * 4 + [1] * NUM_SLOTS])
+        text_config = model.config.text_config
+        full = create_causal_mask(text_config, embeds, None, cache, positions, block_sequence_ids=block_ids)
+        assert full.shape == (2, 1, NUM_SLOTS, 4 + NUM_SLOTS)
+        masked = transfusion.denoise_step(latents, timesteps, cache, positions, full)
+        mask_free = transfusion.denoise_step(latents, timesteps, cache, positions)
+        precomputed = transfusion.embed_timesteps(timesteps)  # what the sampler computes once per image
+        embedded_once = transfusion.denoise_step(latents, timesteps, cache, positions, time_embedding=precomputed)
+    assert cache.get_seq_length() == 4
+    torch.testing.assert_close(mask_free, masked, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(embedded_once, mask_free, atol=1e-6, rtol=1e-6)
+
+
+def test_padding_two_images_in_a_row_or_an_unconditional_image_keep_the_block_mask(model):
+    transfusion = model.model
+    slots = torch.ones(1, NUM_SLOTS, dtype=torch.bool)
+    embeds = model.get_input_embeddings()(torch.full((1, NUM_SLOTS), IMAGE))
+    positions = 3 + torch.arange(NUM_SLOTS)[None]
+    padding = torch.tensor([[0, 1, 1, 1]])
+    with torch.no_grad():
+        cache = model(input_ids=torch.tensor([[PAD, 6, 7, BOI]]), attention_mask=padding, use_cache=True).cache
+    step_padding = torch.cat([padding, torch.ones(1, NUM_SLOTS, dtype=torch.long)], dim=-1)
+    padded = transfusion.get_attention_mask(embeds, slots, step_padding, cache, positions)
+    assert padded.shape == (1, 1, NUM_SLOTS, 4 + NUM_SLOTS)
+    assert not padded[..., 0].any() and padded[..., 1:].all()
+    unconditional = transfusion.get_attention_mask(embeds, slots, None, cache, positions, torch.tensor([True]))
+    assert not unconditional[..., :4].any() and unconditional[..., 4:].all()
+    # Two images in one row: the first does not see the second; the second sees the first.
+    ids = torch.tensor([[5, BOI] + [IMAGE] * NUM_SLOTS + [EOI, BOI] + [IMAGE] * NUM_SLOTS + [EOI]])
+    two = transfusion.get_attention_mask(model.get_input_embeddings()(ids), ids == IMAGE, None, None, None)[0, 0]
+    first, second = slice(2, 2 + NUM_SLOTS), slice(4 + NUM_SLOTS, 4 + 2 * NUM_SLOTS)
+    assert two[first, first].all() and not two[first, second].any() and two[second, first].all()
 
 
 def test_cache_is_rolled_back_after_denoising(model):
