@@ -186,7 +186,8 @@ def _digits_study_data() -> tuple[StudyData, object]:
 TOY = dict(
     budgets=[2e8, 8e8],
     learning_rates=[1e-3, 3e-3],
-    sweep_budget=0,
+    sweep_budgets=[0],
+    num_seeds=1,
     image_size=8,
     size=ModelSize(
         hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, patch_encoder="linear"
@@ -212,7 +213,7 @@ def test_the_study_runs_end_to_end_at_a_toy_budget_and_resumes(tmp_path):
 
     assert results["image_tokens_per_image"] == {"transfusion": 4, "discrete": 16}  # 2x2 patches vs every code
     assert results["autoencoders"]["vq"]["test_mse"] > 0 and results["autoencoders"]["vae"]["test_mse"] > 0
-    assert set(results["learning_rates"].values()) <= {1e-3, 3e-3} and len(results["sweep"]) == 4
+    assert set(results["learning_rates"]["2e+08"].values()) <= {1e-3, 3e-3} and len(results["sweep"]) == 4
     for runs in results["runs"].values():
         assert [run["budget"] for run in runs] == config.budgets
         for run in runs:  # trained to the budget: counted FLOPs within one average step of it
