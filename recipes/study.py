@@ -10,9 +10,12 @@ costs 3x its forward pass (backward = 2x forward). The forward pass costs 2 FLOP
 matrix a token passes through, and 2 x 2 x (attention width) FLOPs per attended query-key pair per layer (scores and
 weighted sum), counting the pairs the mask allows: causal, plus both directions inside each Transfusion image. A text
 token passes through the decoder layers and the LM head; a Transfusion image slot through the layers and the linear
-patch encoder and decoder; a discrete image token through the layers and the (codebook-extended) LM head. Not
-counted, for both: embedding look-ups, norms, activations, softmax, the timestep embedding (per image, not per
-token), and the frozen autoencoders (their codes and latents are computed once, before training).
+patch encoder and decoder; a discrete image token through the layers and the (codebook-extended) LM head. With the
+U-Net patch encoder, each image instead costs the U-Net's down and up blocks: 2 FLOPs per multiply-add of every
+convolution (per output element: input channels per group x kernel area) and linear layer in them, counted on one
+image of the study's size. Not counted, for all: embedding look-ups, norms, activations, softmax, resampling, the
+timestep embedding (per image, not per token), and the frozen autoencoders (their codes and latents are computed once,
+before training).
 
 The study's state lives in one folder; every finished stage writes its result there, so a run interrupted at any
 point resumes (`resume=True`) from the last finished stage, and a training run from its last `Trainer` checkpoint.
@@ -34,7 +37,7 @@ import random
 import shutil
 import subprocess
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +54,7 @@ from modeling_transfusion import (
     TransfusionTrainer,
     train_caption_tokenizer,
 )
+from modeling_transfusion.modeling_transfusion import PATCH_DECODERS, PATCH_ENCODERS
 from modeling_transfusion.recipes.classifier import JudgeCNN
 from modeling_transfusion.recipes.data import CaptionMix, caption_corpus, parse_class, to_model_range
 from modeling_transfusion.recipes.discrete_baseline import (
@@ -81,7 +85,9 @@ from modeling_transfusion.recipes.vae import encode_latents, train_vae
 
 MODELS = ("transfusion", "discrete")
 # runs are stored by (model, budget, learning rate, seed), so a resumed study may add or drop any of them
-RESUMABLE_CHANGES = ("budgets", "sweep_budgets", "learning_rates", "num_seeds", "seeded_budgets")
+RESUMABLE_CHANGES = (
+    "budgets", "sweep_budgets", "learning_rates", "num_seeds", "seeded_budgets", "variants", "variant_budgets"
+)  # fmt: skip
 # the layout of the study's folder; a folder of another layout is refused on resume
 STUDY_LAYOUT = 2
 # metric -> (label in tables and plots, True when higher is better)
@@ -128,6 +134,8 @@ class FlopCounter:
             LM head).
         image_token_ids: `(first, end)`, the range of input ids that are image tokens.
         bidirectional_images: whether image tokens attend to each other in both directions (Transfusion).
+        image_flops: forward FLOPs per image besides the per-token ones (the U-Net patch encoder and decoder); each
+            run of image tokens is one image.
     """
 
     num_layers: int
@@ -137,6 +145,7 @@ class FlopCounter:
     image_weights: int
     image_token_ids: tuple[int, int]
     bidirectional_images: bool
+    image_flops: float = 0.0
 
     @staticmethod
     def _layer(text_config) -> tuple[int, int]:
@@ -148,21 +157,19 @@ class FlopCounter:
 
     @classmethod
     def for_transfusion(cls, config: TransfusionConfig) -> "FlopCounter":
-        """The counter of a Transfusion model with the linear patch encoder."""
-        if config.patch_encoder != "linear":
-            raise ValueError(
-                f"FLOP counting covers the linear patch encoder only, got patch_encoder={config.patch_encoder!r}."
-            )
+        """The counter of a Transfusion model (linear or U-Net patch encoder)."""
         text = config.text_config
         width, layer = cls._layer(text)
+        linear = config.patch_encoder == "linear"
         return cls(
             num_layers=text.num_hidden_layers,
             attention_width=width,
             layer_weights=layer,
             text_weights=text.hidden_size * text.vocab_size,
-            image_weights=2 * config.patch_dim * text.hidden_size,
+            image_weights=2 * config.patch_dim * text.hidden_size if linear else 0,
             image_token_ids=(config.image_token_id, config.image_token_id + 1),
             bidirectional_images=True,
+            image_flops=0.0 if linear else unet_flops(config),
         )
 
     @classmethod
@@ -186,16 +193,39 @@ class FlopCounter:
         image = (input_ids >= self.image_token_ids[0]) & (input_ids < self.image_token_ids[1]) & mask
         lengths = mask.sum(1).double()
         pairs = float((lengths * (lengths + 1) / 2).sum())
+        starts = image & ~torch.nn.functional.pad(image[:, :-1], (1, 0))
         if self.bidirectional_images:
             # each run of n image slots adds the n (n - 1) / 2 pairs that look forward inside it
-            starts = image & ~torch.nn.functional.pad(image[:, :-1], (1, 0))
             ends = image & ~torch.nn.functional.pad(image[:, 1:], (0, 1))
             runs = (ends.nonzero()[:, 1] - starts.nonzero()[:, 1] + 1).double()
             pairs += float((runs * (runs - 1) / 2).sum())
         tokens, images = float(lengths.sum()), float(image.sum())
         weights = tokens * self.layer_weights + (tokens - images) * self.text_weights + images * self.image_weights
         forward = 2 * weights + 4 * self.attention_width * self.num_layers * pairs
-        return 3 * forward
+        return 3 * (forward + float(starts.sum()) * self.image_flops)
+
+
+def unet_flops(config: TransfusionConfig) -> float:
+    """Forward FLOPs of the U-Net patch encoder and decoder of `config` on one image of `config.image_size`: 2 per
+    multiply-add of every convolution and linear layer, the shared timestep embedding left out."""
+    encoder, decoder = PATCH_ENCODERS["unet"](config), PATCH_DECODERS["unet"](config)
+    flops = []
+
+    def count(module: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        if isinstance(module, torch.nn.Conv2d):
+            kernel = module.in_channels // module.groups * math.prod(module.kernel_size)
+            flops.append(2 * output.numel() * kernel)
+        else:
+            flops.append(2 * output.numel() * module.in_features)
+
+    for name, module in [*encoder.named_modules(), *decoder.named_modules()]:
+        if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)) and not name.startswith("time_embedding"):
+            module.register_forward_hook(count)
+    size = config.image_size // config.vae_downsample_factor
+    with torch.no_grad():
+        slots, state, _ = encoder(torch.zeros(1, config.latent_channels, size, size), torch.zeros(1))
+        decoder(slots, state)
+    return float(sum(flops))
 
 
 class FlopCountingTrainer(Trainer):
@@ -286,6 +316,11 @@ class StudyConfig:
         num_seeds: seeds (`seed`, `seed + 1`, ...) of every run at the `seeded_budgets` largest budgets; the other
             budgets, and the sweep, use `seed` alone. A run's seed sets its initialisation, data order and sampling.
         seeded_budgets: how many of the largest budgets get `num_seeds` seeds.
+        variants: further models, trained at the `variant_budgets` largest budgets (with those budgets' seeds) at the
+            learning rate chosen for their base model: `"transfusion-unet"` (Transfusion with the U-Net patch encoder
+            of `size.unet_block_out_channels`, its FLOPs counted too) and `"discrete-N"` (the discrete baseline on a
+            VQ autoencoder with a codebook of N codes, e.g. `"discrete-16"`).
+        variant_budgets: how many of the largest budgets the variants are trained at.
         size: the backbone, shared by both models (the patch encoder must be `"linear"`).
         text_share: fraction of training records that are text-only documents; the rest are image-caption pairs.
         caption_mix: how image-caption pairs are drawn (caption then image, image then caption).
@@ -302,6 +337,8 @@ class StudyConfig:
     sweep_budgets: list[int] = field(default_factory=lambda: [1, -1])
     num_seeds: int = 3
     seeded_budgets: int = 2
+    variants: list[str] = field(default_factory=lambda: ["transfusion-unet", "discrete-16"])
+    variant_budgets: int = 2
     image_size: int = 32
     size: ModelSize = field(
         default_factory=lambda: ModelSize(
@@ -343,12 +380,29 @@ class StudyConfig:
                 f"num_seeds must be at least 1 and seeded_budgets at least 0, got {self.num_seeds} and "
                 f"{self.seeded_budgets}."
             )
+        for variant in self.variants:
+            base, _, option = variant.partition("-")
+            if not (variant == "transfusion-unet" or (base == "discrete" and option.isdigit() and int(option) >= 2)):
+                raise ValueError(f"Unknown variant {variant!r}: use 'transfusion-unet' or 'discrete-N' (N codes).")
         if not self.learning_rates or min(self.learning_rates) <= 0:
             raise ValueError(f"learning_rates must be positive, got {self.learning_rates}.")
         if not 0 <= self.text_share < 1:
             raise ValueError(f"text_share must lie in [0, 1), got {self.text_share}.")
         if self.size.patch_encoder != "linear":
             raise ValueError("The study counts FLOPs for the linear patch encoder: set size.patch_encoder='linear'.")
+
+    @property
+    def models(self) -> list[str]:
+        """The two models, then the variants."""
+        return [*MODELS, *self.variants]
+
+    def budgets_of(self, kind: str) -> list[float]:
+        """The budgets `kind` is trained at."""
+        return self.budgets if kind in MODELS else self.budgets[len(self.budgets) - self.variant_budgets :]
+
+    def codebook_size_of(self, kind: str) -> int:
+        """The VQ codebook of a discrete model."""
+        return int(kind.partition("-")[2]) if "-" in kind else self.codebook_size
 
     def seeds(self, budget: float) -> list[int]:
         """The seeds of the runs at `budget`."""
@@ -469,13 +523,14 @@ class DiscreteVsContinuousStudy:
         ]
 
     def point_runs(self) -> list[tuple[str, float, float | None, int]]:
-        """The runs `(model, budget, learning_rate, seed)` that are evaluated: every seed of every budget, with the
-        learning rate chosen for it (known once the sweep is done: `None` until then)."""
+        """The runs `(model, budget, learning_rate, seed)` that are evaluated: every seed of every budget of every
+        model, with the learning rate chosen for it and its base model (known once the sweep is done: `None` until
+        then)."""
         config, chosen = self.config, self._read("sweep.json") or {}
         return [
-            (kind, budget, chosen.get(f"{config.sweep_budget_for(budget):.3g}", {}).get(kind), seed)
-            for kind in MODELS
-            for budget in config.budgets
+            (kind, budget, chosen.get(f"{config.sweep_budget_for(budget):.3g}", {}).get(kind.partition("-")[0]), seed)
+            for kind in config.models
+            for budget in config.budgets_of(kind)
             for seed in config.seeds(budget)
         ]
 
@@ -516,52 +571,61 @@ class DiscreteVsContinuousStudy:
             result.vae.save_pretrained(self.out / "vae")
             self._write("vae/metrics.json", {k: v for k, v in vars(result).items() if k != "vae"})
             self._timed("vae", started)
-        if not (self.out / "vq" / "config.json").is_file():
-            started = (time.perf_counter(), time.process_time())
-            result = train_vq(
-                pixels, test_pixels, steps=config.autoencoder_steps, codebook_size=config.codebook_size,
-                latent_channels=config.latent_channels, block_out_channels=channels, seed=config.seed,
-            )  # fmt: skip
-            result.vq.save_pretrained(self.out / "vq")
-            self._write("vq/metrics.json", {k: v for k, v in vars(result).items() if k != "vq"})
-            self._timed("vq", started)
         self.vae = AutoencoderKL.from_pretrained(str(self.out / "vae")).eval()
-        self.vq = VQModel.from_pretrained(str(self.out / "vq")).eval()
-
         cache = self.out / "encoded.safetensors"
         if not cache.is_file():
             started = (time.perf_counter(), time.process_time())
             shift = self.vae.config.shift_factor or 0.0
             latents = (encode_latents(self.vae, pixels) - shift) * self.vae.config.scaling_factor
-            save_file(
-                {
-                    "latents": latents.contiguous(),
-                    "codes": encode_codes(self.vq, pixels),
-                    "test_codes": encode_codes(self.vq, test_pixels[: 2 * config.num_generated + config.num_captioned]),
-                },
-                cache,
-            )
+            save_file({"latents": latents.contiguous()}, cache)
             self._timed("encode", started)
-        encoded = load_file(cache)
-        self.test_pixels, self.test_codes = test_pixels, encoded["test_codes"]
+        images = {"transfusion": load_file(cache)["latents"]}
+        self.test_pixels, self.vqs, self.test_codes = test_pixels, {}, {}
+        for kind in config.models:
+            if not kind.startswith("discrete"):
+                images[kind] = images["transfusion"]
+                continue
+            codebook = config.codebook_size_of(kind)
+            name = "vq" if codebook == config.codebook_size else f"vq-{codebook}"
+            if not (self.out / name / "config.json").is_file():
+                started = (time.perf_counter(), time.process_time())
+                result = train_vq(
+                    pixels, test_pixels, steps=config.autoencoder_steps, codebook_size=codebook,
+                    latent_channels=config.latent_channels, block_out_channels=channels, seed=config.seed,
+                )  # fmt: skip
+                result.vq.save_pretrained(self.out / name)
+                self._write(f"{name}/metrics.json", {k: v for k, v in vars(result).items() if k != "vq"})
+                self._timed(name, started)
+            self.vqs[kind] = VQModel.from_pretrained(str(self.out / name)).eval()
+            codes_cache = self.out / f"{name}-codes.safetensors"
+            if not codes_cache.is_file():
+                started = (time.perf_counter(), time.process_time())
+                test = test_pixels[: 2 * config.num_generated + config.num_captioned]
+                codes = {
+                    "codes": encode_codes(self.vqs[kind], pixels),
+                    "test_codes": encode_codes(self.vqs[kind], test),
+                }
+                save_file(codes, codes_cache)
+                self._timed(f"encode {name}", started)
+            codes = load_file(codes_cache)
+            images[kind], self.test_codes[kind] = codes["codes"], codes["test_codes"]
 
         # one processor for both models: the text tokenizer and the `<image>` expansion of Transfusion's layout
         reference = self.new_model("transfusion")
         self.processor = TransfusionProcessor.from_model_config(reference.config, self.tokenizer)
         self.transfusion_config = reference.config
-        self.counters = {
-            "transfusion": FlopCounter.for_transfusion(reference.config),
-            "discrete": FlopCounter.for_causal_lm(
-                self.new_model("discrete").config, first_image_token_id=len(self.tokenizer)
-            ),
-        }
-        self.collators = {
-            "transfusion": (LatentDataCollator(self.processor),) * 2,
-            "discrete": (
-                DiscreteDataCollator(self.processor, reference.config.condition_dropout_prob),
-                DiscreteDataCollator(self.processor, condition_dropout_prob=0.0),
-            ),
-        }
+        self.counters, self.collators = {}, {}
+        for kind in config.models:
+            if kind.startswith("transfusion"):
+                self.counters[kind] = FlopCounter.for_transfusion(self.new_model(kind).config)
+                self.collators[kind] = (LatentDataCollator(self.processor),) * 2
+            else:
+                model_config = self.new_model(kind).config
+                self.counters[kind] = FlopCounter.for_causal_lm(model_config, first_image_token_id=len(self.tokenizer))
+                self.collators[kind] = (
+                    DiscreteDataCollator(self.processor, reference.config.condition_dropout_prob),
+                    DiscreteDataCollator(self.processor, condition_dropout_prob=0.0),
+                )
         cut, labels = len(pixels) - config.num_validation, data.train_labels
         num_texts = round(config.text_share / (1 - config.text_share) * cut)
         if num_texts + config.num_validation > len(train_texts):
@@ -571,10 +635,12 @@ class DiscreteVsContinuousStudy:
             )
         texts, validation_texts = train_texts[:num_texts], train_texts[-config.num_validation :]
         self.datasets = {}
-        for kind, images in (("transfusion", encoded["latents"]), ("discrete", encoded["codes"])):
-            train = LatentCaptionDataset(images[:cut], labels[:cut], data.dataset, config.caption_mix, config.seed)
+        for kind in config.models:
+            train = LatentCaptionDataset(
+                images[kind][:cut], labels[:cut], data.dataset, config.caption_mix, config.seed
+            )
             held_out = LatentCaptionDataset(
-                images[cut:], labels[cut:], data.dataset, config.caption_mix, config.seed + 1
+                images[kind][cut:], labels[cut:], data.dataset, config.caption_mix, config.seed + 1
             )
             self.datasets[kind] = (
                 torch.utils.data.ConcatDataset([train, TextDataset(texts)]),
@@ -582,22 +648,21 @@ class DiscreteVsContinuousStudy:
             )
 
     def new_model(self, kind: str, seed: int | None = None):
-        """A freshly initialised model (`"transfusion"` or `"discrete"`), seeded by `seed` (default: the config's)."""
+        """A freshly initialised model (one of `config.models`), seeded by `seed` (default: the config's)."""
         config = self.config
+        seed = config.seed if seed is None else seed
         transfusion = build_model(
             self.tokenizer,
             self.vae,
             config.image_size,
             self.data.train_images.shape[-1] if self.data.train_images.ndim == 4 else 1,
-            config.size,
+            replace(config.size, patch_encoder="unet") if kind == "transfusion-unet" else config.size,
             patch_size=config.patch_size,
-            seed=config.seed if seed is None else seed,
+            seed=seed,
         )
-        if kind == "transfusion":
+        if kind.startswith("transfusion"):
             return transfusion
-        return build_discrete_model(
-            transfusion.config, config.codebook_size, seed=config.seed if seed is None else seed
-        )
+        return build_discrete_model(transfusion.config, config.codebook_size_of(kind), seed=seed)
 
     def mean_step_flops(self, kind: str, num_batches: int = 64) -> float:
         """Counted training FLOPs of an average batch of the training mixture (a fixed sample of `num_batches`)."""
@@ -629,7 +694,8 @@ class DiscreteVsContinuousStudy:
         args.per_device_eval_batch_size = config.batch_size
         args.prediction_loss_only = True
         args.disable_tqdm = not self.progress
-        trainer_class = FlopCountingTransfusionTrainer if kind == "transfusion" else FlopCountingTrainer
+        transfusion = kind.startswith("transfusion")
+        trainer_class = FlopCountingTransfusionTrainer if transfusion else FlopCountingTrainer
         train_collator, eval_collator = self.collators[kind]
         trainer = trainer_class(
             model=self.new_model(kind, seed),
@@ -645,7 +711,7 @@ class DiscreteVsContinuousStudy:
         torch.manual_seed(config.seed)  # the same diffusion noise for every Transfusion run's validation loss
         validation_loss = trainer.evaluate()["eval_loss"]
         final = folder / "final"
-        if kind == "transfusion":
+        if transfusion:
             save_checkpoint(trainer.model, self.processor, final)
         else:
             trainer.model.save_pretrained(final)
@@ -680,7 +746,7 @@ class DiscreteVsContinuousStudy:
         config, processor = self.config, self.processor
         targets, prompts = balanced_prompts(self.data.dataset, config.num_generated)
         held_out = slice(2 * config.num_generated, 2 * config.num_generated + config.num_captioned)
-        if kind == "transfusion":
+        if kind.startswith("transfusion"):
             model = TransfusionForConditionalGeneration.from_pretrained(folder / "final").eval()
             sampling = time.perf_counter()
             generated = generate_images(
@@ -694,11 +760,11 @@ class DiscreteVsContinuousStudy:
             model = AutoModelForCausalLM.from_pretrained(folder / "final").eval()
             sampling = time.perf_counter()
             generated = generate_images_discrete(
-                model, processor, self.vq, prompts, num_codes=self.test_codes.shape[1],
+                model, processor, self.vqs[kind], prompts, num_codes=self.test_codes[kind].shape[1],
                 guidance_scale=config.guidance_scale, seed=seed,
             )  # fmt: skip
             sampling = time.perf_counter() - sampling
-            captions = caption_images_discrete(model, processor, self.test_codes[held_out])
+            captions = caption_images_discrete(model, processor, self.test_codes[kind][held_out])
         image_metrics = generated_image_metrics(
             self.judge, generated, targets, self.test_pixels, list(self.data.test_labels)
         )
@@ -759,7 +825,7 @@ class DiscreteVsContinuousStudy:
         (`None` before the first). Prepares the shared stages first (they are stored, as in [`run`])."""
         self._prepare()
         seconds_per_flop = {}
-        for kind in MODELS:
+        for kind in self.config.models:
             model = self.new_model(kind).train()
             optimizer = torch.optim.AdamW(model.parameters())
             dataset, collator = self.datasets[kind][0], self.collators[kind][0]
@@ -811,47 +877,62 @@ class DiscreteVsContinuousStudy:
             for kind, budget, rate, seed in self.sweep_runs()
         ]
         num_images = {"prompt_accuracy": config.num_generated, "captioning_accuracy": config.num_captioned}
-        runs, points = {kind: [] for kind in MODELS}, {kind: [] for kind in MODELS}
-        for kind in MODELS:
-            for budget in config.budgets:
-                rate = chosen[f"{config.sweep_budget_for(budget):.3g}"][kind]
-                seeded = [
-                    {k: v for k, v in self.train(kind, budget, rate, seed).items() if k != "log_history"}
-                    | {k: v for k, v in self.evaluate(kind, budget, rate, seed).items() if k != "example_captions"}
-                    for seed in config.seeds(budget)
-                ]
-                runs[kind] += seeded
-                points[kind].append({"budget": budget, "learning_rate": rate} | summarise_seeds(seeded, num_images))
-        parity = {}
-        for metric, (_, higher_is_better) in METRICS.items():
-            curves = {kind: [(p["flops"], p[metric]) for p in points[kind]] for kind in MODELS}
-            parity[metric] = parity_flop_ratio(curves["transfusion"], curves["discrete"], higher_is_better)
-            parity[metric]["interval"] = parity_interval(
-                self._seed_curves(runs["transfusion"], metric),
-                self._seed_curves(runs["discrete"], metric),
-                higher_is_better,
+        runs, points = {kind: [] for kind in config.models}, {kind: [] for kind in config.models}
+        for kind, budget, rate, seed in self.point_runs():
+            runs[kind].append(
+                {k: v for k, v in self.train(kind, budget, rate, seed).items() if k != "log_history"}
+                | {k: v for k, v in self.evaluate(kind, budget, rate, seed).items() if k != "example_captions"}
             )
+        for kind in config.models:
+            for budget in config.budgets_of(kind):
+                seeded = [run for run in runs[kind] if run["budget"] == budget]
+                points[kind].append(
+                    {"budget": budget, "learning_rate": seeded[0]["learning_rate"]}
+                    | summarise_seeds(seeded, num_images)
+                )
+
+        def parity(continuous: str, discrete: str) -> dict:
+            ratios = {}
+            for metric, (_, higher_is_better) in METRICS.items():
+                curves = [[(p["flops"], p[metric]) for p in points[kind]] for kind in (continuous, discrete)]
+                ratios[metric] = parity_flop_ratio(*curves, higher_is_better) | {
+                    "interval": parity_interval(
+                        self._seed_curves(runs[continuous], metric),
+                        self._seed_curves(runs[discrete], metric),
+                        higher_is_better,
+                    )
+                }
+            return ratios
+
+        pairs = [("transfusion-unet", "discrete") if kind.startswith("transfusion") else ("transfusion", kind)
+                 for kind in config.variants]  # fmt: skip
         panels = {
-            label: {kind: [(p["flops"], p[metric]) for p in points[kind]] for kind in MODELS}
+            label: {kind: [(p["flops"], p[metric]) for p in points[kind]] for kind in config.models}
             for metric, (label, _) in METRICS.items()
         }
         plot_curves(panels, size=(1200, 320), x_label="FLOPs", log_x=True).save(self.out / "metrics_vs_flops.png")
         times = self._stage_times
         results = {
             "code": provenance(),
-            "run_commits": sorted({run["code"]["commit"] or "unknown" for kind in MODELS for run in runs[kind]}),
+            "run_commits": sorted({run["code"]["commit"] or "unknown" for kind in runs for run in runs[kind]}),
             "config": json.loads(self._config_json()),
-            "autoencoders": {"vae": self._read("vae/metrics.json"), "vq": self._read("vq/metrics.json")},
+            "autoencoders": {
+                name: self._read(f"{name}/metrics.json")
+                for name in ["vae", *sorted(path.parent.name for path in self.out.glob("vq*/metrics.json"))]
+            },
             "text_vocabulary": len(self.tokenizer),
             "image_tokens_per_image": {
-                "transfusion": self.transfusion_config.num_image_tokens,
-                "discrete": int(self.test_codes.shape[1]),
-            },
+                kind: int(self.test_codes[kind].shape[1])
+                if kind in self.test_codes
+                else self.transfusion_config.num_image_tokens
+                for kind in config.models
+            },  # fmt: skip
             "sweep": sweep,
             "learning_rates": chosen,
             "points": points,
             "runs": runs,
-            "parity_flop_ratios": parity,
+            "parity_flop_ratios": parity("transfusion", "discrete"),
+            "variant_parity_flop_ratios": {f"{a} vs {b}": parity(a, b) for a, b in pairs},
             "stage_times": times,
             "total_wall_seconds": round(sum(t["wall_seconds"] for t in times.values()), 1),
             "total_cpu_seconds": round(sum(t["cpu_seconds"] for t in times.values()), 1),
@@ -880,6 +961,7 @@ __all__ = [
     "FlopCountingTransfusionTrainer",
     "parity_flop_ratio",
     "parity_interval",
+    "unet_flops",
     "provenance",
     "summarise_seeds",
     "StudyConfig",

@@ -3,6 +3,8 @@ and the whole study end to end at a toy budget on scikit-learn's digits (both mo
 
 import json
 import math
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import PIL.Image
@@ -26,6 +28,10 @@ from modeling_transfusion.recipes.study import (
     StudyConfig,
     StudyData,
     parity_flop_ratio,
+    parity_interval,
+    provenance,
+    summarise_seeds,
+    unet_flops,
 )
 from modeling_transfusion.recipes.training import ModelSize
 
@@ -102,6 +108,66 @@ def test_parity_flop_ratio_reads_the_curve():
     assert parity_flop_ratio([(1e9, 0.1), (4e9, 0.3)], discrete, True) == {"ratio": 1.0, "kind": "above"}
     lower = parity_flop_ratio([(1e9, 30.0), (4e9, 10.0)], [(1e9, 40.0), (4e9, 20.0)], higher_is_better=False)
     assert lower["kind"] == "interpolated" and lower["ratio"] == pytest.approx(10 ** (math.log10(4) / 2) / 4)
+
+
+def test_unet_flops_match_torchs_flop_counter_and_are_counted_per_image():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from modeling_transfusion.recipes.training import build_model, build_tokenizer
+
+    size = ModelSize(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, patch_encoder="unet",
+        unet_block_out_channels=[8, 16],
+    )  # fmt: skip
+    model = build_model(build_tokenizer("mnist", vocab_size=300), None, image_size=8, num_channels=1, size=size)
+    encoder, decoder = model.model.patch_encoder, model.model.patch_decoder
+    latents, timesteps = torch.zeros(1, 1, 8, 8), torch.zeros(1)
+    with FlopCounterMode(display=False) as everything:
+        slots, state, _ = encoder(latents, timesteps)
+        decoder(slots, state)
+    with FlopCounterMode(display=False) as time_embedding:
+        encoder.time_embedding(timesteps, torch.float32)
+    expected = everything.get_total_flops() - time_embedding.get_total_flops()  # the timestep MLP is not counted
+    assert unet_flops(model.config) == expected > 1e6
+    # by hand: conv_in of the 1 x 8 x 8 latent to 8 channels is 2 x 9 multiply-adds per output element
+    assert expected > 2 * (8 * 8 * 8) * 9
+    counter = FlopCounter.for_transfusion(model.config)
+    linear = FlopCounter(**{**counter.__dict__, "image_flops": 0.0})
+    image = model.config.image_token_id
+    batch = {
+        "input_ids": torch.tensor([[1, image, image, image, image, 5, image, image, image, image]]),
+        "attention_mask": torch.ones(1, 10, dtype=torch.long),
+    }
+    assert counter.image_weights == 0 and counter(batch) - linear(batch) == 3 * 2 * expected  # two images
+
+
+def test_standard_errors_and_parity_interval_on_known_values():
+    runs = [
+        {"seed": s, "flops": f, "prompt_accuracy": p, "captioning_accuracy": 0.5, "frechet_distance": d,
+         "text_perplexity": 10.0}
+        for s, f, p, d in [(0, 1e9, 0.6, 10.0), (1, 1.2e9, 0.8, 14.0)]
+    ]  # fmt: skip
+    point = summarise_seeds(runs, {"prompt_accuracy": 100, "captioning_accuracy": 50})
+    assert point["seeds"] == [0, 1] and point["flops"] == pytest.approx(1.1e9)
+    assert point["prompt_accuracy"] == pytest.approx(0.7)
+    assert point["prompt_accuracy_se"] == pytest.approx(math.sqrt(0.7 * 0.3 / 200))  # pooled over 2 x 100 images
+    assert point["captioning_accuracy_se"] == pytest.approx(math.sqrt(0.25 / 100))
+    assert point["frechet_distance_se"] == pytest.approx(2.0)  # sd of (10, 14) is 2 sqrt(2), over sqrt(2) seeds
+    assert point["text_perplexity_se"] == 0.0
+    assert summarise_seeds(runs[:1], {"prompt_accuracy": 100, "captioning_accuracy": 50})["frechet_distance_se"] is None
+    # Transfusion seeds reach 0.5 at 2e9 and 1e9 (log-midpoints), discrete seeds end at 0.5 and 0.4 at 4e9
+    transfusion = [[(1e9, 0.4), (4e9, 0.6)], [(1e9, 0.5), (4e9, 0.7)]]
+    discrete = [[(1e9, 0.2), (4e9, 0.5)], [(1e9, 0.2), (4e9, 0.4)]]
+    low, high = parity_interval(transfusion, discrete, higher_is_better=True)
+    assert low == pytest.approx(0.25) and high == pytest.approx(0.5)
+
+
+def test_provenance_names_this_checkout():
+    commit = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    stamp = provenance()
+    assert stamp["version"] == "0.1.0" and stamp["commit"] == commit and isinstance(stamp["dirty"], bool)
 
 
 # The discrete-token baseline
@@ -188,6 +254,7 @@ TOY = dict(
     learning_rates=[1e-3, 3e-3],
     sweep_budgets=[0],
     num_seeds=1,
+    variants=[],
     image_size=8,
     size=ModelSize(
         hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, patch_encoder="linear"
