@@ -316,3 +316,74 @@ def test_the_study_runs_end_to_end_at_a_toy_budget_and_resumes(tmp_path):
     with pytest.raises(ValueError, match="another configuration .codebook_size differ"):
         DiscreteVsContinuousStudy(other, study_data, judge, tmp_path, resume=True, progress=False)
     assert json.loads((tmp_path / "sweep.json").read_text()) == results["learning_rates"]
+
+
+def test_seeds_variants_and_estimate_at_a_toy_budget(tmp_path):
+    study_data, judge = _digits_study_data()
+    size = ModelSize(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, patch_encoder="linear",
+        unet_block_out_channels=[8, 16],
+    )  # fmt: skip
+    settings = {**TOY, "size": size, "budgets": [2e8, 4e8], "learning_rates": [3e-3], "sweep_budgets": [0, -1]}
+    settings |= {"num_seeds": 2, "seeded_budgets": 1, "variants": ["transfusion-unet", "discrete-4"]}
+    config = StudyConfig(**settings, variant_budgets=1)
+    results = DiscreteVsContinuousStudy(config, study_data, judge, tmp_path, progress=False).run()
+
+    assert results["code"] == provenance() and results["run_commits"] == [provenance()["commit"]]
+    assert set(results["learning_rates"]) == {"2e+08", "4e+08"}  # swept at both budgets
+    for kind in ("transfusion", "discrete"):
+        assert [point["seeds"] for point in results["points"][kind]] == [[0], [0, 1]]
+    for kind in ("transfusion-unet", "discrete-4"):
+        assert [point["seeds"] for point in results["points"][kind]] == [[0, 1]]
+    assert sorted(path.name for path in (tmp_path / "runs").iterdir())[:3] == [
+        "discrete-2e+08-lr0.003-seed0", "discrete-4-4e+08-lr0.003-seed0", "discrete-4-4e+08-lr0.003-seed1",
+    ]  # fmt: skip
+    point, runs = results["points"]["discrete"][1], results["runs"]["discrete"][1:]
+    assert point["prompt_accuracy"] == pytest.approx(np.mean([run["prompt_accuracy"] for run in runs]))
+    p = point["prompt_accuracy"]
+    assert point["prompt_accuracy_se"] == pytest.approx(math.sqrt(p * (1 - p) / 40))  # 2 seeds x 20 images
+    spread = np.std([run["frechet_distance"] for run in runs], ddof=1) / math.sqrt(2)
+    assert point["frechet_distance_se"] == pytest.approx(spread)
+    assert runs[0]["frechet_distance"] != runs[1]["frechet_distance"]  # the seeds differ
+    for ratio in results["parity_flop_ratios"].values():
+        assert ratio["interval"][0] <= ratio["interval"][1]
+    assert set(results["variant_parity_flop_ratios"]) == {"transfusion-unet vs discrete", "transfusion vs discrete-4"}
+    assert results["image_tokens_per_image"] == {
+        "transfusion": 4, "discrete": 16, "transfusion-unet": 4, "discrete-4": 16
+    }  # fmt: skip
+    assert results["autoencoders"]["vq-4"]["test_mse"] > 0 and results["autoencoders"]["vq"]["test_mse"] > 0
+    small = json.loads((tmp_path / "runs/discrete-4-4e+08-lr0.003-seed0/final/config.json").read_text())
+    assert small["vocab_size"] == results["text_vocabulary"] + 4  # the 4-code tokenizer's vocabulary
+    unet, linear = results["runs"]["transfusion-unet"][0], results["runs"]["transfusion"][1]
+    assert unet["estimated_step_flops"] > linear["estimated_step_flops"]  # the U-Net's convolutions are counted
+    assert unet["steps"] < linear["steps"]
+    assert all(run["train_cpu_seconds"] > 0 and run["eval_cpu_seconds"] > 0 for run in results["runs"]["discrete-4"])
+
+    # fewer seeds on resume: the seed-0 runs are reused, untouched
+    run_files = sorted(tmp_path.glob("runs/*seed0/result.json"))
+    stamps = [path.stat().st_mtime_ns for path in run_files]
+    study = DiscreteVsContinuousStudy(
+        StudyConfig(**{**settings, "num_seeds": 1}, variant_budgets=1), study_data, judge, tmp_path, resume=True,
+        progress=False,
+    )  # fmt: skip
+    fewer = study.run()
+    assert [point["seeds"] for point in fewer["points"]["transfusion"]] == [[0], [0]]
+    assert fewer["runs"]["transfusion"] == [run for run in results["runs"]["transfusion"] if run["seed"] == 0]
+    assert [path.stat().st_mtime_ns for path in run_files] == stamps
+    assert study.estimate(num_steps=1)["runs"] == []  # nothing left to train
+    larger = StudyConfig(**{**settings, "budgets": [2e8, 4e8, 8e8], "sweep_budgets": [0, 1]}, variant_budgets=1)
+    plan = DiscreteVsContinuousStudy(larger, study_data, judge, tmp_path, resume=True, progress=False).estimate(1)
+    # the new budget: seeds 0 and 1 of all four models, at the rate chosen at the nearest sweep budget
+    assert sorted((run["model"], run["seed"]) for run in plan["runs"]) == sorted(
+        (kind, seed) for kind in ("transfusion", "discrete", "transfusion-unet", "discrete-4") for seed in (0, 1)
+    )
+    assert {run["budget"] for run in plan["runs"]} == {8e8} and {run["learning_rate"] for run in plan["runs"]} == {3e-3}
+    transfusion = [run["cpu_seconds"] for run in plan["runs"] if run["model"] == "transfusion"]
+    assert transfusion[0] == pytest.approx(8e8 * plan["cpu_seconds_per_tflop"]["transfusion"] / 1e12)
+    assert plan["evaluations"] == 8 and plan["evaluation_cpu_seconds"] > 0
+
+    old_layout = tmp_path / "old"
+    old_layout.mkdir()
+    (old_layout / "study_config.json").write_text(json.dumps({"budgets": [2e8], "sweep_budget": 0}))
+    with pytest.raises(ValueError, match="older version of the study"):
+        DiscreteVsContinuousStudy(config, study_data, judge, old_layout, resume=True, progress=False)
