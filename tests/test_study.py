@@ -13,6 +13,7 @@ import torch
 
 from modeling_transfusion.recipes import data
 from modeling_transfusion.recipes.classifier import train_classifier
+from modeling_transfusion.recipes.cli import build_parser, study_table
 from modeling_transfusion.recipes.discrete_baseline import (
     DiscreteDataCollator,
     build_discrete_model,
@@ -359,6 +360,13 @@ def test_seeds_variants_and_estimate_at_a_toy_budget(tmp_path):
     assert unet["steps"] < linear["steps"]
     assert all(run["train_cpu_seconds"] > 0 and run["eval_cpu_seconds"] > 0 for run in results["runs"]["discrete-4"])
 
+    table = study_table(results).splitlines()
+    assert table[0].startswith(f"package 0.1.0, commit {provenance()['commit']}")
+    se = point["prompt_accuracy_se"]
+    assert f"| discrete | 4e+08 | 2 | {point['flops']:.3g} | {p:.3f} +- {se:.3f} |" in "\n".join(table)
+    ratio = results["parity_flop_ratios"]["prompt_accuracy"]
+    assert f"[{ratio['interval'][0]:.3g}, {ratio['interval'][1]:.3g}]" in table[-3]  # transfusion vs discrete
+
     # fewer seeds on resume: the seed-0 runs are reused, untouched
     run_files = sorted(tmp_path.glob("runs/*seed0/result.json"))
     stamps = [path.stat().st_mtime_ns for path in run_files]
@@ -387,3 +395,13 @@ def test_seeds_variants_and_estimate_at_a_toy_budget(tmp_path):
     (old_layout / "study_config.json").write_text(json.dumps({"budgets": [2e8], "sweep_budget": 0}))
     with pytest.raises(ValueError, match="older version of the study"):
         DiscreteVsContinuousStudy(config, study_data, judge, old_layout, resume=True, progress=False)
+
+
+def test_study_command_options_reach_the_config():
+    args = build_parser().parse_args(["study", "discrete-vs-continuous", "--budgets", "1e9", "4e9", "--out", "x"])
+    assert (args.sweep_budgets, args.seeds, args.seeded_budgets, args.num_images) == ([1, -1], 3, 2, 500)
+    assert args.variants == ["transfusion-unet", "discrete-16"] and not args.estimate
+    args = build_parser().parse_args(
+        ["study", "discrete-vs-continuous", "--budgets", "1e9", "--out", "x", "--variants", "--estimate"]
+    )
+    assert args.variants == [] and args.estimate
