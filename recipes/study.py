@@ -380,6 +380,8 @@ class StudyConfig:
                 f"num_seeds must be at least 1 and seeded_budgets at least 0, got {self.num_seeds} and "
                 f"{self.seeded_budgets}."
             )
+        if self.variants and not 1 <= self.variant_budgets <= len(self.budgets):
+            raise ValueError(f"variant_budgets must lie in [1, {len(self.budgets)}], got {self.variant_budgets}.")
         for variant in self.variants:
             base, _, option = variant.partition("-")
             if not (variant == "transfusion-unet" or (base == "discrete" and option.isdigit() and int(option) >= 2)):

@@ -405,3 +405,16 @@ def test_study_command_options_reach_the_config():
         ["study", "discrete-vs-continuous", "--budgets", "1e9", "--out", "x", "--variants", "--estimate"]
     )
     assert args.variants == [] and args.estimate
+
+
+def test_study_config_refuses_unknown_variants_and_unsorted_budgets():
+    with pytest.raises(ValueError, match="Unknown variant 'discrete-one'"):
+        StudyConfig(budgets=[1e9, 2e9], variants=["discrete-one"])
+    with pytest.raises(ValueError, match="variant_budgets must lie in"):
+        StudyConfig(budgets=[1e9], sweep_budgets=[0], variant_budgets=2)
+    with pytest.raises(ValueError, match="increasing order"):
+        StudyConfig(budgets=[2e9, 1e9])
+    config = StudyConfig(budgets=[1e9, 2e9, 4e9, 8e9], sweep_budgets=[0, -1], variants=["discrete-16"])
+    assert config.seeds(4e9) == [0, 1, 2] and config.seeds(2e9) == [0]
+    assert config.budgets_of("discrete-16") == [4e9, 8e9] and config.codebook_size_of("discrete-16") == 16
+    assert config.sweep_budget_for(2e9) == 1e9 and config.sweep_budget_for(4e9) == 8e9  # nearest in log FLOPs
