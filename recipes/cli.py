@@ -10,7 +10,7 @@
     transfusion train --vae DIR --out DIR [--max-steps N] [--resume]   trains Transfusion with Trainer
     transfusion eval [--model DIR] [--judge DIR] [--compositions]      metrics of the recipe (docs/results.md)
     transfusion eval --edits [--model DIR]                             image-editing metrics (docs/editing.md)
-    transfusion study discrete-vs-continuous --budgets F [F ...] --out DIR [--resume]
+    transfusion study discrete-vs-continuous --budgets F [F ...] --out DIR [--resume] [--estimate]
                                                                        equal-compute study vs discrete image tokens
 
 `--model` defaults to the bundled checkpoint `checkpoints/transfusion-mnist-compose` of this repository (images of
@@ -537,7 +537,7 @@ def command_study(args: argparse.Namespace) -> None:
     _threads(args.threads)
     from modeling_transfusion.recipes.classifier import JudgeCNN
     from modeling_transfusion.recipes.data import load_dataset_images, load_wordnet_glosses
-    from modeling_transfusion.recipes.study import METRICS, DiscreteVsContinuousStudy, StudyConfig, StudyData
+    from modeling_transfusion.recipes.study import DiscreteVsContinuousStudy, StudyConfig, StudyData
 
     train, train_labels = load_dataset_images("mnist", "train", 32)
     test, test_labels = load_dataset_images("mnist", "test", 32)
@@ -550,16 +550,69 @@ def command_study(args: argparse.Namespace) -> None:
         train_texts=load_wordnet_glosses("train"),
         test_texts=load_wordnet_glosses("test"),
     )
-    config = StudyConfig(budgets=args.budgets, learning_rates=args.lrs, sweep_budget=args.sweep_budget, seed=args.seed)
-    results = DiscreteVsContinuousStudy(config, data, JudgeCNN.load(args.judge), args.out, resume=args.resume).run()
-    print("| model | FLOPs | " + " | ".join(label for label, _ in METRICS.values()) + " | s/image |")
-    print("|---" * (len(METRICS) + 3) + "|")
-    for kind, runs in results["runs"].items():
-        for run in runs:
-            values = " | ".join(f"{run[metric]:.3f}" for metric in METRICS)
-            print(f"| {kind} | {run['flops']:.3g} | {values} | {run['seconds_per_image']:.3f} |")
-    print(json.dumps(results["parity_flop_ratios"]))
+    config = StudyConfig(
+        budgets=args.budgets,
+        learning_rates=args.lrs,
+        sweep_budgets=args.sweep_budgets,
+        num_seeds=args.seeds,
+        seeded_budgets=args.seeded_budgets,
+        variants=args.variants,
+        variant_budgets=args.variant_budgets,
+        num_generated=args.num_images,
+        num_captioned=args.num_images,
+        seed=args.seed,
+    )
+    study = DiscreteVsContinuousStudy(config, data, JudgeCNN.load(args.judge), args.out, resume=args.resume)
+    if args.estimate:
+        plan = study.estimate()
+        rates = ", ".join(f"{kind} {value:.1f}" for kind, value in plan["cpu_seconds_per_tflop"].items())
+        print(f"CPU seconds per 1e12 training FLOPs, measured here: {rates}")
+        for run in plan["runs"]:
+            rate = "the chosen rate" if run["learning_rate"] is None else f"lr {run['learning_rate']:g}"
+            print(f"  {run['model']} {run['budget']:.3g} FLOPs, {rate}, seed {run['seed']}: {run['cpu_seconds']:.0f} s")
+        evaluation = plan["evaluation_cpu_seconds"]
+        print(
+            f"{len(plan['runs'])} training runs: {plan['training_cpu_seconds'] / 3600:.2f} CPU hours; "
+            f"{plan['evaluations']} evaluations: "
+            + ("unknown until one has finished" if evaluation is None else f"{evaluation / 3600:.2f} CPU hours")
+        )
+        return
+    results = study.run()
+    print(study_table(results))
     print(f"results in {Path(args.out) / 'results.json'} ({results['total_cpu_seconds']:.0f} CPU seconds)")
+
+
+def study_table(results: dict) -> str:
+    """The study's points (mean over seeds, +- standard error) and parity FLOP ratios (with the seeds' range) as
+    Markdown, headed by the code that produced it."""
+    from modeling_transfusion.recipes.study import METRICS
+
+    code = results["code"]
+    lines = [
+        f"package {code['version']}, commit {code['commit']}{' (dirty)' if code['dirty'] else ''}; runs made at "
+        f"commits {', '.join(results['run_commits'])}",
+        "",
+        "| model | budget | seeds | FLOPs | " + " | ".join(label for label, _ in METRICS.values()) + " |",
+        "|---" * (len(METRICS) + 4) + "|",
+    ]
+    for kind, points in results["points"].items():
+        for point in points:
+            values = [
+                f"{point[metric]:.3f}" + ("" if point[f"{metric}_se"] is None else f" +- {point[f'{metric}_se']:.3f}")
+                for metric in METRICS
+            ]
+            seeds = len(point["seeds"])
+            lines.append(f"| {kind} | {point['budget']:.3g} | {seeds} | {point['flops']:.3g} | {' | '.join(values)} |")
+    comparisons = {"transfusion vs discrete": results["parity_flop_ratios"], **results["variant_parity_flop_ratios"]}
+    lines += ["", "| parity FLOP ratio | " + " | ".join(label for label, _ in METRICS.values()) + " |"]
+    lines.append("|---" * (len(METRICS) + 1) + "|")
+    for name, ratios in comparisons.items():
+        cells = []
+        for metric in METRICS:
+            (low, high), ratio = ratios[metric]["interval"], ratios[metric]
+            cells.append(f"{ratio['kind']} {ratio['ratio']:.3g} [{low:.3g}, {high:.3g}]")
+        lines.append(f"| {name} | {' | '.join(cells)} |")
+    return "\n".join(lines)
 
 
 # use
@@ -941,7 +994,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", choices=["discrete-vs-continuous"])
     p.add_argument("--budgets", type=float, nargs="+", required=True, help="training FLOPs per run")
     p.add_argument("--lrs", type=float, nargs="+", default=[5e-4, 1e-3, 2e-3], help="learning rates swept")
-    p.add_argument("--sweep-budget", type=int, default=1, help="index of the budget the learning rates are swept at")
+    p.add_argument(
+        "--sweep-budgets",
+        type=int,
+        nargs="+",
+        default=[1, -1],
+        help="indices of the budgets the learning rates are swept at (each budget uses the nearest sweep's choice)",
+    )
+    p.add_argument("--seeds", type=int, default=3, help="seeds per run at the --seeded-budgets largest budgets")
+    p.add_argument("--seeded-budgets", type=int, default=2, help="how many of the largest budgets get --seeds seeds")
+    p.add_argument(
+        "--variants",
+        nargs="*",
+        default=["transfusion-unet", "discrete-16"],
+        help="further models: transfusion-unet (U-Net patch encoder), discrete-N (a VQ codebook of N codes)",
+    )
+    p.add_argument("--variant-budgets", type=int, default=2, help="how many of the largest budgets the variants get")
+    p.add_argument("--num-images", type=int, default=500, help="generated and captioned images per run and metric")
+    p.add_argument(
+        "--estimate",
+        action="store_true",
+        help="prepare the shared stages, measure training throughput and print the plan's CPU time, then stop",
+    )
     p.add_argument("--num-train", type=int, default=20000, help="MNIST training images used")
     p.add_argument("--judge", default=str(DEFAULT_JUDGE))
     p.add_argument("--seed", type=int, default=0)

@@ -3,6 +3,8 @@ and the whole study end to end at a toy budget on scikit-learn's digits (both mo
 
 import json
 import math
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import PIL.Image
@@ -11,6 +13,7 @@ import torch
 
 from modeling_transfusion.recipes import data
 from modeling_transfusion.recipes.classifier import train_classifier
+from modeling_transfusion.recipes.cli import build_parser, study_table
 from modeling_transfusion.recipes.discrete_baseline import (
     DiscreteDataCollator,
     build_discrete_model,
@@ -26,6 +29,10 @@ from modeling_transfusion.recipes.study import (
     StudyConfig,
     StudyData,
     parity_flop_ratio,
+    parity_interval,
+    provenance,
+    summarise_seeds,
+    unet_flops,
 )
 from modeling_transfusion.recipes.training import ModelSize
 
@@ -102,6 +109,66 @@ def test_parity_flop_ratio_reads_the_curve():
     assert parity_flop_ratio([(1e9, 0.1), (4e9, 0.3)], discrete, True) == {"ratio": 1.0, "kind": "above"}
     lower = parity_flop_ratio([(1e9, 30.0), (4e9, 10.0)], [(1e9, 40.0), (4e9, 20.0)], higher_is_better=False)
     assert lower["kind"] == "interpolated" and lower["ratio"] == pytest.approx(10 ** (math.log10(4) / 2) / 4)
+
+
+def test_unet_flops_match_torchs_flop_counter_and_are_counted_per_image():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from modeling_transfusion.recipes.training import build_model, build_tokenizer
+
+    size = ModelSize(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, patch_encoder="unet",
+        unet_block_out_channels=[8, 16],
+    )  # fmt: skip
+    model = build_model(build_tokenizer("mnist", vocab_size=300), None, image_size=8, num_channels=1, size=size)
+    encoder, decoder = model.model.patch_encoder, model.model.patch_decoder
+    latents, timesteps = torch.zeros(1, 1, 8, 8), torch.zeros(1)
+    with FlopCounterMode(display=False) as everything:
+        slots, state, _ = encoder(latents, timesteps)
+        decoder(slots, state)
+    with FlopCounterMode(display=False) as time_embedding:
+        encoder.time_embedding(timesteps, torch.float32)
+    expected = everything.get_total_flops() - time_embedding.get_total_flops()  # the timestep MLP is not counted
+    assert unet_flops(model.config) == expected > 1e6
+    # by hand: conv_in of the 1 x 8 x 8 latent to 8 channels is 2 x 9 multiply-adds per output element
+    assert expected > 2 * (8 * 8 * 8) * 9
+    counter = FlopCounter.for_transfusion(model.config)
+    linear = FlopCounter(**{**counter.__dict__, "image_flops": 0.0})
+    image = model.config.image_token_id
+    batch = {
+        "input_ids": torch.tensor([[1, image, image, image, image, 5, image, image, image, image]]),
+        "attention_mask": torch.ones(1, 10, dtype=torch.long),
+    }
+    assert counter.image_weights == 0 and counter(batch) - linear(batch) == 3 * 2 * expected  # two images
+
+
+def test_standard_errors_and_parity_interval_on_known_values():
+    runs = [
+        {"seed": s, "flops": f, "prompt_accuracy": p, "captioning_accuracy": 0.5, "frechet_distance": d,
+         "text_perplexity": 10.0}
+        for s, f, p, d in [(0, 1e9, 0.6, 10.0), (1, 1.2e9, 0.8, 14.0)]
+    ]  # fmt: skip
+    point = summarise_seeds(runs, {"prompt_accuracy": 100, "captioning_accuracy": 50})
+    assert point["seeds"] == [0, 1] and point["flops"] == pytest.approx(1.1e9)
+    assert point["prompt_accuracy"] == pytest.approx(0.7)
+    assert point["prompt_accuracy_se"] == pytest.approx(math.sqrt(0.7 * 0.3 / 200))  # pooled over 2 x 100 images
+    assert point["captioning_accuracy_se"] == pytest.approx(math.sqrt(0.25 / 100))
+    assert point["frechet_distance_se"] == pytest.approx(2.0)  # sd of (10, 14) is 2 sqrt(2), over sqrt(2) seeds
+    assert point["text_perplexity_se"] == 0.0
+    assert summarise_seeds(runs[:1], {"prompt_accuracy": 100, "captioning_accuracy": 50})["frechet_distance_se"] is None
+    # Transfusion seeds reach 0.5 at 2e9 and 1e9 (log-midpoints), discrete seeds end at 0.5 and 0.4 at 4e9
+    transfusion = [[(1e9, 0.4), (4e9, 0.6)], [(1e9, 0.5), (4e9, 0.7)]]
+    discrete = [[(1e9, 0.2), (4e9, 0.5)], [(1e9, 0.2), (4e9, 0.4)]]
+    low, high = parity_interval(transfusion, discrete, higher_is_better=True)
+    assert low == pytest.approx(0.25) and high == pytest.approx(0.5)
+
+
+def test_provenance_names_this_checkout():
+    commit = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    stamp = provenance()
+    assert stamp["version"] == "0.1.0" and stamp["commit"] == commit and isinstance(stamp["dirty"], bool)
 
 
 # The discrete-token baseline
@@ -186,7 +253,9 @@ def _digits_study_data() -> tuple[StudyData, object]:
 TOY = dict(
     budgets=[2e8, 8e8],
     learning_rates=[1e-3, 3e-3],
-    sweep_budget=0,
+    sweep_budgets=[0],
+    num_seeds=1,
+    variants=[],
     image_size=8,
     size=ModelSize(
         hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, patch_encoder="linear"
@@ -212,7 +281,7 @@ def test_the_study_runs_end_to_end_at_a_toy_budget_and_resumes(tmp_path):
 
     assert results["image_tokens_per_image"] == {"transfusion": 4, "discrete": 16}  # 2x2 patches vs every code
     assert results["autoencoders"]["vq"]["test_mse"] > 0 and results["autoencoders"]["vae"]["test_mse"] > 0
-    assert set(results["learning_rates"].values()) <= {1e-3, 3e-3} and len(results["sweep"]) == 4
+    assert set(results["learning_rates"]["2e+08"].values()) <= {1e-3, 3e-3} and len(results["sweep"]) == 4
     for runs in results["runs"].values():
         assert [run["budget"] for run in runs] == config.budgets
         for run in runs:  # trained to the budget: counted FLOPs within one average step of it
@@ -248,3 +317,104 @@ def test_the_study_runs_end_to_end_at_a_toy_budget_and_resumes(tmp_path):
     with pytest.raises(ValueError, match="another configuration .codebook_size differ"):
         DiscreteVsContinuousStudy(other, study_data, judge, tmp_path, resume=True, progress=False)
     assert json.loads((tmp_path / "sweep.json").read_text()) == results["learning_rates"]
+
+
+def test_seeds_variants_and_estimate_at_a_toy_budget(tmp_path):
+    study_data, judge = _digits_study_data()
+    size = ModelSize(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, patch_encoder="linear",
+        unet_block_out_channels=[8, 16],
+    )  # fmt: skip
+    settings = {**TOY, "size": size, "budgets": [2e8, 4e8], "learning_rates": [3e-3], "sweep_budgets": [0, -1]}
+    settings |= {"num_seeds": 2, "seeded_budgets": 1, "variants": ["transfusion-unet", "discrete-4"]}
+    config = StudyConfig(**settings, variant_budgets=1)
+    results = DiscreteVsContinuousStudy(config, study_data, judge, tmp_path, progress=False).run()
+
+    assert results["code"] == provenance() and results["run_commits"] == [provenance()["commit"]]
+    assert set(results["learning_rates"]) == {"2e+08", "4e+08"}  # swept at both budgets
+    for kind in ("transfusion", "discrete"):
+        assert [point["seeds"] for point in results["points"][kind]] == [[0], [0, 1]]
+    for kind in ("transfusion-unet", "discrete-4"):
+        assert [point["seeds"] for point in results["points"][kind]] == [[0, 1]]
+    assert sorted(path.name for path in (tmp_path / "runs").iterdir())[:3] == [
+        "discrete-2e+08-lr0.003-seed0", "discrete-4-4e+08-lr0.003-seed0", "discrete-4-4e+08-lr0.003-seed1",
+    ]  # fmt: skip
+    point, runs = results["points"]["discrete"][1], results["runs"]["discrete"][1:]
+    assert point["prompt_accuracy"] == pytest.approx(np.mean([run["prompt_accuracy"] for run in runs]))
+    p = point["prompt_accuracy"]
+    assert point["prompt_accuracy_se"] == pytest.approx(math.sqrt(p * (1 - p) / 40))  # 2 seeds x 20 images
+    spread = np.std([run["frechet_distance"] for run in runs], ddof=1) / math.sqrt(2)
+    assert point["frechet_distance_se"] == pytest.approx(spread)
+    assert runs[0]["frechet_distance"] != runs[1]["frechet_distance"]  # the seeds differ
+    for ratio in results["parity_flop_ratios"].values():
+        assert ratio["interval"][0] <= ratio["interval"][1]
+    assert set(results["variant_parity_flop_ratios"]) == {"transfusion-unet vs discrete", "transfusion vs discrete-4"}
+    assert results["image_tokens_per_image"] == {
+        "transfusion": 4, "discrete": 16, "transfusion-unet": 4, "discrete-4": 16
+    }  # fmt: skip
+    assert results["autoencoders"]["vq-4"]["test_mse"] > 0 and results["autoencoders"]["vq"]["test_mse"] > 0
+    small = json.loads((tmp_path / "runs/discrete-4-4e+08-lr0.003-seed0/final/config.json").read_text())
+    assert small["vocab_size"] == results["text_vocabulary"] + 4  # the 4-code tokenizer's vocabulary
+    unet, linear = results["runs"]["transfusion-unet"][0], results["runs"]["transfusion"][1]
+    assert unet["estimated_step_flops"] > linear["estimated_step_flops"]  # the U-Net's convolutions are counted
+    assert unet["steps"] < linear["steps"]
+    assert all(run["train_cpu_seconds"] > 0 and run["eval_cpu_seconds"] > 0 for run in results["runs"]["discrete-4"])
+
+    table = study_table(results).splitlines()
+    assert table[0].startswith(f"package 0.1.0, commit {provenance()['commit']}")
+    se = point["prompt_accuracy_se"]
+    assert f"| discrete | 4e+08 | 2 | {point['flops']:.3g} | {p:.3f} +- {se:.3f} |" in "\n".join(table)
+    ratio = results["parity_flop_ratios"]["prompt_accuracy"]
+    assert f"[{ratio['interval'][0]:.3g}, {ratio['interval'][1]:.3g}]" in table[-3]  # transfusion vs discrete
+
+    # fewer seeds on resume: the seed-0 runs are reused, untouched
+    run_files = sorted(tmp_path.glob("runs/*seed0/result.json"))
+    stamps = [path.stat().st_mtime_ns for path in run_files]
+    study = DiscreteVsContinuousStudy(
+        StudyConfig(**{**settings, "num_seeds": 1}, variant_budgets=1), study_data, judge, tmp_path, resume=True,
+        progress=False,
+    )  # fmt: skip
+    fewer = study.run()
+    assert [point["seeds"] for point in fewer["points"]["transfusion"]] == [[0], [0]]
+    assert fewer["runs"]["transfusion"] == [run for run in results["runs"]["transfusion"] if run["seed"] == 0]
+    assert [path.stat().st_mtime_ns for path in run_files] == stamps
+    assert study.estimate(num_steps=1)["runs"] == []  # nothing left to train
+    larger = StudyConfig(**{**settings, "budgets": [2e8, 4e8, 8e8], "sweep_budgets": [0, 1]}, variant_budgets=1)
+    plan = DiscreteVsContinuousStudy(larger, study_data, judge, tmp_path, resume=True, progress=False).estimate(1)
+    # the new budget: seeds 0 and 1 of all four models, at the rate chosen at the nearest sweep budget
+    assert sorted((run["model"], run["seed"]) for run in plan["runs"]) == sorted(
+        (kind, seed) for kind in ("transfusion", "discrete", "transfusion-unet", "discrete-4") for seed in (0, 1)
+    )
+    assert {run["budget"] for run in plan["runs"]} == {8e8} and {run["learning_rate"] for run in plan["runs"]} == {3e-3}
+    transfusion = [run["cpu_seconds"] for run in plan["runs"] if run["model"] == "transfusion"]
+    assert transfusion[0] == pytest.approx(8e8 * plan["cpu_seconds_per_tflop"]["transfusion"] / 1e12)
+    assert plan["evaluations"] == 8 and plan["evaluation_cpu_seconds"] > 0
+
+    old_layout = tmp_path / "old"
+    old_layout.mkdir()
+    (old_layout / "study_config.json").write_text(json.dumps({"budgets": [2e8], "sweep_budget": 0}))
+    with pytest.raises(ValueError, match="older version of the study"):
+        DiscreteVsContinuousStudy(config, study_data, judge, old_layout, resume=True, progress=False)
+
+
+def test_study_command_options_reach_the_config():
+    args = build_parser().parse_args(["study", "discrete-vs-continuous", "--budgets", "1e9", "4e9", "--out", "x"])
+    assert (args.sweep_budgets, args.seeds, args.seeded_budgets, args.num_images) == ([1, -1], 3, 2, 500)
+    assert args.variants == ["transfusion-unet", "discrete-16"] and not args.estimate
+    args = build_parser().parse_args(
+        ["study", "discrete-vs-continuous", "--budgets", "1e9", "--out", "x", "--variants", "--estimate"]
+    )
+    assert args.variants == [] and args.estimate
+
+
+def test_study_config_refuses_unknown_variants_and_unsorted_budgets():
+    with pytest.raises(ValueError, match="Unknown variant 'discrete-one'"):
+        StudyConfig(budgets=[1e9, 2e9], variants=["discrete-one"])
+    with pytest.raises(ValueError, match="variant_budgets must lie in"):
+        StudyConfig(budgets=[1e9], sweep_budgets=[0], variant_budgets=2)
+    with pytest.raises(ValueError, match="increasing order"):
+        StudyConfig(budgets=[2e9, 1e9])
+    config = StudyConfig(budgets=[1e9, 2e9, 4e9, 8e9], sweep_budgets=[0, -1], variants=["discrete-16"])
+    assert config.seeds(4e9) == [0, 1, 2] and config.seeds(2e9) == [0]
+    assert config.budgets_of("discrete-16") == [4e9, 8e9] and config.codebook_size_of("discrete-16") == 16
+    assert config.sweep_budget_for(2e9) == 1e9 and config.sweep_budget_for(4e9) == 8e9  # nearest in log FLOPs
