@@ -558,6 +558,26 @@ def denoise_images(
     return latents
 
 
+def image_token_layout(
+    config, rows: list[int], latents: list[torch.FloatTensor], batch_size: int, filler_token_id: int, device
+):
+    """The tokens that write the images of `rows` (one `(latent_channels, h, w)` latent per row, sizes may differ):
+    a row's image takes its N slots and `<eoi>`; the columns up to the widest image, and all columns of the other rows,
+    are filler slots that nothing attends to. Returns `(input_ids, written, eoi_column)`: the `(batch_size, width)` ids,
+    which of them belong to their row, and the column of each row's `<eoi>`."""
+    factor = config.vae_downsample_factor
+    lengths = torch.zeros(batch_size, dtype=torch.long, device=device)  # slots + <eoi> per row
+    for row, row_latents in zip(rows, latents):
+        lengths[row] = config.num_image_slots(*(side * factor for side in row_latents.shape[1:])) + 1
+    columns = torch.arange(int(lengths.max()), device=device)
+    written = columns[None] < lengths[:, None]
+    input_ids = torch.full(written.shape, filler_token_id, dtype=torch.long, device=device)
+    input_ids[columns[None] < (lengths - 1)[:, None]] = config.image_token_id
+    eoi_column = (lengths - 1).clamp(min=0)
+    input_ids[rows, eoi_column[rows]] = config.eoi_token_id
+    return input_ids, written, eoi_column
+
+
 def commit_images(
     model,
     cache: Cache,
@@ -566,47 +586,45 @@ def commit_images(
     rows: list[int],
     latents: list[torch.FloatTensor],
     filler_token_id: int,
+    read: str = "all",
     **forward_kwargs,
 ):
-    """Writes the clean images of `rows` (timestep 0, one `(latent_channels, h, w)` latent per row, sizes may differ)
-    and their `<eoi>` to the cache, in one forward (given `forward_kwargs` such as `output_hidden_states`). A row's
-    image takes its N slots and `<eoi>`; the columns up to the widest image, and all columns of the other rows, are
-    filler slots that nothing attends to (attention mask 0).
+    """Writes the clean images of `rows` (timestep 0, laid out by [`image_token_layout`]) and their `<eoi>` to the
+    cache, in one forward (given `forward_kwargs` such as `output_hidden_states`). Where nothing follows the images
+    (image mode), `read="all_but_last"` leaves out the last column, the widest images' `<eoi>` (a cache returned by
+    `generate` holds all but the last token), and `read="none"` runs no forward (nothing reads the cache again).
 
     Returns `(next_logits, outputs, input_ids, written, attention_mask)`: the float32 logits after each row's `<eoi>`
-    `(batch_size, vocab_size)` (meaningful for `rows`), the forward's outputs, the `(batch_size, width)` ids written,
-    which of them belong to their row (the rest are fillers), and the extended 2D attention mask (`None` if all
-    ones).
+    `(batch_size, vocab_size)` (meaningful for `rows`; `None` unless `read="all"`), the forward's outputs (`None`
+    without a forward), the `(batch_size, width)` ids written, which of them belong to their row (the rest are
+    fillers), and the extended 2D attention mask (`None` if all ones).
     """
-    config = model.config
     batch_size, device = positions.shape[0], positions.device
-    factor = config.vae_downsample_factor
-    lengths = torch.zeros(batch_size, dtype=torch.long, device=device)  # slots + <eoi> per row
-    for row, row_latents in zip(rows, latents):
-        lengths[row] = config.num_image_slots(*(side * factor for side in row_latents.shape[1:])) + 1
-    width = int(lengths.max())
-    columns = torch.arange(width, device=device)
-    written = columns[None] < lengths[:, None]
-    input_ids = torch.full((batch_size, width), filler_token_id, dtype=torch.long, device=device)
-    input_ids[columns[None] < (lengths - 1)[:, None]] = config.image_token_id
-    eoi_column = (lengths - 1).clamp(min=0)
-    input_ids[rows, eoi_column[rows]] = config.eoi_token_id
+    input_ids, written, eoi_column = image_token_layout(
+        model.config, rows, latents, batch_size, filler_token_id, device
+    )
     if attention_mask is None and not written.all():
         attention_mask = torch.ones(batch_size, cache.get_seq_length(), dtype=torch.long, device=device)
     if attention_mask is not None:
         attention_mask = torch.cat([attention_mask, written.to(attention_mask.dtype)], dim=-1)
+    if read == "none":
+        return None, None, input_ids, written, attention_mask
+    width = input_ids.shape[1] - (read == "all_but_last")
     # Filler slots get positions too, but being masked they never influence anything.
-    slot_positions = positions[:, None] + columns
     outputs = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=slot_positions,
+        input_ids=input_ids[:, :width],
+        attention_mask=attention_mask[:, : attention_mask.shape[1] - input_ids.shape[1] + width]
+        if attention_mask is not None
+        else None,
+        position_ids=positions[:, None] + torch.arange(width, device=device),
         cache=cache,
         image_latents=list(latents),
         use_cache=True,
         logits_to_keep=1 if written[rows].all() else 0,
         **forward_kwargs,
     )
+    if read != "all":
+        return None, outputs, input_ids, written, attention_mask
     logits = outputs.logits
     next_logits = logits[:, -1] if logits.shape[1] == 1 else logits[torch.arange(batch_size, device=device), eoi_column]
     return next_logits.to(copy=True, dtype=torch.float32), outputs, input_ids, written, attention_mask
@@ -898,7 +916,11 @@ class InterleavedDecoding:
             )
             latents.update(zip(group, group_latents))
         latents = [latents[row] for row in rows]
-        next_logits, self.outputs, input_ids, written, attention_mask = commit_images(
+        # In image mode a row ends with its image. Where no other row goes on, no logits are read after it, and the
+        # cache only where `generate` returns it.
+        last = self.generation_mode == "image" and not (self.unfinished & ~opened).any()
+        read = "all" if not last else "all_but_last" if self._returns_cache() else "none"
+        next_logits, outputs, input_ids, written, attention_mask = commit_images(
             self.model,
             self.cache,
             batch.attention_mask,
@@ -906,13 +928,16 @@ class InterleavedDecoding:
             rows,
             latents,
             self.filler,
+            read=read,
             **self.output_flags,
         )
+        if next_logits is not None:
+            self.outputs = outputs
+            self.next_logits[rows] = next_logits[rows]
         batch.append(input_ids, keep=written, attention_mask=attention_mask)
         batch.positions += written.sum(-1)  # filler slots do not advance a row
         self.new_tokens += written.sum(-1)
         self.images_opened[rows] += 1
-        self.next_logits[rows] = next_logits[rows]
         for row, image_latents in zip(rows, latents):
             self.row_latents[row].append(image_latents)
         if self.streamer is not None:
@@ -942,6 +967,9 @@ class InterleavedDecoding:
         tokens = self.batch.input_ids[row][self.batch.keep[row]][:-1].tolist()
         return len(size_ids) if tokens[-len(size_ids) :] == size_ids else 0
 
+    def _returns_cache(self) -> bool:
+        return bool(self.generation_config.use_cache and self.generation_config.return_dict_in_generate)
+
     def _done(self) -> torch.BoolTensor:
         return self.criteria(self.batch.view(self.filler), self.scores) | (self.new_tokens >= self.max_new_tokens)
 
@@ -964,7 +992,7 @@ class InterleavedDecoding:
                 decoded[i] = image
         decoded = iter(decoded)
         images = [[next(decoded) for _ in row] for row in self.row_latents]
-        cache = self.cache if self.generation_config.use_cache else None
+        cache = self.cache if self._returns_cache() else None
         if cache is not None and cache.get_seq_length() == self.batch.input_ids.shape[1]:
             # The last forward wrote an image's <eoi>: as transformers returns it, the cache holds all but the last
             # token, which a continuing `generate` feeds again.
@@ -1492,5 +1520,6 @@ __all__ = [
     "InterleavedDecoding",
     "denoise_images",
     "commit_images",
+    "image_token_layout",
     "transfusion_decode",
 ]

@@ -605,14 +605,9 @@ class TransfusionModel(TransfusionPreTrainedModel):
         if (attention_mask is not None and attention_mask.dim() == 4) or image_slots is None:
             return attention_mask  # prebuilt, or text only: the backbone builds its own causal mask from it
         text_config = self.language_model.config
-        if (
-            image_slots.all()
-            and (attention_mask is None or attention_mask.all())
-            and (unconditional_images is None or not unconditional_images.any())
-            and "sliding_attention" not in (getattr(text_config, "layer_types", None) or [])
-        ):
-            # One image per row and nothing else (a denoising step), no padding: every query sees every key.
-            return self._full_attention_mask(inputs_embeds, cache)
+        if image_slots.all() and "sliding_attention" not in (getattr(text_config, "layer_types", None) or []):
+            # One image per row and nothing else (a denoising step, or the commit of clean images).
+            return self._image_step_mask(inputs_embeds, attention_mask, cache, unconditional_images)
         past_length = cache.get_seq_length() if cache is not None else 0
         mask_kwargs = {
             "config": text_config,
@@ -640,12 +635,22 @@ class TransfusionModel(TransfusionPreTrainedModel):
             return mask
         return {"full_attention": mask, "sliding_attention": create_sliding_window_causal_mask(**mask_kwargs)}
 
-    def _full_attention_mask(self, inputs_embeds: torch.Tensor, cache: Cache | None):
-        """The mask under which every query sees every key, cached and new, for the backbone's attention kernel. Where
-        the kernel needs none (sdpa, eager), one of shape `(1, 1, 1, 1)` that masks nothing: from `None` the backbone
-        would build a causal mask."""
+    def _image_step_mask(self, inputs_embeds, attention_mask, cache, unconditional_images):
+        """The mask of a forward whose queries are one image per row: every slot sees its row's keys, cached and new,
+        except padding, and the slots of `unconditional_images` see only their own image. Both are key masks, so
+        transformers builds it from a 2D mask without per-element mask functions. Where the kernel needs none (sdpa,
+        eager, nothing hidden) the result is a `(1, 1, 1, 1)` mask that masks nothing: from `None` the backbone would
+        build a causal mask."""
         text_config = self.language_model.config
-        mask = create_bidirectional_mask(text_config, inputs_embeds, None, cache=cache)
+        if unconditional_images is not None and unconditional_images.any():
+            past_length = cache.get_seq_length() if cache is not None else 0
+            if attention_mask is None:
+                batch_size, length = inputs_embeds.shape[:2]
+                attention_mask = torch.ones(batch_size, past_length + length, dtype=torch.long)
+            attention_mask = attention_mask.to(device=inputs_embeds.device, copy=True)
+            # Even the <boi>: in deeper layers it carries the caption.
+            attention_mask[unconditional_images.to(attention_mask.device), :past_length] = 0
+        mask = create_bidirectional_mask(text_config, inputs_embeds, attention_mask, cache=cache)
         if mask is None:
             if text_config._attn_implementation == "sdpa":
                 return torch.ones((1, 1, 1, 1), dtype=torch.bool, device=inputs_embeds.device)

@@ -328,6 +328,8 @@ class TransfusionTextToImagePipeline(Pipeline):
                     raise ValueError(
                         "An edit without height and width makes one image per prompt: pass height and width."
                     )
+        if mode["generation_mode"] == "image":
+            generate_kwargs.setdefault("use_cache", False)  # no cache is returned: the image is not written to it
         outputs = self.model.generate(
             input_ids=input_ids,
             attention_mask=attention_mask,

@@ -206,14 +206,19 @@ def test_every_token_goes_through_its_own_modules_once(tmp_path):
         model.generate(**prompt, generation_mode="text", max_new_tokens=3, do_sample=False)
     assert set(counter.image.values()) == {0}  # text decoding runs the text weights alone
 
+    kwargs = {"generation_mode": "image", "num_inference_steps": 3, "progress_bar": False}
     with TokenCounter(model) as counter:
-        model.generate(**prompt, generation_mode="image", num_inference_steps=3, progress_bar=False)
+        model.generate(**prompt, **kwargs, return_dict_in_generate=True)
     prompt_length = prompt["input_ids"].numel()
     slots = model.config.num_image_tokens
-    # Three denoising steps and the commit of the clean image run their slots through the image twins only; the text
-    # modules read the prompt, <boi> and the <eoi> written with the clean image.
+    # Three denoising steps and the commit of the clean image to the returned cache run their slots through the image
+    # twins only; the text modules read the prompt and <boi> (the <eoi> ends the sequence: nothing reads it).
     assert set(counter.image.values()) == {4 * slots}
-    assert set(counter.text.values()) == {prompt_length + 2}
+    assert set(counter.text.values()) == {prompt_length + 1}
+    with TokenCounter(model) as counter:
+        model.generate(**prompt, **kwargs)  # no cache returned: no commit
+    assert set(counter.image.values()) == {3 * slots}
+    assert set(counter.text.values()) == {prompt_length + 1}
 
 
 def test_freeze_text_path_keeps_the_llm_text_bit_for_bit_while_images_train(tmp_path):

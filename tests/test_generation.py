@@ -260,20 +260,54 @@ def test_unpadded_denoising_step_runs_without_a_mask_and_equals_the_masked_step(
     torch.testing.assert_close(embedded_once, mask_free, atol=1e-6, rtol=1e-6)
 
 
-def test_padding_two_images_in_a_row_or_an_unconditional_image_keep_the_block_mask(model):
+@pytest.mark.parametrize("patch_encoder", ["linear", "unet"])
+def test_precomputed_timestep_embeddings_equal_the_step_own_in_bfloat16(patch_encoder):
+    # A bf16 model fed float32 latents (the sampler's): the embedding computed once per image has the dtype and values
+    # the patch encoder would compute at each step.
+    model = tiny_model(patch_encoder=patch_encoder).to(torch.bfloat16)
     transfusion = model.model
-    slots = torch.ones(1, NUM_SLOTS, dtype=torch.bool)
-    embeds = model.get_input_embeddings()(torch.full((1, NUM_SLOTS), IMAGE))
-    positions = 3 + torch.arange(NUM_SLOTS)[None]
-    padding = torch.tensor([[0, 1, 1, 1]])
+    latents = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    timesteps = torch.tensor([700, 300])
     with torch.no_grad():
-        cache = model(input_ids=torch.tensor([[PAD, 6, 7, BOI]]), attention_mask=padding, use_cache=True).cache
-    step_padding = torch.cat([padding, torch.ones(1, NUM_SLOTS, dtype=torch.long)], dim=-1)
+        precomputed = transfusion.embed_timesteps(timesteps)
+        own, _ = transfusion.embed_latents(latents, timesteps)
+        given, _ = transfusion.embed_latents(latents, timesteps, time_embedding=precomputed)
+    assert precomputed.dtype == own.dtype == torch.bfloat16
+    assert torch.equal(given, own)
+
+
+def test_padding_and_unconditional_steps_mask_keys_and_two_images_in_a_row_keep_the_block_mask(model):
+    transfusion = model.model
+    slots = torch.ones(2, NUM_SLOTS, dtype=torch.bool)
+    embeds = model.get_input_embeddings()(torch.full((2, NUM_SLOTS), IMAGE))
+    positions = 3 + torch.arange(NUM_SLOTS).expand(2, -1)
+    padding = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
+    with torch.no_grad():
+        cache = model(
+            input_ids=torch.tensor([[PAD, 6, 7, BOI], [5, 6, 7, BOI]]), attention_mask=padding, use_cache=True
+        ).cache
+    step_padding = torch.cat([padding, torch.ones(2, NUM_SLOTS, dtype=torch.long)], dim=-1)
     padded = transfusion.get_attention_mask(embeds, slots, step_padding, cache, positions)
-    assert padded.shape == (1, 1, NUM_SLOTS, 4 + NUM_SLOTS)
-    assert not padded[..., 0].any() and padded[..., 1:].all()
-    unconditional = transfusion.get_attention_mask(embeds, slots, None, cache, positions, torch.tensor([True]))
-    assert not unconditional[..., :4].any() and unconditional[..., 4:].all()
+    assert padded.shape == (2, 1, NUM_SLOTS, 4 + NUM_SLOTS)
+    assert not padded[0, ..., 0].any() and padded[0, ..., 1:].all() and padded[1].all()
+    unconditional = torch.tensor([False, True])
+    guided = transfusion.get_attention_mask(embeds, slots, step_padding, cache, positions, unconditional)
+    assert torch.equal(guided[0], padded[0])
+    assert not guided[1, ..., :4].any() and guided[1, ..., 4:].all()
+    # The same mask as the general one (causal, bidirectional inside each image, the unconditional slots seeing only
+    # their image), which the step builds from a 2D key mask instead of per-element mask functions.
+    block_ids = torch.tensor([[-1] * 4 + [0] * NUM_SLOTS, [-1] * 4 + [1] * NUM_SLOTS])
+    first_visible = torch.tensor([0, 4])
+    general = create_causal_mask(
+        model.config.text_config,
+        embeds,
+        step_padding,
+        cache,
+        positions,
+        block_sequence_ids=block_ids,
+        and_mask_function=lambda b, h, q, kv: kv >= first_visible[b],
+    )
+    assert torch.equal(guided, general)
     # Two images in one row: the first does not see the second; the second sees the first.
     ids = torch.tensor([[5, BOI] + [IMAGE] * NUM_SLOTS + [EOI, BOI] + [IMAGE] * NUM_SLOTS + [EOI]])
     two = transfusion.get_attention_mask(model.get_input_embeddings()(ids), ids == IMAGE, None, None, None)[0, 0]
@@ -287,6 +321,45 @@ def test_cache_is_rolled_back_after_denoising(model):
     assert out.sequences.shape[1] == prompt.shape[1] + NUM_SLOTS + 1
     # No denoising step is left in the cache; as transformers returns it, it holds all but the last token (<eoi>).
     assert out.cache.get_seq_length() == out.sequences.shape[1] - 1
+
+
+def test_image_mode_commits_the_image_only_where_the_cache_is_returned(model):
+    prompt, attention_mask = left_pad([[5, 6, 7], [8, 9]])
+    forwards = []
+    hook = model.model.language_model.register_forward_hook(
+        lambda module, args, kwargs, out: forwards.append(kwargs["inputs_embeds"].shape[1]), with_kwargs=True
+    )
+    try:
+        kwargs = {"generation_mode": "image", "num_inference_steps": 2, "attention_mask": attention_mask}
+        kwargs["generator"] = torch.Generator().manual_seed(3)
+        returned = generate(model, prompt, **kwargs)
+        committed = list(forwards)
+        forwards.clear()
+        kwargs["generator"] = torch.Generator().manual_seed(3)
+        not_returned = generate(model, prompt, use_cache=False, **kwargs)
+    finally:
+        hook.remove()
+    # prefill, <boi>, two steps, then the slots of the clean image (its <eoi> is not read: nothing follows it)
+    assert committed == [3, 1, NUM_SLOTS, NUM_SLOTS, NUM_SLOTS] and forwards == committed[:-1]
+    assert not_returned.cache is None
+    assert torch.equal(returned.sequences, not_returned.sequences)
+    assert torch.equal(returned.image_latents[0][0], not_returned.image_latents[0][0])
+    # The returned cache holds all but the last token (<eoi>), as a forward of the sequence without it writes them.
+    sequences = returned.sequences
+    assert sequences[0, -1] == EOI and returned.cache.get_seq_length() == sequences.shape[1] - 1
+    mask = (sequences[:, :-1] != PAD).long()
+    with torch.no_grad():
+        fresh = model(
+            input_ids=sequences[:, :-1],
+            attention_mask=mask,
+            position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+            image_latents=[row[0] for row in returned.image_latents],
+            use_cache=True,
+        ).cache
+    for layer, fresh_layer in zip(returned.cache.layers, fresh.layers):
+        kept = mask.bool()[:, None, :, None].expand_as(layer.keys)  # padded positions may differ
+        torch.testing.assert_close(layer.keys[kept], fresh_layer.keys[kept], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(layer.values[kept], fresh_layer.values[kept], atol=1e-5, rtol=1e-5)
 
 
 # The diffusion loop recovers an image with an exact denoiser, for every scheduler offered
