@@ -789,10 +789,11 @@ class TransfusionModel(TransfusionPreTrainedModel):
                 f"tensor of shape {tuple(input_ids.shape)}."
             )
         vocab_size = self.get_input_embeddings().num_embeddings
-        if ((input_ids < 0) | (input_ids >= vocab_size)).any():
+        low, high = torch.aminmax(input_ids) if input_ids.numel() else (0, 0)  # one pass: this runs for every token
+        if low < 0 or high >= vocab_size:
             raise ValueError(
-                f"input_ids hold ids outside the vocabulary [0, {vocab_size}): min {int(input_ids.min())}, max "
-                f"{int(input_ids.max())}. Was the tokenizer extended without `model.resize_token_embeddings`?"
+                f"input_ids hold ids outside the vocabulary [0, {vocab_size}): min {int(low)}, max {int(high)}. Was "
+                "the tokenizer extended without `model.resize_token_embeddings`?"
             )
         if attention_mask is not None and attention_mask.dim() == 2:
             past_length = cache.get_seq_length() if cache is not None else 0
