@@ -262,6 +262,32 @@ def test_freeze_text_path_keeps_the_llm_text_bit_for_bit_while_images_train(tmp_
     )
 
 
+def test_routing_backward_splits_the_dense_gradient_between_text_and_image_weights(tmp_path):
+    # Experts that are copies of their text modules compute the dense model's function, so each dense weight's
+    # gradient is the sum of its text module's and its twin's: the routing's backward puts every token's gradient
+    # back where it came from, once.
+    _, model, processor = experts_from_llm(tmp_path)
+    dense = dense_twin(model)
+    batch = image_batch(processor)
+    fixed = {
+        "image_timesteps": torch.tensor([300, 0]),
+        "image_noise": torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0)),
+        "unconditional_images": torch.tensor([False, False]),
+        "labels": batch["input_ids"],
+    }
+    for network in (model, dense):
+        network.train()(**batch, **fixed).loss.backward()
+    dense_grads = dict(dense.named_parameters())
+    prefix = "model.language_model."
+    pairs = image_expert_pairs(model.model.language_model)
+    assert len(pairs) == 9 * 2 + 1  # q, k, v, o, gate, up, down and the two norms per layer; the final norm
+    for name, text, image in pairs:
+        for key, weight in text.named_parameters():
+            summed = weight.grad + dict(image.named_parameters())[key].grad
+            torch.testing.assert_close(summed, dense_grads[f"{prefix}{name}.{key}"].grad, atol=1e-5, rtol=1e-4)
+            assert weight.grad.abs().sum() > 0 and dict(image.named_parameters())[key].grad.abs().sum() > 0
+
+
 def test_activation_checkpointing_routes_the_recomputation(tmp_path):
     _, model, processor = experts_from_llm(tmp_path)
     perturb_image_experts(model)
