@@ -599,6 +599,8 @@ def commit_images(
     without a forward), the `(batch_size, width)` ids written, which of them belong to their row (the rest are
     fillers), and the extended 2D attention mask (`None` if all ones).
     """
+    if read not in ("all", "all_but_last", "none"):
+        raise ValueError(f"read must be 'all', 'all_but_last' or 'none', got {read!r}.")
     batch_size, device = positions.shape[0], positions.device
     input_ids, written, eoi_column = image_token_layout(
         model.config, rows, latents, batch_size, filler_token_id, device
