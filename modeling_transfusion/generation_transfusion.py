@@ -418,6 +418,19 @@ def requested_image_sizes(config, height, width, batch_size: int) -> list[tuple[
     return [config.check_image_size(h, w, name="height x width") for h, w in zip(heights, widths)]
 
 
+def written_size_image_arguments(config) -> dict:
+    """The `generate` arguments under which each row writes the size of its next image, opens that image and ends with
+    its `<eoi>` (an edit whose size the model chooses): interleaved mode, one image, room for a size text and the
+    slots of the largest image."""
+    largest = config.num_image_slots(config.max_image_size, config.max_image_size)
+    return {
+        "generation_mode": "interleaved",
+        "max_new_images": 1,
+        "max_new_tokens": largest + 16,
+        "eos_token_id": [config.text_config.eos_token_id, config.eoi_token_id],
+    }
+
+
 def postprocess_images(images: torch.Tensor, output_type: str):
     """Decoded images `(num_images, channels, height, width)` in [-1, 1] as diffusers' pipelines return them
     (`VaeImageProcessor.postprocess`): `"pil"` a list of PIL images, `"np"` a float32 array
@@ -1523,5 +1536,6 @@ __all__ = [
     "denoise_images",
     "commit_images",
     "image_token_layout",
+    "written_size_image_arguments",
     "transfusion_decode",
 ]

@@ -22,6 +22,7 @@ from .generation_transfusion import (
     _integer,
     callback_tensor_inputs,
     postprocess_images,
+    written_size_image_arguments,
 )
 
 TEXT_TO_IMAGE_TASK = "text-to-image"
@@ -314,16 +315,7 @@ class TransfusionTextToImagePipeline(Pipeline):
             image_kwargs["tokenizer"] = self.processor.tokenizer  # reads the size text the branches keep
             if not height:
                 # The model writes the edited image's size, then opens it: one image, then the sequence ends.
-                largest = self.model.config.num_image_slots(
-                    self.model.config.max_image_size, self.model.config.max_image_size
-                )
-                config = self.model.config
-                mode = {
-                    "generation_mode": "interleaved",
-                    "max_new_images": 1,
-                    "max_new_tokens": largest + 16,
-                    "eos_token_id": [config.text_config.eos_token_id, config.eoi_token_id],  # done at its <eoi>
-                }
+                mode = written_size_image_arguments(self.model.config)
                 if num_images_per_prompt > 1:
                     raise ValueError(
                         "An edit without height and width makes one image per prompt: pass height and width."

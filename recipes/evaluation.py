@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from modeling_transfusion import TransfusionForConditionalGeneration, TransfusionProcessor
-from modeling_transfusion.generation_transfusion import WRITTEN_IMAGE_SIZE
+from modeling_transfusion.generation_transfusion import WRITTEN_IMAGE_SIZE, written_size_image_arguments
 from modeling_transfusion.recipes.classifier import JudgeCNN, frechet_distance, predict
 from modeling_transfusion.recipes.data import (
     CAPTION_TEMPLATES,
@@ -561,7 +561,6 @@ def edit_images(
     if len(instructions) != len(sizes) or any(len(texts) != len(sources) for texts in instructions):
         raise ValueError("Pass one size (or None) per edit and, per edit, one instruction per source image.")
     tokenizer = processor.tokenizer
-    config = model.config
     results = [[] for _ in instructions]
     for start in range(0, len(sources), batch_size):
         rows = slice(start, start + batch_size)
@@ -591,14 +590,7 @@ def edit_images(
                 mode = {"generation_mode": "image", "height": size[0], "width": size[1]}
             else:
                 # The model writes the size, then opens the image; the row ends with its <eoi>, as in image mode.
-                slots = config.num_image_slots(config.max_image_size, config.max_image_size)
-                eos = config.text_config.eos_token_id
-                mode = {
-                    "generation_mode": "interleaved",
-                    "max_new_images": 1,
-                    "max_new_tokens": slots + 16,
-                    "eos_token_id": [eos, config.eoi_token_id],
-                }
+                mode = written_size_image_arguments(model.config)
             out = model.generate(
                 **batch,
                 cache=cache,
