@@ -322,8 +322,13 @@ def command_train(args: argparse.Namespace) -> None:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"trainable parameters: {trainable:,} of {sum(p.numel() for p in model.parameters()):,}")
     collator = LatentDataCollator(processor, vae_downsample_factor=model.config.vae_downsample_factor, logits_to_keep=1)
+    # With the processor as `processing_class`, every `checkpoint-N` loads on its own (AutoProcessor included).
     trainer = TransfusionTrainer(
-        model=model, args=training_args, train_dataset=torch.utils.data.ConcatDataset(parts), data_collator=collator
+        model=model,
+        args=training_args,
+        train_dataset=torch.utils.data.ConcatDataset(parts),
+        data_collator=collator,
+        processing_class=processor,
     )
     start = time.perf_counter()
     trainer.train(resume_from_checkpoint=True if args.resume else None)

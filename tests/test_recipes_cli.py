@@ -89,6 +89,11 @@ def test_tiny_train_run_saves_a_checkpoint_and_resumes(tmp_path):
     assert steps == [1, 2, 3, 4]  # steps 1-2 come from the first run, 3-4 from the resumed one
     model, processor = cli.load_checkpoint(out / "final")
     assert model.config.image_size == 32 and processor.num_image_tokens == 16
+    # each Trainer checkpoint loads on its own, processor included, with the weights the run had at that step
+    step_model, step_processor = cli.load_checkpoint(out / "checkpoint-4")
+    assert step_processor.to_dict() == processor.to_dict()
+    for (name, final), (_, step) in zip(model.state_dict().items(), step_model.state_dict().items(), strict=True):
+        assert torch.equal(final, step), name
     assert model.config.max_conditioning_timestep == 100
     assert Path(out / "final" / "generation_config.json").is_file()
     # the recipe's sampling defaults, guidance limited to the 80% least noisy timesteps of the ddpm objective
