@@ -563,6 +563,7 @@ def command_study(args: argparse.Namespace) -> None:
         seeded_budgets=args.seeded_budgets,
         variants=args.variants,
         variant_budgets=args.variant_budgets,
+        variant_seeds=args.variant_seeds,
         num_generated=args.num_images,
         num_captioned=args.num_images,
         seed=args.seed,
@@ -1015,6 +1016,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="further models: transfusion-unet (U-Net patch encoder), discrete-N (a VQ codebook of N codes)",
     )
     p.add_argument("--variant-budgets", type=int, default=2, help="how many of the largest budgets the variants get")
+    p.add_argument(
+        "--variant-seeds", type=int, default=None, help="seeds of each variant at the seeded budgets (default: --seeds)"
+    )
     p.add_argument("--num-images", type=int, default=500, help="generated and captioned images per run and metric")
     p.add_argument(
         "--estimate",

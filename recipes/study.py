@@ -86,7 +86,8 @@ from modeling_transfusion.recipes.vae import encode_latents, train_vae
 MODELS = ("transfusion", "discrete")
 # runs are stored by (model, budget, learning rate, seed), so a resumed study may add or drop any of them
 RESUMABLE_CHANGES = (
-    "budgets", "sweep_budgets", "learning_rates", "num_seeds", "seeded_budgets", "variants", "variant_budgets"
+    "budgets", "sweep_budgets", "learning_rates", "num_seeds", "seeded_budgets", "variants", "variant_budgets",
+    "variant_seeds",
 )  # fmt: skip
 # the layout of the study's folder; a folder of another layout is refused on resume
 STUDY_LAYOUT = 2
@@ -316,11 +317,13 @@ class StudyConfig:
         num_seeds: seeds (`seed`, `seed + 1`, ...) of every run at the `seeded_budgets` largest budgets; the other
             budgets, and the sweep, use `seed` alone. A run's seed sets its initialisation, data order and sampling.
         seeded_budgets: how many of the largest budgets get `num_seeds` seeds.
-        variants: further models, trained at the `variant_budgets` largest budgets (with those budgets' seeds) at the
+        variants: further models, trained at the `variant_budgets` largest budgets (`variant_seeds` seeds) at the
             learning rate chosen for their base model: `"transfusion-unet"` (Transfusion with the U-Net patch encoder
             of `size.unet_block_out_channels`, its FLOPs counted too) and `"discrete-N"` (the discrete baseline on a
             VQ autoencoder with a codebook of N codes, e.g. `"discrete-16"`).
         variant_budgets: how many of the largest budgets the variants are trained at.
+        variant_seeds: seeds of a variant at the seeded budgets, at most `num_seeds` (`None`: `num_seeds`, as the
+            two models); fewer seeds give the variant no interval but cost a fraction of the variants' runs.
         size: the backbone, shared by both models (the patch encoder must be `"linear"`). Its
             `unet_block_out_channels` are the `"transfusion-unet"` variant's: the default [16, 32] costs about as many
             FLOPs per 32x32 image (6.7e6 forward) as the linear model's 16 slots do in the decoder layers.
@@ -341,6 +344,7 @@ class StudyConfig:
     seeded_budgets: int = 2
     variants: list[str] = field(default_factory=lambda: ["transfusion-unet", "discrete-16"])
     variant_budgets: int = 2
+    variant_seeds: int | None = None
     image_size: int = 32
     size: ModelSize = field(
         default_factory=lambda: ModelSize(
@@ -389,6 +393,8 @@ class StudyConfig:
             )
         if self.variants and not 1 <= self.variant_budgets <= len(self.budgets):
             raise ValueError(f"variant_budgets must lie in [1, {len(self.budgets)}], got {self.variant_budgets}.")
+        if self.variant_seeds is not None and not 1 <= self.variant_seeds <= self.num_seeds:
+            raise ValueError(f"variant_seeds must lie in [1, num_seeds={self.num_seeds}], got {self.variant_seeds}.")
         for variant in self.variants:
             base, _, option = variant.partition("-")
             if not (variant == "transfusion-unet" or (base == "discrete" and option.isdigit() and int(option) >= 2)):
@@ -413,10 +419,12 @@ class StudyConfig:
         """The VQ codebook of a discrete model."""
         return int(kind.partition("-")[2]) if "-" in kind else self.codebook_size
 
-    def seeds(self, budget: float) -> list[int]:
-        """The seeds of the runs at `budget`."""
-        seeded = budget in self.budgets[len(self.budgets) - self.seeded_budgets :]
-        return [self.seed + i for i in range(self.num_seeds if seeded else 1)]
+    def seeds(self, budget: float, kind: str = MODELS[0]) -> list[int]:
+        """The seeds of `kind`'s runs at `budget`."""
+        if budget not in self.budgets[len(self.budgets) - self.seeded_budgets :]:
+            return [self.seed]
+        count = self.num_seeds if kind in MODELS or self.variant_seeds is None else self.variant_seeds
+        return [self.seed + i for i in range(count)]
 
     def sweep_budget_for(self, budget: float) -> float:
         """The sweep budget whose chosen rate is used at `budget` (the nearest in log FLOPs, the smaller on a tie)."""
@@ -540,7 +548,7 @@ class DiscreteVsContinuousStudy:
             (kind, budget, chosen.get(f"{config.sweep_budget_for(budget):.3g}", {}).get(kind.partition("-")[0]), seed)
             for kind in config.models
             for budget in config.budgets_of(kind)
-            for seed in config.seeds(budget)
+            for seed in config.seeds(budget, kind)
         ]
 
     def plan(self) -> list[tuple[str, float, float | None, int]]:

@@ -378,6 +378,17 @@ def test_seeds_variants_and_estimate_at_a_toy_budget(tmp_path):
     assert [point["seeds"] for point in fewer["points"]["transfusion"]] == [[0], [0]]
     assert fewer["runs"]["transfusion"] == [run for run in results["runs"]["transfusion"] if run["seed"] == 0]
     assert [path.stat().st_mtime_ns for path in run_files] == stamps
+
+    # fewer seeds for the variants alone: the two models keep theirs
+    one = DiscreteVsContinuousStudy(
+        StudyConfig(**settings, variant_budgets=1, variant_seeds=1), study_data, judge, tmp_path, resume=True,
+        progress=False,
+    ).run()  # fmt: skip
+    for kind in ("transfusion-unet", "discrete-4"):
+        assert [point["seeds"] for point in one["points"][kind]] == [[0]]
+        assert one["runs"][kind] == [run for run in results["runs"][kind] if run["seed"] == 0]
+    assert one["points"]["discrete"] == results["points"]["discrete"]
+    assert [path.stat().st_mtime_ns for path in run_files] == stamps
     assert study.estimate(num_steps=1)["runs"] == []  # nothing left to train
     larger = StudyConfig(**{**settings, "budgets": [2e8, 4e8, 8e8], "sweep_budgets": [0, 1]}, variant_budgets=1)
     plan = DiscreteVsContinuousStudy(larger, study_data, judge, tmp_path, resume=True, progress=False).estimate(1)
@@ -414,7 +425,12 @@ def test_study_config_refuses_unknown_variants_and_unsorted_budgets():
         StudyConfig(budgets=[1e9], sweep_budgets=[0], variant_budgets=2)
     with pytest.raises(ValueError, match="increasing order"):
         StudyConfig(budgets=[2e9, 1e9])
+    with pytest.raises(ValueError, match="variant_seeds must lie in"):
+        StudyConfig(budgets=[1e9], sweep_budgets=[0], variant_budgets=1, variant_seeds=4)
     config = StudyConfig(budgets=[1e9, 2e9, 4e9, 8e9], sweep_budgets=[0, -1], variants=["discrete-16"])
     assert config.seeds(4e9) == [0, 1, 2] and config.seeds(2e9) == [0]
+    assert config.seeds(8e9, "discrete-16") == [0, 1, 2]
+    config = StudyConfig(**{**vars(config), "variant_seeds": 1})
+    assert config.seeds(8e9, "discrete-16") == [0] and config.seeds(8e9, "discrete") == [0, 1, 2]
     assert config.budgets_of("discrete-16") == [4e9, 8e9] and config.codebook_size_of("discrete-16") == 16
     assert config.sweep_budget_for(2e9) == 1e9 and config.sweep_budget_for(4e9) == 8e9  # nearest in log FLOPs
