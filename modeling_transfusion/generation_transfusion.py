@@ -913,23 +913,29 @@ class InterleavedDecoding:
         edit_names = self.options.edit_branch_names()
         for size in dict.fromkeys(sizes.values()):  # rows opening images of one size denoise together
             group = [row for row in rows if sizes[row] == size]
-            edit = None
-            if edit_names:
-                edit = edit_branches(
-                    self.model,
-                    self.cache,
-                    batch.input_ids,
-                    batch.keep,
-                    batch.attention_mask,
-                    batch.positions,
-                    group,
-                    [self._size_text_length(row, size) for row in group],
-                    edit_names,
+            # Editing guidance applies to edits; a row with no image before the one it opens draws from its prompt,
+            # under ordinary guidance (a generation config with a source scale also serves text-to-image).
+            edits = [row for row in group if edit_names and self._holds_image(row)]
+            for part in (edits, [row for row in group if row not in edits]):
+                if not part:
+                    continue
+                edit = None
+                if part is edits:
+                    edit = edit_branches(
+                        self.model,
+                        self.cache,
+                        batch.input_ids,
+                        batch.keep,
+                        batch.attention_mask,
+                        batch.positions,
+                        part,
+                        [self._size_text_length(row, size) for row in part],
+                        edit_names,
+                    )
+                part_latents = denoise_images(
+                    self.model, self.cache, batch.attention_mask, batch.positions, part, self.options, size, edit
                 )
-            group_latents = denoise_images(
-                self.model, self.cache, batch.attention_mask, batch.positions, group, self.options, size, edit
-            )
-            latents.update(zip(group, group_latents))
+                latents.update(zip(part, part_latents))
         latents = [latents[row] for row in rows]
         # In image mode a row ends with its image. Where no other row goes on, no logits are read after it, and the
         # cache only where `generate` returns it.
@@ -972,6 +978,11 @@ class InterleavedDecoding:
             written = self.options.tokenizer.decode(tokens[-16:].tolist(), skip_special_tokens=True)
         room = self.max_new_tokens - int(self.new_tokens[row])
         return self.options.image_size(row, written, room, self.config)
+
+    def _holds_image(self, row: int) -> bool:
+        """Whether `row` holds an image before the one it opens (the source of an edit)."""
+        tokens = self.batch.input_ids[row][self.batch.keep[row]][:-1]
+        return bool((tokens == self.config.eoi_token_id).any())
 
     def _size_text_length(self, row: int, size: tuple[int, int]) -> int:
         """How many of the tokens before `row`'s `<boi>` are the size text of its image (`" 32x64"`, read with the
@@ -1167,8 +1178,11 @@ class TransfusionGenerationMixin(GenerationMixin):
                 model that writes sizes), the image opened after it is denoised against three prefixes, as in
                 InstructPix2Pix: the full one, one without the instruction and one without the source image, and the
                 prediction is `full + (image_guidance_scale - 1) * (full - no_instruction) +
-                (source_image_guidance_scale - 1) * (full - no_source)`; a scale of 1 skips its branch. The pipelines'
-                `guidance_scale` and `image_guidance_scale` (diffusers' names) map to `image_guidance_scale` and this.
+                (source_image_guidance_scale - 1) * (full - no_source)`; a scale of 1 skips its branch. A row that
+                holds no image before the one it opens is not an edit: it gets the ordinary guidance of
+                `image_guidance_scale`, so that an edit model's generation config serves text-to-image too. The
+                pipelines' `guidance_scale` and `image_guidance_scale` (diffusers' names) map to `image_guidance_scale`
+                and this.
                 Pass `tokenizer` for a model that writes sizes, so that the branches keep the size text.
             image_guidance_interval (`tuple[float, float]`, *optional*):
                 Timesteps `(low, high)` of the training schedule (0 to `config.num_train_timesteps`, high is noisy):

@@ -334,7 +334,7 @@ def command_train(args: argparse.Namespace) -> None:
     trainer.train(resume_from_checkpoint=True if args.resume else None)
     print(f"trained {trainer.state.global_step} steps in {time.perf_counter() - start:.0f} s")
     final = Path(args.save_to) if args.save_to else out / "final"
-    save_checkpoint(model, processor, final, dtype=torch.bfloat16 if args.bf16 else None)
+    save_checkpoint(model, processor, final, dtype=torch.bfloat16 if args.bf16 else None, edits=bool(args.edits))
     trainer.state.save_to_json(str(final / "trainer_state.json"))
     print(f"saved the checkpoint to {final}")
 

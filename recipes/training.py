@@ -126,9 +126,10 @@ def init_from_checkpoint(directory: str | Path, **config_changes) -> Transfusion
     return model
 
 
-def default_generation_config(model: TransfusionForConditionalGeneration) -> GenerationConfig:
+def default_generation_config(model: TransfusionForConditionalGeneration, edits: bool = False) -> GenerationConfig:
     """Sampling defaults saved with a recipe checkpoint: DPM-Solver++ (ddpm) or Euler (flow), 20 steps, guidance 3
-    (for ddpm only at the 80% least noisy timesteps: measured in docs/results.md), greedy text."""
+    (for ddpm only at the 80% least noisy timesteps: measured in docs/results.md), greedy text; for a model trained on
+    `edits`, guidance 2 on the source image too (measured in docs/editing.md)."""
     text_config = model.config.text_config
     config = GenerationConfig(
         bos_token_id=text_config.bos_token_id,
@@ -141,6 +142,8 @@ def default_generation_config(model: TransfusionForConditionalGeneration) -> Gen
     config.scheduler = "dpmsolver++" if model.config.objective == "ddpm" else "flow_euler"
     config.num_inference_steps = 20
     config.image_guidance_scale = 3.0
+    if edits:
+        config.source_image_guidance_scale = 2.0
     if model.config.objective == "ddpm":
         config.image_guidance_interval = (0, model.config.num_train_timesteps * 4 // 5)
     config.progress_bar = False
@@ -334,10 +337,12 @@ def save_checkpoint(
     processor: TransfusionProcessor,
     output_dir: str | Path,
     dtype: torch.dtype | None = None,
+    edits: bool = False,
 ) -> None:
     """Writes a complete, loadable checkpoint: config, safetensors (VAE inside), processor, tokenizer and the default
-    generation config. `dtype=torch.bfloat16` halves the file (the VAE stays in float32)."""
-    model.generation_config = default_generation_config(model)
+    generation config (`edits`: of a model trained on edits). `dtype=torch.bfloat16` halves the file (the VAE stays in
+    float32)."""
+    model.generation_config = default_generation_config(model, edits=edits)
     if dtype is not None:
         vae = model.model.vae
         model.model.vae = None

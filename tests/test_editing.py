@@ -56,11 +56,11 @@ def edit_prompt(processor, digit_images, texts=(INSTRUCTION,)):
 def generate(model, batch, processor, **kwargs):
     kwargs.setdefault("num_inference_steps", 3)
     kwargs.setdefault("output_type", "latent")
+    kwargs.setdefault("generator", [torch.Generator().manual_seed(0)])
     return model.generate(
         **batch,
         generation_mode="image",
         tokenizer=processor.tokenizer,
-        generator=[torch.Generator().manual_seed(0)],
         return_dict_in_generate=True,
         progress_bar=False,
         **kwargs,
@@ -244,10 +244,34 @@ def test_the_two_scales_combine_the_three_branches(model, sizing_processor, digi
         assert (latents - plain).abs().mean() > 1e-4  # each guidance moves the image
 
 
-def test_editing_guidance_needs_a_source_image_and_an_instruction(model, processor, digit_images):
-    no_image = processor(text=["turn it over"], return_tensors="pt")
-    with pytest.raises(ValueError, match="holds no image before its instruction"):
-        generate(model, no_image, processor, source_image_guidance_scale=2.0)
+def test_editing_guidance_applies_to_edits_and_leaves_text_to_image_rows_to_ordinary_guidance(
+    model, sizing_processor, digit_images
+):
+    # A batch of an edit and a text-to-image prompt (as an edit checkpoint's generation config, with its source scale,
+    # is used for plain prompts too): each row is denoised as it would be alone.
+    edit = edit_prompt(sizing_processor, digit_images)
+    seven = "a handwritten seven" + sizing_processor.render_image_size(8, 8)
+    text = sizing_processor(text=[seven])
+    prompts = sizing_processor.tokenizer.pad(
+        {"input_ids": [edit["input_ids"][0].tolist(), text["input_ids"][0]]}, padding_side="left", return_tensors="pt"
+    )
+    batch = {**prompts, "pixel_values": edit["pixel_values"], "image_sizes": edit["image_sizes"]}
+    generators = [torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)]
+    scales = {"image_guidance_scale": 3.0, "source_image_guidance_scale": 2.0}
+    both = generate(model, batch, sizing_processor, generator=generators, **scales).images
+    alone_edit = generate(model, edit, sizing_processor, **scales).images
+    alone_text = model.generate(
+        **sizing_processor(text=[seven], return_tensors="pt"),
+        generation_mode="image", generator=[torch.Generator().manual_seed(1)], num_inference_steps=3,
+        output_type="latent", return_dict_in_generate=True, progress_bar=False, image_guidance_scale=3.0,
+    ).images  # fmt: skip
+    torch.testing.assert_close(both[0], alone_edit[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(both[1], alone_text[0], atol=1e-5, rtol=1e-5)
+    unguided = generate(model, batch, sizing_processor, generator=generators, image_guidance_scale=1.0).images
+    assert (both[1][0] - unguided[1][0]).abs().mean() > 1e-4  # the text-to-image row is guided
+
+
+def test_editing_guidance_needs_an_instruction(model, processor, digit_images):
     no_instruction = processor(text=["<image>"], images=[digit_images[0][0]], return_tensors="pt")
     with pytest.raises(ValueError, match="has no instruction between its source image"):
         generate(model, no_instruction, processor, source_image_guidance_scale=2.0)

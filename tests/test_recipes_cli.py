@@ -44,6 +44,16 @@ def test_generate_a_prompt_and_caption_files(tmp_path, capsys):
     assert len(lines) == 2 and all(": " in line for line in lines)
 
 
+def test_the_edit_checkpoint_also_draws_from_a_text_prompt(tmp_path, capsys):
+    # Its generation config guides edits on their source image; a prompt without one gets ordinary guidance.
+    model, _ = cli.load_checkpoint(cli.DEFAULT_EDIT_MODEL)
+    assert model.generation_config.source_image_guidance_scale == 2.0
+    out = tmp_path / "sevens.png"
+    cli.main(["generate", "a handwritten digit seven", "--model", str(cli.DEFAULT_EDIT_MODEL), "--num-images", "2",
+              "--steps", "4", "--out", str(out), "--no-caption"])  # fmt: skip
+    assert PIL.Image.open(out).size[0] > 2 * 32 and "wrote" in capsys.readouterr().out
+
+
 def test_caption_rejects_a_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="No image file"):
         cli.main(["caption", str(tmp_path / "nope.png")])
@@ -99,6 +109,7 @@ def test_tiny_train_run_saves_a_checkpoint_and_resumes(tmp_path):
     # the recipe's sampling defaults, guidance limited to the 80% least noisy timesteps of the ddpm objective
     assert model.generation_config.image_guidance_scale == 3.0
     assert list(model.generation_config.image_guidance_interval) == [0, 800]
+    assert not hasattr(model.generation_config, "source_image_guidance_scale")  # no edits trained
 
 
 def test_tiny_edit_run_end_to_end_trains_edits_and_evaluates(tmp_path, capsys):
@@ -115,6 +126,9 @@ def test_tiny_edit_run_end_to_end_trains_edits_and_evaluates(tmp_path, capsys):
     # Two-digit pairs, their sizes written, and positions for a chain of two edits of pairs.
     assert model.config.max_image_size == 64 and processor.write_image_size
     assert model.config.text_config.max_position_embeddings == cli.EDIT_CONTEXT_LENGTH
+    # the two guidance scales of editing (docs/editing.md): instruction 3, source image 2
+    assert model.generation_config.image_guidance_scale == 3.0
+    assert model.generation_config.source_image_guidance_scale == 2.0
     seven = BUNDLED / cli.EXAMPLES_DIR / "mnist_test_09990_label_7.png"
     png = tmp_path / "edit.png"
     edit = ["edit", "--model", str(out / "final"), str(seven), "add a 3 on the right", "swap them", "--steps", "2"]
