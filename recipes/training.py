@@ -199,7 +199,8 @@ class LatentEditDataset(torch.utils.data.Dataset):
     `" instruction <image>"` per chained edit, [`edit_record_text`]) with the latents of its images. A one-step edit
     loses its instruction with probability `drop_instruction`, or its source image with probability `drop_source`
     (drawn from `seed` and `i`): the conditions that editing guidance leaves out. The instructions carry no LM loss
-    (`"no_loss"`, see [`LatentDataCollator`]).
+    (`"no_loss"`, see [`LatentDataCollator`]), and an edit without its instruction no LM loss at all (`"lm_loss"`):
+    it would teach the model to write an image's size right after an image, where a caption belongs.
 
     Args:
         latents (`list[list[torch.Tensor]]`): per example, the `(latent_channels, h, w)` latents of its images.
@@ -222,13 +223,17 @@ class LatentEditDataset(torch.utils.data.Dataset):
         # The instructions are the user's, not the model's to write: the LM learns only the edited images' sizes (and,
         # from the other records, to caption what follows an image).
         instructions = [instruction for instruction in self.examples[index].instructions if instruction in text]
-        return {"text": text, "latents": latents[len(latents) - text.count("<image>") :], "no_loss": instructions}
+        record = {"text": text, "latents": latents[len(latents) - text.count("<image>") :], "no_loss": instructions}
+        if text.count("<image>") == len(instructions) + 2:  # images follow each other: the instruction was dropped
+            record["lm_loss"] = False
+        return record
 
 
 @dataclass
 class LatentDataCollator:
     """Collates records `{"text": "caption <image>", "latents": (1, c, h, w)}` (or a list of `(c, h, w)` latents, one
-    per marker in order; `"no_loss"`: parts of the text, in order, that carry no LM loss) into model inputs with
+    per marker in order; `"no_loss"`: parts of the text, in order, that carry no LM loss; `"lm_loss": False`: none of
+    it does, the record trains the images alone) into model inputs with
     `image_latents`
     (instead of pixels; a list when their sizes differ), padded on the right, with `labels` (-100 on padding and image
     slots) and EOS appended. `logits_to_keep=1` goes into every batch when set: the model then computes the logits of
@@ -269,6 +274,9 @@ class LatentDataCollator:
             attention_mask[i, : len(row)] = 1
         labels = input_ids.masked_fill((attention_mask == 0) | (input_ids == self.processor.image_token_id), -100)
         for i, record in enumerate(records):
+            if not record.get("lm_loss", True):
+                labels[i] = -100
+                continue
             labels[i, : len(rows[i])] = labels[i, : len(rows[i])].masked_fill(
                 _tokens_within(texts[i], encoded["offset_mapping"][i], record.get("no_loss", ())), -100
             )

@@ -137,6 +137,16 @@ def test_edit_records_carry_no_loss_on_their_instructions(sizing_processor):
     assert decode(ids[without_loss]).split() == ["mirror", "it", "swap", "them"]
     # The sizes the model writes before each image, the image markers and the end of text keep their loss.
     assert decode(ids[labels != -100]) == "<s> 8x8<boi><eoi> 8x8<boi><eoi> 8x8<boi><eoi></s>"
+    # Without its instruction an edit trains the images alone: its size text would follow the source image, where a
+    # caption belongs (a model trained so captions an image by writing a size).
+    one = EditExample([np.zeros((8, 8), np.uint8)] * 2, ["mirror it"], ["mirror"], [None])
+    dropped = LatentEditDataset([[torch.zeros(1, 8, 8)] * 2], [one], drop_instruction=1, drop_source=0)[0]
+    kept = LatentEditDataset([[torch.zeros(1, 8, 8)] * 2], [one], drop_instruction=0, drop_source=0)[0]
+    no_source = LatentEditDataset([[torch.zeros(1, 8, 8)] * 2], [one], drop_instruction=0, drop_source=1)[0]
+    batch = LatentDataCollator(sizing_processor, vae_downsample_factor=1)([dropped, kept, no_source])
+    assert dropped["text"] == "<image> <image>" and (batch["labels"][0] == -100).all()
+    assert decode(batch["input_ids"][1][batch["labels"][1] != -100]) == "<s> 8x8<boi><eoi> 8x8<boi><eoi></s>"
+    assert decode(batch["input_ids"][2][batch["labels"][2] != -100]) == "<s> 8x8<boi><eoi></s>"
 
 
 # Guidance
