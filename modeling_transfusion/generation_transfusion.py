@@ -1182,8 +1182,7 @@ class TransfusionGenerationMixin(GenerationMixin):
                 holds no image before the one it opens is not an edit: it gets the ordinary guidance of
                 `image_guidance_scale`, so that an edit model's generation config serves text-to-image too. The
                 pipelines' `guidance_scale` and `image_guidance_scale` (diffusers' names) map to `image_guidance_scale`
-                and this.
-                Pass `tokenizer` for a model that writes sizes, so that the branches keep the size text.
+                and this. Pass `tokenizer` for a model that writes sizes, so that the branches keep the size text.
             image_guidance_interval (`tuple[float, float]`, *optional*):
                 Timesteps `(low, high)` of the training schedule (0 to `config.num_train_timesteps`, high is noisy):
                 guidance applies only at denoising steps whose timestep lies in `[low, high]`, the conditional

@@ -224,7 +224,7 @@ class LatentEditDataset(torch.utils.data.Dataset):
         # from the other records, to caption what follows an image).
         instructions = [instruction for instruction in self.examples[index].instructions if instruction in text]
         record = {"text": text, "latents": latents[len(latents) - text.count("<image>") :], "no_loss": instructions}
-        if text.count("<image>") == len(instructions) + 2:  # images follow each other: the instruction was dropped
+        if not instructions:  # dropped: the target follows the source image
             record["lm_loss"] = False
         return record
 
