@@ -166,6 +166,45 @@ def test_experts_that_copy_the_text_path_compute_the_dense_model(tmp_path, kind,
     assert (moved.diffusion_prediction - routed.diffusion_prediction).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_hidden_states_and_attentions_are_returned_with_experts(tmp_path, kind):
+    """`output_hidden_states` and `output_attentions` record each layer as without experts (transformers finds the
+    recorders by the backbone's class, which routing replaces)."""
+    _, model, processor = experts_from_llm(tmp_path, kind)
+    model.set_attn_implementation("eager")
+    dense = dense_twin(model)
+    dense.set_attn_implementation("eager")
+    batch = image_batch(processor)
+    options = {"output_hidden_states": True, "output_attentions": True}
+    with torch.no_grad():
+        routed, plain = model(**batch, **options), dense(**batch, **options)
+    num_layers = model.config.text_config.num_hidden_layers
+    assert len(routed.hidden_states) == num_layers + 1 and len(routed.attentions) == num_layers
+    torch.testing.assert_close(routed.hidden_states[-1], model.model(**batch).last_hidden_state)
+    for ours, theirs in zip(routed.hidden_states + routed.attentions, plain.hidden_states + plain.attentions):
+        torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)  # twins equal to their text modules
+
+    perturb_image_experts(model)
+    with torch.no_grad():
+        moved = model(**batch, **options)
+    slots = batch["input_ids"] == model.config.image_token_id
+    first_slot = slots.int().argmax(-1)
+    for layer in range(1, num_layers + 1):
+        # The image slots' states are the image path's; the text before the first image is not.
+        assert (moved.hidden_states[layer][slots] - routed.hidden_states[layer][slots]).abs().max() > 1e-3
+        for row, start in enumerate(first_slot.tolist()):
+            assert torch.equal(moved.hidden_states[layer][row, :start], routed.hidden_states[layer][row, :start])
+    real = batch["attention_mask"].bool()
+    for attention in moved.attentions:  # (batch, heads, query, key), under the Transfusion mask
+        sums = attention.sum(-1).transpose(1, 2)[real]
+        torch.testing.assert_close(sums, torch.ones_like(sums))
+        for row, start in enumerate(first_slot.tolist()):
+            end = start + model.config.num_image_tokens
+            image_queries = attention[row, :, start:end]
+            assert (image_queries[..., start:end] > 0).all()  # bidirectional inside the image
+            assert (image_queries[..., end:] == 0).all()  # nothing after it
+
+
 class TokenCounter:
     """Counts the tokens each text module and each image twin of the backbone processes."""
 

@@ -12,6 +12,7 @@ from transformers.conversion_mapping import get_checkpoint_conversion_mapping, r
 from transformers.core_model_loading import WeightRenaming
 from transformers.image_processing_backends import PilBackend
 from transformers.utils import PushToHubMixin
+from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
 
 import modeling_transfusion as mt
 from modeling_transfusion.processing import TransfusionImageProcessor
@@ -47,6 +48,13 @@ PRIVATE_TRANSFORMERS_API = {
         "_upload_modified_files",
         ["working_dir", "repo_id", "files_timestamps"],
         "TransfusionPreTrainedModel: the weights that save_pretrained(push_to_hub=True) uploads carry their save id",
+    ),
+    "output recorders": (
+        type(_CAN_RECORD_REGISTRY),
+        "__setitem__",
+        ["model", "can_record_outputs"],
+        "add_image_experts: the routed backbone class registers its base's recorders (output_hidden_states, "
+        "output_attentions; tests/test_experts.py checks they are returned)",
     ),
     "processor kwargs": (
         ProcessorMixin,
