@@ -6,6 +6,10 @@ Metrics (all computed offline; none is comparable to published FID, CIDEr or per
   the real-vs-real floor (two disjoint sets of real test images of that size);
 - captioning accuracy: greedy captions of held-out real test images, parsed back to a class;
 - text perplexity of the model on held-out caption texts;
+- prompt reliance: the diffusion loss on held-out real images with another class's prompt over the loss with their own
+  prompt (same noise, same timesteps): 1 when the denoiser ignores the prompt, well above 1 when it reads it. Unlike
+  prompt accuracy it needs no sampling and moves before the samples do, which makes it the learning-curve metric of
+  long runs;
 - for two-digit compositions (side by side or stacked), composition accuracy: both halves of a generated composition
   classified as the prompt's digits, in place; and composition captioning accuracy: both digits of a real test
   composition named, in order.
@@ -133,6 +137,54 @@ def text_perplexity(
     return math.exp(total_loss / total_tokens)
 
 
+@torch.no_grad()
+def prompt_reliance(
+    model: TransfusionForConditionalGeneration,
+    processor: TransfusionProcessor,
+    images: torch.Tensor,
+    labels: list[int],
+    dataset: str = "mnist",
+    batch_size: int = 50,
+    seed: int = 0,
+) -> float:
+    """How much the denoiser reads its prompt: the diffusion loss on real `images` `(n, c, h, w)` in [-1, 1], each after
+    the prompt of the next class, divided by the loss after their own class's prompt. Both passes see the same noise
+    and the same timesteps (spread evenly over the schedule, one per image), so 1 means the prompt is ignored."""
+    num_classes = len(class_names(dataset))
+    num_train_timesteps = model.noise_scheduler.config.num_train_timesteps
+    timesteps = ((torch.arange(len(images)) * 0.618034 % 1) * (num_train_timesteps - 1) + 1).long()
+    factor = model.config.vae_downsample_factor
+    noise = torch.randn(
+        (len(images), model.config.latent_channels, images.shape[-2] // factor, images.shape[-1] // factor),
+        generator=torch.Generator().manual_seed(seed),
+    )
+    losses = {True: 0.0, False: 0.0}
+    model.eval()
+    for i in range(0, len(images), batch_size):
+        chunk = slice(i, i + batch_size)
+        pictures = processor.postprocess_images(images[chunk])
+        for right in (True, False):
+            prompts = [
+                generation_prompt(dataset, k if right else (k + 1) % num_classes, variant=i + j)
+                for j, k in enumerate(labels[chunk])
+            ]
+            batch = processor(
+                text=[prompt + " <image>" for prompt in prompts],
+                images=pictures,
+                return_tensors="pt",
+                do_resize=False,
+                do_center_crop=False,
+            )
+            out = model(
+                **batch,
+                labels=batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100),
+                image_timesteps=timesteps[chunk],
+                image_noise=noise[chunk],
+            )
+            losses[right] += float(out.diffusion_loss) * len(pictures)
+    return losses[False] / losses[True]
+
+
 # Fixed prompts whose greedy continuations show whether a model still writes its LLM's text.
 TEXT_PROMPTS = (
     "The capital of France is",
@@ -218,6 +270,7 @@ class EvaluationReport:
     frechet_floor: float
     captioning_accuracy: float
     text_perplexity: float
+    prompt_reliance: float
     judge_accuracy_on_real: float
     seconds: float
 
@@ -245,6 +298,11 @@ class EvaluationReport:
                 f"{self.captioning_accuracy:.3f}",
             ),
             ("text perplexity (held-out caption texts)", f"{self.text_perplexity:.3f}"),
+            (
+                f"prompt reliance (diffusion loss with another class's prompt / own prompt, {self.num_captioned} "
+                "held-out real test images; 1: the prompt is ignored)",
+                f"{self.prompt_reliance:.3f}",
+            ),
         ]
         lines = ["| metric | value |", "|---|---|"] + [f"| {name} | {value} |" for name, value in rows]
         return "\n".join(lines)
@@ -352,6 +410,7 @@ def evaluate(
         **image_metrics,
         captioning_accuracy=sum(caption_hits) / len(caption_hits),
         text_perplexity=text_perplexity(model, processor, texts),
+        prompt_reliance=prompt_reliance(model, processor, test_images[held_out], test_labels[held_out], dataset),
         seconds=time.perf_counter() - start,
     )
     return report, generated
@@ -780,6 +839,7 @@ __all__ = [
     "generate_images",
     "caption_images",
     "text_perplexity",
+    "prompt_reliance",
     "balanced_prompts",
     "generated_image_metrics",
     "EvaluationReport",
