@@ -34,17 +34,31 @@ class EditBranches:
     names: tuple[str, ...]
 
 
+def edit_source_guidance_scale(generation_config) -> float:
+    """The source-image guidance of an edit when the caller gives none: the generation config's
+    `source_image_guidance_scale` (a checkpoint trained on edits saves one), else 1 (the branch skipped)."""
+    scale = getattr(generation_config, "source_image_guidance_scale", None)
+    return 1.0 if scale is None else scale
+
+
+def source_image_end(config, tokens: torch.LongTensor) -> int | None:
+    """In the `tokens` of one row, which end with the `<boi>` of the image being opened, the index of the last `<eoi>`
+    before it (the end of an edit's source image), or `None` where the row holds no image before it."""
+    eois = (tokens[:-1] == config.eoi_token_id).nonzero().flatten()
+    return int(eois[-1]) if len(eois) else None
+
+
 def instruction_span(config, tokens: torch.LongTensor, size_text_length: int, row: int) -> tuple[int, int]:
     """In the `tokens` of one row, which end with the `<boi>` of the image being edited into, `(eoi, start)`: the
-    index of the source image's `<eoi>` (the last one) and where the size text begins (`size_text_length` tokens
-    before `<boi>`); the instruction lies between them."""
-    eois = (tokens[:-1] == config.eoi_token_id).nonzero().flatten()
-    if not len(eois):
+    index of the source image's `<eoi>` ([`source_image_end`]) and where the size text begins (`size_text_length`
+    tokens before `<boi>`); the instruction lies between them."""
+    eoi = source_image_end(config, tokens)
+    if eoi is None:
         raise ValueError(
             f"source_image_guidance_scale guides an edit on its source image, but row {row} holds no image before its "
             "instruction: pass the source image in the prompt (`<image> instruction`)."
         )
-    eoi, start = int(eois[-1]), len(tokens) - 1 - size_text_length
+    start = len(tokens) - 1 - size_text_length
     if start <= eoi + 1:
         raise ValueError(
             f"Row {row} has no instruction between its source image and the image it opens: write the edit "
@@ -140,4 +154,11 @@ def edit_branches(
     )
 
 
-__all__ = ["EDIT_BRANCHES", "EditBranches", "instruction_span", "edit_branches"]
+__all__ = [
+    "EDIT_BRANCHES",
+    "EditBranches",
+    "edit_source_guidance_scale",
+    "source_image_end",
+    "instruction_span",
+    "edit_branches",
+]

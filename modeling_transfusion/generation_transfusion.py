@@ -43,7 +43,7 @@ from transformers.generation import (
 from transformers.utils import logging
 
 from .diffusion_transfusion import sampling_scheduler
-from .editing_transfusion import EditBranches, edit_branches
+from .editing_transfusion import EditBranches, edit_branches, source_image_end
 
 GENERATION_MODES = ("interleaved", "text", "image")
 DEFAULT_NUM_INFERENCE_STEPS = 50
@@ -916,11 +916,11 @@ class InterleavedDecoding:
             # Editing guidance applies to edits; a row with no image before the one it opens draws from its prompt,
             # under ordinary guidance (a generation config with a source scale also serves text-to-image).
             edits = [row for row in group if edit_names and self._holds_image(row)]
-            for part in (edits, [row for row in group if row not in edits]):
+            for part, names in ((edits, edit_names), ([row for row in group if row not in edits], None)):
                 if not part:
                     continue
                 edit = None
-                if part is edits:
+                if names:
                     edit = edit_branches(
                         self.model,
                         self.cache,
@@ -930,7 +930,7 @@ class InterleavedDecoding:
                         batch.positions,
                         part,
                         [self._size_text_length(row, size) for row in part],
-                        edit_names,
+                        names,
                     )
                 part_latents = denoise_images(
                     self.model, self.cache, batch.attention_mask, batch.positions, part, self.options, size, edit
@@ -981,8 +981,7 @@ class InterleavedDecoding:
 
     def _holds_image(self, row: int) -> bool:
         """Whether `row` holds an image before the one it opens (the source of an edit)."""
-        tokens = self.batch.input_ids[row][self.batch.keep[row]][:-1]
-        return bool((tokens == self.config.eoi_token_id).any())
+        return source_image_end(self.config, self.batch.input_ids[row][self.batch.keep[row]]) is not None
 
     def _size_text_length(self, row: int, size: tuple[int, int]) -> int:
         """How many of the tokens before `row`'s `<boi>` are the size text of its image (`" 32x64"`, read with the

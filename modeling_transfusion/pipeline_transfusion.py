@@ -6,7 +6,8 @@ checkpoint's model and processor. The same checkpoint also serves transformers' 
 (captioning) and `text-generation` pipelines.
 
 The model and processor reach this file through the Auto classes; it imports only the argument checks of
-`generation_transfusion` (a flat relative import), so the hub export can copy it next to the weights as remote code.
+`generation_transfusion` and the editing defaults of `editing_transfusion` (flat relative imports), so the hub export
+can copy it next to the weights as remote code.
 """
 
 import functools
@@ -16,6 +17,7 @@ from typing import Any
 import torch
 from transformers import Pipeline
 
+from .editing_transfusion import edit_source_guidance_scale
 from .generation_transfusion import (
     OUTPUT_TYPES,
     _finite_float,
@@ -223,8 +225,7 @@ class TransfusionTextToImagePipeline(Pipeline):
             images = list(image) if isinstance(image, (list, tuple)) else [image]
             if len(images) != len(prompts):
                 raise ValueError(f"Got {len(images)} images for {len(prompts)} prompt(s): pass one image per prompt.")
-            source_guidance = getattr(self.model.generation_config, "source_image_guidance_scale", None)
-            kwargs.setdefault("image_guidance_scale", 1.0 if source_guidance is None else source_guidance)
+            kwargs.setdefault("image_guidance_scale", edit_source_guidance_scale(self.model.generation_config))
             image = images
         per_image = {"latents": latents, "image": image}
         if isinstance(kwargs.get("generator"), (list, tuple)):

@@ -481,11 +481,12 @@ def command_eval(args: argparse.Namespace) -> None:
     if args.edits:
         import torch
 
+        from modeling_transfusion.editing_transfusion import edit_source_guidance_scale
         from modeling_transfusion.recipes.evaluation import edit_table, evaluate_edits
 
         source_guidance = args.image_guidance
         if source_guidance is None:
-            source_guidance = getattr(model.generation_config, "source_image_guidance_scale", None) or 1.0
+            source_guidance = edit_source_guidance_scale(model.generation_config)
         results["edits"], edited = evaluate_edits(
             model,
             processor,
@@ -712,6 +713,7 @@ def command_edit(args: argparse.Namespace) -> None:
     import PIL.Image
     import torch
 
+    from modeling_transfusion.editing_transfusion import edit_source_guidance_scale
     from modeling_transfusion.recipes.evaluation import edit_images
     from modeling_transfusion.recipes.figures import image_row
 
@@ -733,9 +735,7 @@ def command_edit(args: argparse.Namespace) -> None:
     ):
         if value is not None:
             kwargs[name] = value
-    kwargs.setdefault(
-        "source_image_guidance_scale", getattr(model.generation_config, "source_image_guidance_scale", None) or 1.0
-    )
+    kwargs.setdefault("source_image_guidance_scale", edit_source_guidance_scale(model.generation_config))
     sizes = args.size or [None] * len(args.instructions)
     results = edit_images(
         model, processor, pixels, [[text] for text in args.instructions], sizes, seeds=[args.seed], **kwargs
