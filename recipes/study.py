@@ -91,6 +91,10 @@ RESUMABLE_CHANGES = (
 )  # fmt: skip
 # the layout of the study's folder; a folder of another layout is refused on resume
 STUDY_LAYOUT = 2
+# what a record of the study's folder (kept where the folder itself is not, e.g. between machines) may leave out, and
+# the study still resumes from it: the runs' weights and checkpoints (a run is finished once it is evaluated) and the
+# caches of latents and codes (encoded again from the stored autoencoders)
+WEIGHTS_NOT_RECORDED = ("final", "checkpoint-*", "encoded.safetensors", "*-codes.safetensors")
 # metric -> (label in tables and plots, True when higher is better)
 METRICS = {
     "prompt_accuracy": ("prompt accuracy", True),
@@ -552,8 +556,9 @@ class DiscreteVsContinuousStudy:
         ]
 
     def plan(self) -> list[tuple[str, float, float | None, int]]:
-        """Every training run `(model, budget, learning_rate, seed)`: the sweep, then the evaluated runs it has not
-        made."""
+        """Every run `(model, budget, learning_rate, seed)`, each trained and then evaluated: the sweep, then the point
+        runs it has not made. A sweep run is evaluated as soon as it is trained too, so that a finished run needs only
+        its records (`result.json`, `eval.json`), never its weights again: a study folder without them resumes."""
         runs = self.sweep_runs()
         swept = {(kind, budget, seed) for kind, budget, _, seed in runs}
         return runs + [
@@ -823,6 +828,7 @@ class DiscreteVsContinuousStudy:
             for kind, budget, rate, seed in self.sweep_runs():
                 bar.set_postfix_str(f"sweep {kind} {budget:.3g} FLOPs lr {rate:g}")
                 self.train(kind, budget, rate, seed)
+                self.evaluate(kind, budget, rate, seed)
                 bar.update(1)
             self.choose_learning_rates()
             for kind, budget, rate, seed in self.point_runs():
@@ -868,7 +874,7 @@ class DiscreteVsContinuousStudy:
             for run in self.plan()
             if not finished(run, "result.json")
         ]  # fmt: skip
-        unevaluated = sum(not finished(run, "eval.json") for run in self.point_runs())
+        unevaluated = sum(not finished(run, "eval.json") for run in self.plan())
         evaluated = [t["cpu_seconds"] for stage, t in self._stage_times.items() if stage.startswith("eval ")]
         training = sum(run["cpu_seconds"] for run in runs)
         evaluation = unevaluated * float(np.mean(evaluated)) if evaluated else None
@@ -891,6 +897,7 @@ class DiscreteVsContinuousStudy:
                 "learning_rate": rate,
                 "validation_loss": self.train(kind, budget, rate, seed)["validation_loss"],
             }
+            | {metric: self.evaluate(kind, budget, rate, seed)[metric] for metric in METRICS}
             for kind, budget, rate, seed in self.sweep_runs()
         ]
         num_images = {"prompt_accuracy": config.num_generated, "captioning_accuracy": config.num_captioned}

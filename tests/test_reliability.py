@@ -53,6 +53,8 @@ class LossRecorder(TrainerCallback):
 def _train(tiny_config, processor, digit_images, output_dir, max_steps, resume=None, stop_after=None):
     torch.manual_seed(0)
     model = mt.TransfusionForConditionalGeneration(tiny_config)
+    if tiny_config.modality_experts:
+        model.freeze_text_path()
     arguments = TrainingArguments(
         output_dir=str(output_dir),
         per_device_train_batch_size=4,
@@ -92,7 +94,14 @@ def _train(tiny_config, processor, digit_images, output_dir, max_steps, resume=N
     return recorder.losses, model
 
 
-def test_interrupted_and_resumed_training_reproduces_the_loss_curve(tiny_config, processor, tmp_path):
+@pytest.mark.parametrize("experts", [False, True], ids=["dense", "tied-experts-frozen-text"])
+def test_interrupted_and_resumed_training_reproduces_the_loss_curve(experts, tokenizer, tmp_path):
+    """A run stopped at a checkpoint and resumed ends bit for bit where the uninterrupted run ends. With experts, tied
+    embeddings and a frozen text path, the checkpoint holds the embeddings but not the LM head tied to them (`Trainer`
+    warns that `lm_head.weight` and `lm_head.image_tokens_weight` are missing on resume): the resumed LM head, image
+    token rows included, must still be the trained one, shared with the embeddings."""
+    tiny_config = build_tiny_config(tokenizer, modality_experts=experts, tie_word_embeddings=experts)
+    processor = mt.TransfusionProcessor.from_model_config(tiny_config, tokenizer)
     digits = load_digit_images(40)
     full, full_model = _train(tiny_config, processor, digits, tmp_path / "full", max_steps=10)
     first, _ = _train(tiny_config, processor, digits, tmp_path / "resumed", max_steps=10, stop_after=4)
@@ -110,6 +119,13 @@ def test_interrupted_and_resumed_training_reproduces_the_loss_curve(tiny_config,
     assert resumed_curve == full, (full, resumed_curve)
     for (name, a), (_, b) in zip(full_model.state_dict().items(), resumed_model.state_dict().items()):
         assert torch.equal(a, b), name
+    if experts:
+        head, embeddings = resumed_model.get_output_embeddings(), resumed_model.get_input_embeddings()
+        assert head.weight is embeddings.weight and head.image_tokens_weight is embeddings.image_tokens_weight
+        torch.manual_seed(0)
+        initial = mt.TransfusionForConditionalGeneration(tiny_config).get_output_embeddings()
+        assert torch.equal(head.weight, initial.weight)  # the text rows are frozen
+        assert (head.image_tokens_weight - initial.image_tokens_weight).abs().max() > 1e-4  # the image rows trained
 
 
 # Numerics

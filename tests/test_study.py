@@ -3,6 +3,7 @@ and the whole study end to end at a toy budget on scikit-learn's digits (both mo
 
 import json
 import math
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from modeling_transfusion.recipes.discrete_baseline import (
     generate_images_discrete,
 )
 from modeling_transfusion.recipes.study import (
+    WEIGHTS_NOT_RECORDED,
     DiscreteVsContinuousStudy,
     FlopCounter,
     StudyConfig,
@@ -317,6 +319,16 @@ def test_the_study_runs_end_to_end_at_a_toy_budget_and_resumes(tmp_path):
     with pytest.raises(ValueError, match="another configuration .codebook_size differ"):
         DiscreteVsContinuousStudy(other, study_data, judge, tmp_path, resume=True, progress=False)
     assert json.loads((tmp_path / "sweep.json").read_text()) == results["learning_rates"]
+
+    # every run is evaluated as soon as it is trained, so the folder without any weights but the autoencoders' (a record
+    # kept between machines) resumes to the same results without training or evaluating again
+    record = tmp_path.parent / "record"
+    shutil.copytree(tmp_path, record, ignore=shutil.ignore_patterns(*WEIGHTS_NOT_RECORDED))
+    assert not any(record.glob("runs/*/final")) and not any(record.glob("*.safetensors"))
+    assert len(list(record.glob("runs/*/eval.json"))) == len(list(record.glob("runs/*/result.json"))) == 6
+    from_record = DiscreteVsContinuousStudy(config, study_data, judge, record, resume=True, progress=False).run()
+    assert from_record["runs"] == results["runs"] and from_record["sweep"] == results["sweep"]
+    assert not any(record.glob("runs/*/final"))
 
 
 def test_seeds_variants_and_estimate_at_a_toy_budget(tmp_path):
