@@ -590,8 +590,8 @@ def command_study(args: argparse.Namespace) -> None:
 
 
 def study_table(results: dict) -> str:
-    """The study's points (mean over seeds, +- standard error) and parity FLOP ratios (with the seeds' range) as
-    Markdown, headed by the code that produced it."""
+    """The study's points (mean over seeds, +- standard error) and parity FLOP ratios (with the seeds' range; at the
+    largest budget, then at each of the discrete model's budgets) as Markdown, headed by the code that produced it."""
     from modeling_transfusion.recipes.study import METRICS
 
     code = results["code"]
@@ -610,15 +610,21 @@ def study_table(results: dict) -> str:
             ]
             seeds = len(point["seeds"])
             lines.append(f"| {kind} | {point['budget']:.3g} | {seeds} | {point['flops']:.3g} | {' | '.join(values)} |")
+
+    def ratio_table(heading: str, rows: dict[str, dict]) -> list[str]:
+        lines = ["", f"| {heading} | " + " | ".join(label for label, _ in METRICS.values()) + " |"]
+        lines.append("|---" * (len(METRICS) + 1) + "|")
+        for name, ratios in rows.items():
+            cells = []
+            for metric in METRICS:
+                (low, high), ratio = ratios[metric]["interval"], ratios[metric]
+                cells.append(f"{ratio['kind']} {ratio['ratio']:.3g} [{low:.3g}, {high:.3g}]")
+            lines.append(f"| {name} | {' | '.join(cells)} |")
+        return lines
+
     comparisons = {"transfusion vs discrete": results["parity_flop_ratios"], **results["variant_parity_flop_ratios"]}
-    lines += ["", "| parity FLOP ratio | " + " | ".join(label for label, _ in METRICS.values()) + " |"]
-    lines.append("|---" * (len(METRICS) + 1) + "|")
-    for name, ratios in comparisons.items():
-        cells = []
-        for metric in METRICS:
-            (low, high), ratio = ratios[metric]["interval"], ratios[metric]
-            cells.append(f"{ratio['kind']} {ratio['ratio']:.3g} [{low:.3g}, {high:.3g}]")
-        lines.append(f"| {name} | {' | '.join(cells)} |")
+    lines += ratio_table("parity FLOP ratio", comparisons)
+    lines += ratio_table("parity FLOP ratio at the discrete budget", results["parity_flop_ratios_by_budget"])
     return "\n".join(lines)
 
 

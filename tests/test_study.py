@@ -377,7 +377,19 @@ def test_seeds_variants_and_estimate_at_a_toy_budget(tmp_path):
     se = point["prompt_accuracy_se"]
     assert f"| discrete | 4e+08 | 2 | {point['flops']:.3g} | {p:.3f} +- {se:.3f} |" in "\n".join(table)
     ratio = results["parity_flop_ratios"]["prompt_accuracy"]
-    assert f"[{ratio['interval'][0]:.3g}, {ratio['interval'][1]:.3g}]" in table[-3]  # transfusion vs discrete
+    row = next(line for line in table if line.startswith("| transfusion vs discrete |"))
+    assert f"{ratio['kind']} {ratio['ratio']:.3g} [{ratio['interval'][0]:.3g}, {ratio['interval'][1]:.3g}]" in row
+
+    # the ratio at each discrete budget, against the discrete model's value there (at the largest: the paper's)
+    by_budget = results["parity_flop_ratios_by_budget"]
+    assert list(by_budget) == ["2e+08", "4e+08"] and by_budget["4e+08"] == results["parity_flop_ratios"]
+    curve = [(p["flops"], p["frechet_distance"]) for p in results["points"]["transfusion"]]
+    first = results["points"]["discrete"][0]
+    expected = parity_flop_ratio(curve, [(first["flops"], first["frechet_distance"])], higher_is_better=False)
+    assert {k: by_budget["2e+08"]["frechet_distance"][k] for k in ("ratio", "kind")} == expected
+    low, high = by_budget["2e+08"]["frechet_distance"]["interval"]
+    assert 0 < low <= high
+    assert table[-1].startswith("| 4e+08 |") and table[-2].startswith("| 2e+08 |")
 
     # fewer seeds on resume: the seed-0 runs are reused, untouched
     run_files = sorted(tmp_path.glob("runs/*seed0/result.json"))
