@@ -12,8 +12,9 @@ from transformers.configuration_utils import SubConfigSpec
 # 2: images of any size (`max_image_size`) and 2-D patch positions (`image_position_embedding`).
 # 3: modality experts (`modality_experts`). Only a config that turns them on is written as 3, so every other checkpoint
 #    stays readable by releases that read 2.
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 MODALITY_EXPERTS_FORMAT_VERSION = 3
+UNET_WITHOUT_OUTPUT_NORM_FORMAT_VERSION = 4
 IMAGE_POSITION_EMBEDDINGS = (None, "learned_2d")
 
 
@@ -54,6 +55,11 @@ class TransfusionConfig(PreTrainedConfig):
             Widths of the U-Net levels, one per level; `log2(patch_size) + 1` levels. Defaults to `[64, 128, ...]`.
         unet_layers_per_block (`int`, *optional*, defaults to 1):
             Residual blocks per U-Net level.
+        unet_output_norm (`bool`, *optional*, defaults to `False`):
+            Whether the U-Net decoder applies a GroupNorm before its output convolution, as diffusers' `UNet2DModel`
+            does. Off: over a latent of few positions (8x8 for MNIST) the norm removes each image's per-channel mean
+            and scale, which noise prediction needs, and the model draws poorly (docs/discrete_vs_continuous.md).
+            Configs of U-Net models saved before this option existed had the norm and load with it.
         objective (`str`, *optional*, defaults to `"ddpm"`):
             `"ddpm"`: epsilon prediction with a cosine noise schedule (the paper); `"flow"`: rectified flow with a
             velocity target.
@@ -85,8 +91,9 @@ class TransfusionConfig(PreTrainedConfig):
         tie_word_embeddings (`bool`, *optional*, defaults to `False`):
             Whether the LM head shares the input embedding matrix (copied from `text_config` when it ties).
         format_version (`int`, *optional*):
-            Version of the checkpoint format: 3 with modality experts, 2 otherwise. A config written by a newer release
-            of `modeling_transfusion`, in a format this one cannot read, is refused with an error that says to upgrade.
+            Version of the checkpoint format: 4 for a U-Net without `unet_output_norm`, 3 with modality experts, 2
+            otherwise. A config written by a newer release of `modeling_transfusion`, in a format this one cannot
+            read, is refused with an error that says to upgrade.
 
     Keys this class does not declare are kept as attributes and saved again, as for any transformers config.
 
@@ -119,6 +126,7 @@ class TransfusionConfig(PreTrainedConfig):
     image_position_embedding: str | None = None
     unet_block_out_channels: list[int] | None = None
     unet_layers_per_block: int = 1
+    unet_output_norm: bool = False
     objective: str = "ddpm"
     num_train_timesteps: int = 1000
     diffusion_loss_weight: float = 5.0
@@ -161,6 +169,8 @@ class TransfusionConfig(PreTrainedConfig):
                 raise ValueError(f"modality_experts_rank must be positive, got {self.modality_experts_rank}.")
         if self.modality_experts:
             self.format_version = max(self.format_version, MODALITY_EXPERTS_FORMAT_VERSION)
+        if self.patch_encoder == "unet" and not self.unet_output_norm:
+            self.format_version = max(self.format_version, UNET_WITHOUT_OUTPUT_NORM_FORMAT_VERSION)
         super().__post_init__(**kwargs)
         # The default is False, but a backbone that ties its head (SmolLM2, Qwen2-0.5B, ...) must stay tied.
         if not self.tie_word_embeddings and getattr(self.text_config, "tie_word_embeddings", False):
@@ -170,6 +180,13 @@ class TransfusionConfig(PreTrainedConfig):
         self._check_geometry()
         self._check_diffusion()
         self._check_token_ids()
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs) -> "TransfusionConfig":
+        # A U-Net model saved before `unet_output_norm` existed was built with the norm.
+        if config_dict.get("patch_encoder") == "unet" and "unet_output_norm" not in config_dict:
+            config_dict = {**config_dict, "unet_output_norm": True}
+        return super().from_dict(config_dict, **kwargs)
 
     def _check_geometry(self):
         for name in ("image_size", "num_channels", "latent_channels", "patch_size"):

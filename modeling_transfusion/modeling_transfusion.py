@@ -271,7 +271,8 @@ class TransfusionUNetPatchDecoder(nn.Module):
             )
             for level in range(len(channels))
         )
-        self.norm_out = nn.GroupNorm(groups, channels[-1])
+        # Off by default: over a small latent, a GroupNorm here takes away each image's per-channel mean and scale.
+        self.norm_out = nn.GroupNorm(groups, channels[-1]) if config.unet_output_norm else None
         self.conv_out = nn.Conv2d(channels[-1], config.latent_channels, kernel_size=3, padding=1)
 
     def forward(
@@ -287,7 +288,9 @@ class TransfusionUNetPatchDecoder(nn.Module):
         for block in self.up_blocks:
             block_skips, skips = skips[-len(block.resnets) :], skips[: -len(block.resnets)]
             hidden = block(hidden, block_skips, encoder_state.time_embedding)
-        return self.conv_out(nn.functional.silu(self.norm_out(hidden)))
+        if self.norm_out is not None:
+            hidden = self.norm_out(hidden)
+        return self.conv_out(nn.functional.silu(hidden))
 
 
 def _check_finite(values: torch.Tensor, name: str, bound: float | None = None):
