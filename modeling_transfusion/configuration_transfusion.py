@@ -12,6 +12,7 @@ from transformers.configuration_utils import SubConfigSpec
 # 2: images of any size (`max_image_size`) and 2-D patch positions (`image_position_embedding`).
 # 3: modality experts (`modality_experts`). Only a config that turns them on is written as 3, so every other checkpoint
 #    stays readable by releases that read 2.
+# 4: the U-Net decoder without its output GroupNorm (`unet_output_norm=False`); written only by U-Net configs.
 FORMAT_VERSION = 4
 MODALITY_EXPERTS_FORMAT_VERSION = 3
 UNET_WITHOUT_OUTPUT_NORM_FORMAT_VERSION = 4
