@@ -437,13 +437,27 @@ def digits_batches(num_rows, seed):
     return torch.tensor(rows), images
 
 
+def train_on_digits(model, steps, max_grad_norm=None):
+    """AdamW steps on batches of 32 of `digits_batches(512, seed=0)`; returns the model in eval mode."""
+    train_ids, train_images = digits_batches(512, seed=0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.0)
+    model.train()
+    for step in range(steps):
+        rows = slice(32 * (step % 16), 32 * (step % 16 + 1))
+        model(input_ids=train_ids[rows], pixel_values=train_images[rows], labels=train_ids[rows]).loss.backward()
+        if max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad()
+    return model.eval()
+
+
 @pytest.mark.parametrize("objective", ["ddpm", "flow"])
 @pytest.mark.parametrize("patch_encoder", ["linear", "unet"])
 def test_training_on_digits_lowers_both_losses(objective, patch_encoder):
     overrides = {"patch_encoder": "unet", "unet_block_out_channels": [16, 32]} if patch_encoder == "unet" else {}
     torch.manual_seed(0)
     model = mt.TransfusionForConditionalGeneration(tiny_config(objective=objective, **overrides))
-    train_ids, train_images = digits_batches(512, seed=0)
     eval_ids, eval_images = digits_batches(128, seed=1)
     generator = torch.Generator().manual_seed(2)
     eval_timesteps = torch.randint(1, 1000, (128,), generator=generator)
@@ -459,32 +473,13 @@ def test_training_on_digits_lowers_both_losses(objective, patch_encoder):
                 image_noise=eval_noise,
                 labels=eval_ids,
             )
-        model.train()
         return out.lm_loss.item(), out.diffusion_loss.item()
 
     lm_before, diffusion_before = evaluate()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.0)
-    for step in range(40):
-        rows = slice(32 * (step % 16), 32 * (step % 16 + 1))
-        loss = model(input_ids=train_ids[rows], pixel_values=train_images[rows], labels=train_ids[rows]).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad()
+    train_on_digits(model, steps=40, max_grad_norm=1.0)
     lm_after, diffusion_after = evaluate()
     assert lm_after < 0.5 * lm_before, (lm_before, lm_after)
     assert diffusion_after < 0.8 * diffusion_before, (diffusion_before, diffusion_after)
-
-
-def train_on_digits(model, steps):
-    train_ids, train_images = digits_batches(512, seed=0)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.0)
-    for step in range(steps):
-        rows = slice(32 * (step % 16), 32 * (step % 16 + 1))
-        model(input_ids=train_ids[rows], pixel_values=train_images[rows], labels=train_ids[rows]).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-    return model.eval()
 
 
 def test_unet_predicts_high_noise_as_well_as_the_linear_encoder():
@@ -541,8 +536,9 @@ def test_unet_model_saved_before_unet_output_norm_loads_with_the_norm(tmp_path):
     reloaded, info = AutoModel.from_pretrained(tmp_path, output_loading_info=True)
     assert reloaded.config.unet_output_norm is True and reloaded.config.format_version == 2
     assert not info["missing_keys"] and not info["unexpected_keys"]
+    state = reloaded.state_dict()
     for name, value in load_file(tmp_path / "model.safetensors").items():
-        assert torch.equal(reloaded.state_dict()[name], value), name
+        assert torch.equal(state[name], value), name
     # Without the norm a U-Net model is format 4, which older releases (that would add the norm) refuse to load.
     new = tiny_config(patch_encoder="unet", unet_block_out_channels=[8, 16])
     assert new.unet_output_norm is False and new.format_version == 4
