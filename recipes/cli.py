@@ -224,6 +224,14 @@ def command_train(args: argparse.Namespace) -> None:
 
     if (args.compositions or args.edits) and args.dataset != "mnist":
         raise ValueError("--compositions and --edits build two-digit images of MNIST: use --dataset mnist.")
+    if args.freeze_text_path and not args.init_from:
+        raise ValueError("--freeze-text-path keeps a pretrained text path: pass --init-from a converted checkpoint.")
+    if args.freeze_text_path and args.bf16:
+        raise ValueError(
+            "--bf16 with --freeze-text-path would store the frozen text path in bfloat16 too, so the saved model's "
+            "text would no longer be the LLM's: leave out --bf16 (the model is saved in float32), and ship the image "
+            "path alone, in bfloat16, with `transfusion-convert extract-image-path`."
+        )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     images, labels = load_dataset_images(args.dataset, "train", args.image_size)
@@ -238,8 +246,6 @@ def command_train(args: argparse.Namespace) -> None:
         config_changes["text_config"] = {"max_position_embeddings": EDIT_CONTEXT_LENGTH}
     if args.max_conditioning_timestep is not None:
         config_changes["max_conditioning_timestep"] = args.max_conditioning_timestep
-    if args.freeze_text_path and not args.init_from:
-        raise ValueError("--freeze-text-path keeps a pretrained text path: pass --init-from a converted checkpoint.")
     if args.init_from:
         model = init_from_checkpoint(args.init_from, **config_changes)
         if args.freeze_text_path:
@@ -965,7 +971,11 @@ def build_parser() -> argparse.ArgumentParser:
         "clean images, which carry no diffusion loss)",
     )
     p.add_argument("--resume", action="store_true", help="resume from the last checkpoint in OUT")
-    p.add_argument("--bf16", action="store_true", help="save the final weights in bfloat16 (the VAE stays float32)")
+    p.add_argument(
+        "--bf16",
+        action="store_true",
+        help="save the final weights in bfloat16 (the VAE stays float32); not with --freeze-text-path",
+    )
     p.set_defaults(func=command_train)
 
     p = sub.add_parser("eval", help="evaluate a checkpoint")

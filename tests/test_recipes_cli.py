@@ -273,3 +273,26 @@ def test_generate_images_refuses_a_zero_size_instead_of_taking_the_default():
     model, processor = cli.load_checkpoint(BUNDLED)
     with pytest.raises(ValueError, match=r"^height x width 0x32: height and width must be positive integers\.$"):
         generate_images(model, processor, ["a handwritten digit seven"], seeds=[0], height=0)
+
+
+@pytest.mark.parametrize(
+    "flags, error",
+    [
+        (["--freeze-text-path"], r"^--freeze-text-path keeps a pretrained text path: pass --init-from"),
+        (
+            ["--init-from", "converted", "--freeze-text-path", "--bf16"],
+            r"^--bf16 with --freeze-text-path would store the frozen text path in bfloat16 too, so the saved model's "
+            r"text would no longer be the LLM's",
+        ),
+    ],
+)
+def test_train_refuses_a_text_path_it_could_not_keep_before_any_work(tmp_path, monkeypatch, flags, error):
+    from modeling_transfusion.recipes import data
+
+    def work(*args, **kwargs):
+        raise AssertionError("the command started its work before checking its arguments")
+
+    monkeypatch.setattr(data, "load_dataset_images", work)  # training's work starts by loading the images
+    with pytest.raises(ValueError, match=error):
+        cli.main(["train", *flags, "--out", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()
