@@ -84,9 +84,12 @@ def extract_image_path(
     report = ConversionReport(title=f"extract-image-path: {checkpoint_dir} -> {output_dir}", output_dir=str(output_dir))
     report.kept = sorted(tensors)
     size = (output_dir / IMAGE_PATH_WEIGHTS).stat().st_size
+    state = model.state_dict()
+    image_numel = sum({state[name].data_ptr(): state[name].numel() for name in tensors}.values())  # tied: once
+    text_numel = sum({state[name].data_ptr(): state[name].numel() for name in text}.values())
     report.notes.append(
-        f"image path: {sum(t.numel() for t in tensors.values()):,} parameters, {size / 2**20:.1f} MiB; text path "
-        f"left out: {sum(model.state_dict()[n].numel() for n in text):,} parameters (fingerprint {fingerprint[:12]})"
+        f"image path: {image_numel:,} parameters, {size / 2**20:.1f} MiB; text path left out: {text_numel:,} "
+        f"parameters (fingerprint {fingerprint[:12]})"
     )
     return report
 
