@@ -349,7 +349,15 @@ def save_checkpoint(
 ) -> None:
     """Writes a complete, loadable checkpoint: config, safetensors (VAE inside), processor, tokenizer and the default
     generation config (`edits`: of a model trained on edits). `dtype=torch.bfloat16` halves the file (the VAE stays in
-    float32)."""
+    float32). A model whose text path is frozen (`freeze_text_path()`) is refused a lower precision: it would round
+    the LLM's weights, and its text would no longer be the LLM's."""
+    text_frozen = model.config.modality_experts and not model.get_input_embeddings().weight.requires_grad
+    if dtype not in (None, torch.float32) and text_frozen:
+        raise ValueError(
+            f"save_checkpoint(dtype={dtype}) would store the frozen text path in {dtype} too, so the saved model's "
+            "text would no longer be the LLM's: save it without dtype (float32), and ship the image path alone, in "
+            "bfloat16, with `modeling_transfusion.conversion.extract_image_path`."
+        )
     model.generation_config = default_generation_config(model, edits=edits)
     if dtype is not None:
         vae = model.model.vae

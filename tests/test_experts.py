@@ -26,6 +26,7 @@ from modeling_transfusion.experts_transfusion import (
 from modeling_transfusion.recipes import data as recipe_data
 from modeling_transfusion.recipes.cli import load_checkpoint
 from modeling_transfusion.recipes.evaluation import compare_text, text_comparison_table
+from modeling_transfusion.recipes.training import save_checkpoint
 
 from conftest import DIGIT_NAMES, build_tiny_config, build_tiny_tokenizer, load_digit_images, tiny_text_config
 from test_generation import (  # noqa: F401  (run again with the `model` fixture of this module)
@@ -300,6 +301,14 @@ def test_freeze_text_path_keeps_the_llm_text_bit_for_bit_while_images_train(tmp_
         model.generate(**text, generation_mode="text", max_new_tokens=6, do_sample=False),
         llm.generate(**text, max_new_tokens=6, do_sample=False, suppress_tokens=model.config.image_token_ids),
     )
+    # In bfloat16 the frozen text path would be rounded: refused before anything is written; float32 keeps it.
+    with pytest.raises(ValueError, match=r"dtype=torch.bfloat16\) would store the frozen text path"):
+        save_checkpoint(model, processor, tmp_path / "bf16", dtype=torch.bfloat16)
+    assert not (tmp_path / "bf16").exists()
+    save_checkpoint(model, processor, tmp_path / "saved")
+    with torch.no_grad():
+        saved = AutoModel.from_pretrained(tmp_path / "saved").eval()
+        assert torch.equal(saved(**text).logits[..., :vocab], llm(**text).logits[..., :vocab])
 
 
 def test_routing_backward_splits_the_dense_gradient_between_text_and_image_weights(tmp_path):
