@@ -70,9 +70,10 @@ def extract_image_path(
     output_dir = prepare_output_dir(output_dir, overwrite, sources=(checkpoint_dir,))
     model, processor = load_checkpoint(checkpoint_dir, dtype=torch.float32)
     text = set(text_path_names(model))
+    state = model.state_dict()
     tensors = {
         name: tensor.detach().to(torch.float32 if name.startswith("model.vae.") else torch.bfloat16).contiguous()
-        for name, tensor in model.state_dict().items()
+        for name, tensor in state.items()
         if name not in text
     }
     fingerprint = text_path_fingerprint(model)
@@ -84,7 +85,6 @@ def extract_image_path(
     report = ConversionReport(title=f"extract-image-path: {checkpoint_dir} -> {output_dir}", output_dir=str(output_dir))
     report.kept = sorted(tensors)
     size = (output_dir / IMAGE_PATH_WEIGHTS).stat().st_size
-    state = model.state_dict()
     image_numel = sum({state[name].data_ptr(): state[name].numel() for name in tensors}.values())  # tied: once
     text_numel = sum({state[name].data_ptr(): state[name].numel() for name in text}.values())
     report.notes.append(
