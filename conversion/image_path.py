@@ -85,10 +85,12 @@ def extract_image_path(
     report = ConversionReport(title=f"extract-image-path: {checkpoint_dir} -> {output_dir}", output_dir=str(output_dir))
     report.kept = sorted(tensors)
     size = (output_dir / IMAGE_PATH_WEIGHTS).stat().st_size
-    image_numel = sum({state[name].data_ptr(): state[name].numel() for name in tensors}.values())  # tied: once
-    text_numel = sum({state[name].data_ptr(): state[name].numel() for name in text}.values())
+
+    def numel(names) -> int:  # a tied weight once
+        return sum({state[name].data_ptr(): state[name].numel() for name in names}.values())
+
     report.notes.append(
-        f"image path: {image_numel:,} parameters, {size / 2**20:.1f} MiB; text path left out: {text_numel:,} "
+        f"image path: {numel(tensors):,} parameters, {size / 2**20:.1f} MiB; text path left out: {numel(text):,} "
         f"parameters (fingerprint {fingerprint[:12]})"
     )
     return report
